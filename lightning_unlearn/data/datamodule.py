@@ -1,0 +1,300 @@
+"""The poisoned-data ``LightningDataModule``: train (poisoned), clean validation and test, forget and retain sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_unlearn.data.poison import POISON_KINDS, PoisonRecord, PoisonSpec, make_poison
+from lightning_unlearn.data.sources import DATASETS, DatasetSplits, Split, load_dataset
+
+POISON_FILENAME = "poison.json"
+SPLITS = ("train", "val", "test")
+_CACHE: dict[tuple, DatasetSplits] = {}
+
+
+def normalize(split: Split, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Images of ``split`` as float32, scaled to [0, 1] and standardised per channel."""
+    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
+    std_t = torch.tensor(std).view(1, -1, 1, 1)
+    return (split.images.float().div_(255) - mean_t) / std_t
+
+
+class ImageDataset(Dataset):
+    """Samples of one split; items are ``(image, label, index)``.
+
+    ``index`` is the sample's position in its split, so forget and retain subsets stay exact however they are batched.
+
+    Args:
+        images: Normalised float images of the whole split (N×C×H×W), shared, never copied.
+        labels: Labels of the whole split (clean or poisoned), indexed like ``images``.
+        positions: Which samples of the split this dataset serves (default: all), in this order.
+        augment: Random crop (padding 4) and horizontal flip, for CIFAR-style training.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        augment: bool = False,
+    ) -> None:
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.positions = torch.arange(len(labels)) if positions is None else torch.as_tensor(positions).long()
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = self.positions[item]
+        image = self.images[index]
+        if self.augment:
+            image = _random_crop_flip(image)
+        return image, self.labels[index], index
+
+
+def _random_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
+    h, w = image.shape[-2:]
+    padded = torch.nn.functional.pad(image, (padding,) * 4)
+    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+    image = padded[:, top : top + h, left : left + w]
+    return image.flip(-1) if torch.rand(()) < 0.5 else image
+
+
+class PoisonedDataModule(LightningDataModule):
+    """A real image dataset whose training labels are poisoned, with the record of exactly what was poisoned.
+
+    Loaders: ``train_dataloader`` (poisoned labels, shuffled), ``val_dataloader`` (clean validation split, never
+    poisoned; used to choose unlearning step sizes), ``test_dataloader`` (test split, then the forget set with poisoned
+    and with true labels when there is poisoning), and for unlearning :meth:`forget_dataloader` (poisoned samples with
+    poisoned labels), :meth:`corrected_forget_dataloader` (same samples, true labels), :meth:`retain_dataloader`
+    (all other training samples) and :meth:`profile_dataloader` (the training set as trained on, unshuffled,
+    unaugmented). The poison record is written to ``<trainer.log_dir>/poison.json`` and kept in checkpoints.
+
+    Args:
+        dataset: One of ``mnist``, ``fashion_mnist``, ``cifar10``.
+        root: Dataset root (see :mod:`lightning_unlearn.data.sources`); None uses the offline copies.
+        download: Allow torchvision to download into ``root`` (needs internet).
+        poison: What to poison (:class:`PoisonSpec`); ``kind: none`` trains on clean labels.
+        poison_record: Path of an existing ``poison.json`` to reuse instead of drawing one from ``poison``
+            (e.g. to unlearn or retrain on exactly the same split).
+        drop_poisoned: Leave the poisoned samples out of the training set (retraining from scratch, the reference).
+        train_subset: Use only the first ``train_subset`` training samples (fast debugging); poisoning applies after.
+        val_size: Size of the validation split carved from the end of the original training set (default per dataset).
+        batch_size: Training batch size.
+        eval_batch_size: Batch size of evaluation loaders.
+        num_workers: DataLoader workers.
+        augment: Random crop + flip on training batches (CIFAR-10 style); never used by profiling or unlearning loaders.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "mnist",
+        root: str | None = None,
+        download: bool = False,
+        poison: PoisonSpec | None = None,
+        poison_record: str | None = None,
+        drop_poisoned: bool = False,
+        train_subset: int | None = None,
+        val_size: int | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        if dataset not in DATASETS:
+            raise ValueError(f"`dataset` must be one of {DATASETS}, got {dataset!r}.")
+        if poison is not None and not isinstance(poison, PoisonSpec):
+            poison = PoisonSpec(**poison)
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {value}.")
+        if train_subset is not None and train_subset < 1:
+            raise ValueError(f"`train_subset` must be >= 1 or None, got {train_subset}.")
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.root = root
+        self.download = download
+        self.poison = poison or PoisonSpec(kind="none")
+        self.poison_record_path = poison_record
+        self.drop_poisoned = drop_poisoned
+        self.train_subset = train_subset
+        self.val_size = val_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+        self.splits: DatasetSplits | None = None
+        self._images: dict[str, torch.Tensor] = {}
+        self.record: PoisonRecord | None = None
+        self._train_labels: torch.Tensor | None = None
+
+    # --------------------------------------------------------------------------------------------- dataset properties
+    @property
+    def num_classes(self) -> int:
+        return 10 if self.splits is None else self.splits.num_classes
+
+    @property
+    def in_channels(self) -> int:
+        return 3 if self.dataset == "cifar10" else 1
+
+    @property
+    def image_size(self) -> int:
+        return 32 if self.dataset == "cifar10" else 28
+
+    @property
+    def target_class(self) -> int | None:
+        """The poisoned class under targeted poisoning, else None."""
+        return self.poison.target_class if self.poison.kind == "targeted" else None
+
+    @property
+    def test_split_names(self) -> list[str]:
+        """Names of the loaders returned by :meth:`test_dataloader`, in order."""
+        return ["test", "forget", "forget_true"] if self.record is not None and len(self.record) else ["test"]
+
+    # ------------------------------------------------------------------------------------------------------ lifecycle
+    def prepare_data(self) -> None:
+        if self.download:
+            load_dataset(self.dataset, self.root, download=True, val_size=self.val_size)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            key = (self.dataset, self.root, self.val_size)
+            if key not in _CACHE:
+                _CACHE.clear()
+                _CACHE[key] = load_dataset(self.dataset, self.root, download=False, val_size=self.val_size)
+            splits = _CACHE[key]
+            if self.train_subset is not None:
+                n = min(self.train_subset, len(splits.train))
+                splits = DatasetSplits(
+                    splits.name,
+                    Split(splits.train.images[:n], splits.train.labels[:n]),
+                    splits.val,
+                    splits.test,
+                    splits.num_classes,
+                    splits.mean,
+                    splits.std,
+                    splits.source,
+                )
+            self.splits = splits
+            self._images = {name: normalize(getattr(splits, name), splits.mean, splits.std) for name in SPLITS}
+        if self.record is None:
+            self.record = self._make_record()
+            self._train_labels = self.record.apply(self.splits.train.labels)
+            rank_zero_info(
+                f"{self.splits.name}: {len(self.splits.train)} train / {len(self.splits.val)} val / "
+                f"{len(self.splits.test)} test ({self.splits.source}); {len(self.record)} poisoned "
+                f"({self.poison.kind}){', dropped' if self.drop_poisoned else ''}."
+            )
+        if stage in ("fit", None) and self.trainer is not None:
+            self._write_record(self.trainer.log_dir)
+
+    def _make_record(self) -> PoisonRecord:
+        train = self.splits.train
+        if self.poison_record_path is not None:
+            record = PoisonRecord.load(self.poison_record_path)
+            record.validate(train.labels, dataset=self.splits.name)
+            return record
+        return make_poison(train.labels, self.splits.num_classes, self.poison, self.splits.name)
+
+    def _write_record(self, log_dir: str | None) -> None:
+        if log_dir is None or self.trainer is None or not self.trainer.is_global_zero:
+            return
+        path = Path(log_dir) / POISON_FILENAME
+        self.record.save(path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"poison_record": None if self.record is None else self.record.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("poison_record") is not None and self.record is None:
+            self.record = PoisonRecord(**state_dict["poison_record"])
+
+    # -------------------------------------------------------------------------------------------------------- subsets
+    def _require_setup(self) -> DatasetSplits:
+        if self.splits is None:
+            self.setup()
+        return self.splits
+
+    @property
+    def poisoned_positions(self) -> torch.Tensor:
+        self._require_setup()
+        return torch.tensor(self.record.indices, dtype=torch.long)
+
+    @property
+    def retain_positions(self) -> torch.Tensor:
+        splits = self._require_setup()
+        keep = torch.ones(len(splits.train), dtype=torch.bool)
+        keep[self.poisoned_positions] = False
+        return torch.nonzero(keep).flatten()
+
+    def _train_dataset(self, positions: torch.Tensor | None, clean: bool, augment: bool = False) -> ImageDataset:
+        splits = self._require_setup()
+        labels = splits.train.labels if clean else self._train_labels
+        return ImageDataset(self._images["train"], labels, positions, augment)
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataset(self) -> ImageDataset:
+        """The training set as trained on: poisoned labels, or the retain set when ``drop_poisoned``."""
+        return self._train_dataset(self.retain_positions if self.drop_poisoned else None, clean=False, augment=False)
+
+    def train_dataloader(self) -> DataLoader:
+        positions = self.retain_positions if self.drop_poisoned else None
+        return self._loader(self._train_dataset(positions, clean=False, augment=self.augment), shuffle=True)
+
+    def profile_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """The training set exactly as trained on, unshuffled and unaugmented (what curvature profiling needs)."""
+        return self._loader(self.train_dataset(), batch_size=batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        splits = self._require_setup()
+        return self._loader(ImageDataset(self._images["val"], splits.val.labels))
+
+    def test_dataloader(self) -> list[DataLoader]:
+        splits = self._require_setup()
+        loaders = [self._loader(ImageDataset(self._images["test"], splits.test.labels))]
+        if len(self.test_split_names) > 1:
+            loaders += [self.forget_dataloader(), self.corrected_forget_dataloader()]
+        return loaders
+
+    def forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
+        """D_f: the poisoned samples with their poisoned labels."""
+        return self._loader(self._train_dataset(self.poisoned_positions, clean=False), shuffle, batch_size)
+
+    def corrected_forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
+        """D̃_f: the poisoned samples with their true labels."""
+        return self._loader(self._train_dataset(self.poisoned_positions, clean=True), shuffle, batch_size)
+
+    def retain_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
+        """D_r: every training sample that was not poisoned."""
+        return self._loader(self._train_dataset(self.retain_positions, clean=True), shuffle, batch_size)
+
+
+def find_run_file(run_dir: str | os.PathLike, name: str) -> Path:
+    """Path of ``name`` inside a run directory, with a clear error when it is missing."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: is {str(run_dir)!r} a lightning-unlearn run directory?")
+    return path
+
+
+__all__ = ["ImageDataset", "PoisonedDataModule", "POISON_FILENAME", "POISON_KINDS", "find_run_file"]
