@@ -1,0 +1,37 @@
+"""Evaluation of unlearning: accuracies, % restored, Tug-of-War, membership inference, relearning attack, cost."""
+
+from lightning_unlearn.evaluation.cost import METHODS, Cost, measure
+from lightning_unlearn.evaluation.metrics import (
+    TOW_SPLITS,
+    evaluate_accuracy,
+    evaluating,
+    gap,
+    iter_logits,
+    model_device,
+    percent_restored,
+    tow,
+)
+from lightning_unlearn.evaluation.mia import SVC_PARAMS, label_probabilities, losses, mia_loss_auc, mia_summary, mia_svc
+from lightning_unlearn.evaluation.relearn import attack_size, relearning_attack
+
+__all__ = [
+    "METHODS",
+    "SVC_PARAMS",
+    "TOW_SPLITS",
+    "Cost",
+    "attack_size",
+    "evaluate_accuracy",
+    "evaluating",
+    "gap",
+    "iter_logits",
+    "label_probabilities",
+    "losses",
+    "measure",
+    "mia_loss_auc",
+    "mia_summary",
+    "mia_svc",
+    "model_device",
+    "percent_restored",
+    "relearning_attack",
+    "tow",
+]

@@ -1,0 +1,146 @@
+"""Cost of a block of code: wall time and peak memory.
+
+``with measure() as cost: ...`` fills ``cost`` (a :class:`Cost`) when the block ends, also when it raises.
+
+* **CUDA**: the device is synchronised before and after the block; ``torch.cuda.reset_peak_memory_stats`` on entry and
+  ``torch.cuda.max_memory_allocated`` on exit give the exact peak of memory *allocated by tensors* during the block
+  (absolute: it includes tensors that already existed, e.g. the model; ``baseline_bytes`` is what was allocated on
+  entry). The caching allocator's reserved-but-free memory is not counted.
+* **CPU**: the peak *increase* of the process's resident-set size over its size on entry. A background thread reads
+  ``/proc/self/statm`` every ``interval`` seconds (and once more on exit), so this is **approximate**: a short-lived
+  allocation between two samples can be missed, memory the allocator reuses is not counted, and other threads'
+  allocations are. Where ``/proc`` is missing (macOS, Windows), ``resource.getrusage`` is used instead: the increase of
+  the process's lifetime maximum RSS, which is only non-zero when the block sets a new process-wide high-water mark (a
+  lower bound). ``Cost.method`` says which was used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+_STATM = "/proc/self/statm"
+METHODS = ("cuda_max_memory_allocated", "proc_statm_sampled", "getrusage_maxrss")
+
+
+@dataclass
+class Cost:
+    """What a :func:`measure` block cost; filled when the block ends.
+
+    Attributes:
+        seconds: Wall-clock time of the block.
+        peak_bytes: Peak memory of the block in bytes (see the module docstring: absolute allocated peak on CUDA,
+            peak RSS increase on CPU); never negative.
+        device: The device measured (``"cpu"``, ``"cuda:0"``, ...).
+        method: How memory was measured, one of :data:`METHODS`.
+        baseline_bytes: Memory on entry (CUDA: allocated bytes; CPU: RSS, or lifetime max RSS for getrusage).
+    """
+
+    seconds: float = 0.0
+    peak_bytes: int = 0
+    device: str = "cpu"
+    method: str = ""
+    baseline_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict (for logging or JSON)."""
+        return asdict(self)
+
+
+def _rss_bytes() -> int:
+    with open(_STATM, "rb") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024  # bytes on macOS, KiB on Linux
+
+
+class _RssSampler(threading.Thread):
+    def __init__(self, interval: float) -> None:
+        super().__init__(name="lightning-unlearn-rss-sampler", daemon=True)
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.peak = _rss_bytes()
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _rss_bytes())
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.sample()
+
+
+def _resolve(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextmanager
+def measure(device: str | torch.device | None = None, interval: float = 0.002) -> Iterator[Cost]:
+    """Measure wall time and peak memory of the enclosed block.
+
+    Args:
+        device: Which memory to measure: a CUDA device, or ``"cpu"`` for host memory (any non-CUDA device is measured
+            as host memory). Default: the current CUDA device if CUDA is available, else the CPU.
+        interval: Seconds between RSS samples on CPU (ignored on CUDA), > 0.
+
+    Yields:
+        A :class:`Cost` whose fields are filled when the block exits.
+
+    Raises:
+        ValueError: If ``interval`` is not positive.
+    """
+    if not interval > 0:
+        raise ValueError(f"`interval` must be > 0 seconds, got {interval!r}.")
+    dev = _resolve(device)
+    cost = Cost(device=str(dev))
+    sampler: _RssSampler | None = None
+    if dev.type == "cuda":
+        cost.method = METHODS[0]
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        cost.baseline_bytes = torch.cuda.memory_allocated(dev)
+    elif os.path.exists(_STATM):
+        cost.method = METHODS[1]
+        sampler = _RssSampler(interval)
+        cost.baseline_bytes = sampler.peak
+        sampler.start()
+    else:
+        cost.method = METHODS[2]
+        cost.baseline_bytes = _maxrss_bytes()
+    start = time.perf_counter()
+    try:
+        yield cost
+    finally:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+            cost.seconds = time.perf_counter() - start
+            cost.peak_bytes = int(torch.cuda.max_memory_allocated(dev))
+        elif sampler is not None:
+            cost.seconds = time.perf_counter() - start
+            sampler.stop_event.set()
+            sampler.join()
+            sampler.sample()
+            cost.peak_bytes = max(0, sampler.peak - cost.baseline_bytes)
+        else:
+            cost.seconds = time.perf_counter() - start
+            cost.peak_bytes = max(0, _maxrss_bytes() - cost.baseline_bytes)
+
+
+__all__ = ["Cost", "METHODS", "measure"]
