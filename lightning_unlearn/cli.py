@@ -1,8 +1,14 @@
-"""Command line: ``lightning-unlearn train …`` (= ``python train.py …``), built on ``LightningCLI``.
+"""Command line, built on ``LightningCLI``.
 
-``python train.py fit -c configs/mnist_cnn_targeted.yaml`` trains a classifier on poisoned data, then (unless
-``--test_after_fit false``) tests it, prints a results table and writes ``results.json`` into the run directory, which
-also holds the checkpoint, ``poison.json``, the resolved ``config.yaml`` and the TensorBoard events.
+* ``lightning-unlearn train …`` (= ``python train.py …``): ``fit -c configs/mnist_cnn_targeted.yaml`` trains a
+  classifier on poisoned data, then (unless ``--test_after_fit false``) tests it, prints a results table and writes
+  ``results.json`` into the run directory, which also holds the checkpoint, ``poison.json``, the resolved
+  ``config.yaml``, the TensorBoard events and (with the profiler attached) ``sharpness_profile.pt``.
+* ``lightning-unlearn unlearn …`` (= ``python unlearn.py …``): ``-c configs/unlearn/sa_first_order.yaml --model.run
+  RUN_DIR [--reference RETRAIN_RUN_DIR]`` unlearns the run's poisoned samples and writes ``report.json``, the unlearned
+  checkpoint and TensorBoard events into ``RUN_DIR/unlearn/<name>/version_<n>/``.
+* ``lightning-unlearn profile …``: the Hessian-diagonal profile of an existing checkpoint.
+* ``lightning-unlearn demo``: the whole pipeline on real MNIST (what ``make demo`` runs).
 """
 
 from __future__ import annotations
@@ -90,14 +96,178 @@ class TrainCLI(LightningCLI):
         return getattr(callback, "best_model_path", None) or getattr(callback, "last_model_path", None) or None
 
 
-COMMANDS = {"train": TrainCLI}
+class UnlearnCLI(LightningCLI):
+    """``LightningCLI`` for :class:`~lightning_unlearn.unlearn.UnlearnModule` (no subcommands: one request per call).
+
+    Outputs go to ``<run>/unlearn/<name>/version_<n>/`` unless the config sets a logger ``save_dir``.
+    """
+
+    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        from lightning_unlearn.unlearn import UnlearnModule
+
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        defaults = {
+            "use_distributed_sampler": False,  # UnlearnModule shards its data exactly itself
+            "enable_checkpointing": False,  # the unlearned checkpoint is written by the pipeline, atomically
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": "", "name": ""},
+            },
+        }
+        kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
+        super().__init__(UnlearnModule, None, args=args, run=False, **kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--reference",
+            type=str | None,
+            default=None,
+            help="Run directory of a model retrained without the poisoned samples (`train.py fit ... "
+            "--data.drop_poisoned true`): adds its accuracies and % restored to the report.",
+        )
+        parser.add_argument(
+            "--name", type=str | None, default=None, help="Name of this request (default: <method>_<selection>)."
+        )
+
+    def before_instantiate_classes(self) -> None:
+        from lightning_unlearn.run import TrainingRun
+
+        config = self.config
+        logger = config.trainer.logger
+        init = getattr(logger, "init_args", None)
+        if init is not None and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
+            if not init.save_dir:
+                init.save_dir = str(TrainingRun.from_path(config.model.run).directory / "unlearn")
+            if not init.name:
+                init.name = config.name or _default_name(config.model)
+
+
+def _default_name(model_config: Any) -> str:
+    def short(spec: Any, fallback: str) -> str:
+        path = getattr(spec, "class_path", None) if spec is not None else None
+        return path.rsplit(".", 1)[-1].lower() if path else fallback
+
+    return f"{short(model_config.method, 'firstorder')}_{short(model_config.selection, 'smallestlayer')}"
+
+
+def unlearn_main() -> dict[str, Any]:
+    """Run one unlearning request from the command line and print its table."""
+    from lightning_unlearn.pipeline import reference_metrics, run_unlearning
+
+    cli = UnlearnCLI()
+    reference_dir = cli.config.get("reference")
+    reference = reference_metrics(reference_dir, cli.model.datamodule) if reference_dir else None
+    report = run_unlearning(cli.trainer, cli.model, reference)
+    if cli.trainer.is_global_zero:
+        print_report(report)
+    return report
+
+
+def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows ``metric | before | after | reference | % restored`` of an unlearning report."""
+    rows = []
+    for key, before in report["before"].items():
+        row = {"metric %": key, "before": before, "after": report["after"].get(key)}
+        if "reference" in report:
+            row["retrained"] = report["reference"].get(key)
+            row["% restored"] = report.get("restored", {}).get(key.replace("/", "_restored/", 1))
+        rows.append(row)
+    return rows
+
+
+def print_report(report: dict[str, Any]) -> None:
+    method, selection = report["method"], report["selection"]
+    print(
+        f"\nUnlearning with {method['method']} on {selection['strategy']} "
+        f"({selection['num_selected']:,} parameters: {', '.join(selection['layers']) or 'element-wise'}):"
+    )
+    print(format_table(report_rows(report)))
+    chosen = {k: v for k, v in method.items() if k in ("step", "damping", "epochs", "solver")}
+    timings = {k: v for k, v in method.items() if k.startswith("seconds")}
+    print(f"chosen: {chosen}  timings (s): " + ", ".join(f"{k}={v:.3f}" for k, v in timings.items()))
+    print(f"report: {report.get('output_dir')}/report.json")
+
+
+def profile_checkpoint(
+    run: str,
+    estimator: str = "exact",
+    split: str = "train",
+    max_samples: int | None = None,
+    batch_size: int = 256,
+    num_draws: int = 1,
+    seed: int = 0,
+    strict: bool = True,
+    device: str = "cpu",
+    output: str | None = None,
+) -> str:
+    """Profile the Hessian diagonal of a trained checkpoint's training loss (``lightning-unlearn profile``).
+
+    Args:
+        run: Training run directory, or a checkpoint file inside one.
+        estimator: ``exact``, ``mc``, ``hutchinson`` or ``fisher``.
+        split: ``train`` (the training set exactly as trained on) or ``val``.
+        max_samples: Profile only the first ``max_samples`` samples.
+        batch_size: Batch size of the profiling loader.
+        num_draws: Sampled labels (``mc``) or probes (``hutchinson``) per sample / batch.
+        seed: Seed of the random draws.
+        strict: Refuse ``exact`` where it would not equal the Hessian diagonal.
+        device: Where to compute (``cpu``, ``cuda``, ``cuda:1``, ...).
+        output: Where to write the profile; default ``<run>/sharpness_profile.pt``.
+
+    Returns:
+        The path of the written profile.
+    """
+    from torch.utils.data import DataLoader
+
+    from lightning_unlearn.curvature import profile_model
+    from lightning_unlearn.run import TrainingRun
+
+    training_run = TrainingRun.from_path(run)
+    classifier = training_run.load_classifier(map_location=device)
+    datamodule = training_run.datamodule()
+    datamodule.setup("fit")
+    if split not in ("train", "val"):
+        raise ValueError(f"`split` must be one of ('train', 'val'), got {split!r}.")
+    loader = (
+        datamodule.profile_dataloader(batch_size=batch_size)
+        if split == "train"
+        else DataLoader(datamodule.val_dataloader().dataset, batch_size=batch_size)
+    )
+    profile = profile_model(
+        classifier,
+        loader,
+        estimator,
+        max_samples=max_samples,
+        progress=True,
+        seed=seed,
+        num_draws=num_draws,
+        strict=strict,
+    )
+    profile.dataset = datamodule.dataset
+    profile.metadata.update(split=split, checkpoint=str(training_run.checkpoint))
+    path = profile.save(output or training_run.profile_path)
+    print(profile.to_table())
+    print(f"Profile ({estimator}, {profile.num_samples} samples) written to {path}")
+    return str(path)
+
+
+def profile_main(args: list[str]) -> None:
+    from jsonargparse import auto_cli
+
+    auto_cli(profile_checkpoint, args=args)
+
+
+COMMANDS = {"train": TrainCLI, "unlearn": UnlearnCLI, "profile": profile_main}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lightning-unlearn`` console script and ``python -m lightning_unlearn``."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        names = ", ".join(COMMANDS)
+    if not argv or argv[0] not in (*COMMANDS, "demo"):
+        names = ", ".join((*COMMANDS, "demo"))
         if argv and argv[0] in ("-h", "--help"):
             print(f"usage: lightning-unlearn {{{names}}} ...\n\nRun `lightning-unlearn <command> --help` for details.")
             return
@@ -106,6 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     saved = sys.argv
     sys.argv = [f"lightning-unlearn {command}", *rest]  # LightningCLI parses sys.argv; this also names the program
     try:
-        COMMANDS[command]()
+        if command == "unlearn":
+            unlearn_main()
+        elif command == "profile":
+            profile_main(rest)
+        elif command == "demo":
+            from lightning_unlearn.demo import main as demo_main
+
+            demo_main(rest)
+        else:
+            COMMANDS[command]()
     finally:
         sys.argv = saved

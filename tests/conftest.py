@@ -1,6 +1,7 @@
 """Shared fixtures: real MNIST (offline copy) loaded once per session."""
 
 import os
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -14,3 +15,45 @@ def mnist():
     from lightning_unlearn.data.sources import load_mnist
 
     return load_mnist()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train_debug_run(save_dir: Path, *extra: str) -> Path:
+    """Train the MNIST CNN on a small poisoned subset of real MNIST (with the profiler attached); return the run dir."""
+    from lightning_unlearn.cli import TrainCLI
+
+    cli = TrainCLI(
+        args=[
+            "fit",
+            "-c",
+            str(ROOT / "configs" / "mnist_cnn_targeted.yaml"),
+            "-c",
+            str(ROOT / "configs" / "debug.yaml"),
+            "--trainer.logger.init_args.save_dir",
+            str(save_dir),
+            *extra,
+        ]
+    )
+    return Path(cli.trainer.log_dir)
+
+
+@pytest.fixture(scope="session")
+def poisoned_run(tmp_path_factory):
+    """4,000 MNIST training images, 200 of class 9 poisoned, 2 epochs; profile of the exact Hessian diagonal."""
+    return train_debug_run(
+        tmp_path_factory.mktemp("runs"),
+        "--data.train_subset",
+        "4000",
+        "--data.poison.count",
+        "200",
+        "--trainer.max_epochs",
+        "2",
+    )
+
+
+@pytest.fixture(scope="session")
+def bn_run(tmp_path_factory):
+    """The same CNN with BatchNorm after each convolution, one short epoch."""
+    return train_debug_run(tmp_path_factory.mktemp("runs_bn"), "--model.arch_kwargs", '{"batch_norm": true}')

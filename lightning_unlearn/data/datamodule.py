@@ -63,6 +63,20 @@ class ImageDataset(Dataset):
         return image, self.labels[index], index
 
 
+class ForgetPairDataset(Dataset):
+    """The forget set with both labels: items are ``(image, poisoned_label, true_label, index)``."""
+
+    def __init__(self, images: torch.Tensor, poisoned: torch.Tensor, true: torch.Tensor, positions: torch.Tensor):
+        self.images, self.poisoned, self.true, self.positions = images, poisoned, true, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = self.positions[item]
+        return self.images[index], self.poisoned[index], self.true[index], index
+
+
 def _random_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
     h, w = image.shape[-2:]
     padded = torch.nn.functional.pad(image, (padding,) * 4)
@@ -122,11 +136,12 @@ class PoisonedDataModule(LightningDataModule):
                 raise ValueError(f"`{name}` must be >= 1, got {value}.")
         if train_subset is not None and train_subset < 1:
             raise ValueError(f"`train_subset` must be >= 1 or None, got {train_subset}.")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["poison"])
+        self.poison = poison or PoisonSpec(kind="none")
+        self.hparams["poison"] = self.poison.to_dict()  # plain data: checkpoints stay loadable with weights_only
         self.dataset = dataset
         self.root = root
         self.download = download
-        self.poison = poison or PoisonSpec(kind="none")
         self.poison_record_path = poison_record
         self.drop_poisoned = drop_poisoned
         self.train_subset = train_subset
@@ -189,8 +204,11 @@ class PoisonedDataModule(LightningDataModule):
                 )
             self.splits = splits
             self._images = {name: normalize(getattr(splits, name), splits.mean, splits.std) for name in SPLITS}
-        if self.record is None:
-            self.record = self._make_record()
+        if self._train_labels is None:
+            if self.record is None:
+                self.record = self._make_record()
+            else:  # restored from a checkpoint's state: check it belongs to this data
+                self.record.validate(self.splits.train.labels, dataset=self.splits.name)
             self._train_labels = self.record.apply(self.splits.train.labels)
             rank_zero_info(
                 f"{self.splits.name}: {len(self.splits.train)} train / {len(self.splits.val)} val / "
@@ -283,6 +301,14 @@ class PoisonedDataModule(LightningDataModule):
     def corrected_forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
         """D̃_f: the poisoned samples with their true labels."""
         return self._loader(self._train_dataset(self.poisoned_positions, clean=True), shuffle, batch_size)
+
+    def forget_pairs_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
+        """D_f with both labels: batches ``(x, poisoned_label, true_label, index)``."""
+        splits = self._require_setup()
+        dataset = ForgetPairDataset(
+            self._images["train"], self._train_labels, splits.train.labels, self.poisoned_positions
+        )
+        return self._loader(dataset, shuffle, batch_size)
 
     def retain_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
         """D_r: every training sample that was not poisoned."""

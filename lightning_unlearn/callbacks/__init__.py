@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from lightning_unlearn.callbacks.profiler import SharpnessProfiler
+
+__all__ = ["SharpnessProfiler"]

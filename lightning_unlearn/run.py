@@ -1,0 +1,110 @@
+"""A training run on disk: its checkpoint, poison record and curvature profile, and how to rebuild its parts.
+
+``train.py fit`` writes a run directory ``runs/<name>/version_<n>/`` holding ``checkpoints/*.ckpt``, ``poison.json``,
+``config.yaml`` and, with the :class:`~lightning_unlearn.callbacks.SharpnessProfiler` attached,
+``sharpness_profile.pt``. Profiling and unlearning commands take such a directory (or a checkpoint file inside it).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_unlearn.data.datamodule import POISON_FILENAME, PoisonedDataModule
+from lightning_unlearn.data.poison import PoisonRecord
+from lightning_unlearn.models.classifier import ClassifierModule
+
+PROFILE_FILENAME = "sharpness_profile.pt"
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
+        raise ValueError(
+            f"{str(path)!r} is not a readable Lightning checkpoint ({type(err).__name__}: {err})."
+        ) from err
+
+
+@dataclass
+class TrainingRun:
+    """Paths of a training run.
+
+    Attributes:
+        directory: The run directory.
+        checkpoint: The classifier checkpoint.
+        poison_path: ``poison.json`` (may be missing for runs made outside this package).
+        profile_path: Where the curvature profile is (or will be) stored.
+    """
+
+    directory: Path
+    checkpoint: Path
+
+    @property
+    def poison_path(self) -> Path:
+        return self.directory / POISON_FILENAME
+
+    @property
+    def profile_path(self) -> Path:
+        return self.directory / PROFILE_FILENAME
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> TrainingRun:
+        """Open a run from its directory or from a checkpoint file (its run directory is then the parent of
+        ``checkpoints/``).
+
+        Raises:
+            FileNotFoundError: If the path does not exist or holds no checkpoint.
+            ValueError: If a directory holds several checkpoints (pass the file).
+        """
+        path = Path(path)
+        if path.is_file():
+            directory = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            return cls(directory, path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{str(path)!r} is neither a run directory nor a checkpoint file.")
+        checkpoints = sorted((path / "checkpoints").glob("*.ckpt")) or sorted(path.glob("*.ckpt"))
+        if not checkpoints:
+            raise FileNotFoundError(f"No checkpoint (*.ckpt) in {str(path)!r} or its checkpoints/ folder.")
+        if len(checkpoints) > 1:
+            last = [c for c in checkpoints if c.stem == "last"]
+            if len(last) != 1:
+                names = ", ".join(c.name for c in checkpoints)
+                raise ValueError(f"{str(path)!r} holds several checkpoints ({names}): pass the one to use.")
+            checkpoints = last
+        return cls(path, checkpoints[0])
+
+    def load_record(self) -> PoisonRecord:
+        """The poison record of the run (from ``poison.json``, else from the checkpoint's datamodule state)."""
+        if self.poison_path.is_file():
+            return PoisonRecord.load(self.poison_path)
+        state = _load_checkpoint(self.checkpoint)
+        for key, value in state.items():
+            if key.endswith("PoisonedDataModule") and isinstance(value, dict) and value.get("poison_record"):
+                return PoisonRecord(**value["poison_record"])
+        raise FileNotFoundError(
+            f"No poison record for run {str(self.directory)!r}: neither {POISON_FILENAME} nor one in the checkpoint."
+        )
+
+    def load_classifier(self, map_location: str | torch.device = "cpu") -> ClassifierModule:
+        """The trained :class:`ClassifierModule` (weights and hyper-parameters from the checkpoint)."""
+        _load_checkpoint(self.checkpoint)  # a clear error for a truncated or foreign file
+        return ClassifierModule.load_from_checkpoint(self.checkpoint, map_location=map_location, weights_only=True)
+
+    def datamodule(self, **overrides: Any) -> PoisonedDataModule:
+        """The run's data module, with exactly the run's poison record; ``overrides`` replace init arguments."""
+        hparams = dict(_load_checkpoint(self.checkpoint).get("datamodule_hyper_parameters") or {})
+        if not hparams:
+            raise ValueError(f"Checkpoint {str(self.checkpoint)!r} has no PoisonedDataModule hyper-parameters.")
+        hparams.pop("_instantiator", None)
+        if self.poison_path.is_file():
+            hparams["poison_record"] = str(self.poison_path)
+        hparams.update(overrides)
+        datamodule = PoisonedDataModule(**hparams)
+        if not self.poison_path.is_file():
+            datamodule.record = self.load_record()
+        return datamodule

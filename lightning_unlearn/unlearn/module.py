@@ -1,0 +1,278 @@
+"""``UnlearnModule``: unlearn the poisoned samples of a training run with a selection and a method."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from lightning_unlearn.curvature import SharpnessProfile, profile_model
+from lightning_unlearn.run import TrainingRun
+from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer
+from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod
+from lightning_unlearn.unlearn.freeze import FreezeGuard
+from lightning_unlearn.unlearn.one_step import FirstOrder
+
+
+class UnlearnModule(LightningModule):
+    """Unlearn the poisoned samples recorded by a training run, changing only the selected parameters.
+
+    Loads the trained classifier from ``run`` (a run directory or checkpoint file; not Lightning's ``ckpt_path``,
+    which would resume the old loop state), loads that run's curvature profile (or computes it and saves it into the
+    run directory), selects parameters with ``selection``, hard-freezes every other parameter and unlearns with
+    ``method``. Its own dataloaders come from the run's data module, sharded exactly across ranks.
+
+    Args:
+        run: Training run directory (or a checkpoint inside one) holding the checkpoint and ``poison.json``.
+        method: The unlearning method (``FirstOrder``, ``SecondOrder``, ``Finetune``, ``NegGradPlus``, ``SamForget``,
+            ``SharpMinMax``).
+        selection: Which parameters may change (``SmallestLayer``, ``LargestLayer``, ``TopKParameters``,
+            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``).
+        profile: Path of a ``sharpness_profile.pt``; default: the run's own, computed and saved if missing.
+        estimator: Estimator for a profile computed here (``exact``, ``mc``, ``hutchinson``, ``fisher``).
+        profile_max_samples: Training samples for a profile computed here (None: all).
+        allow_stale_profile: Accept a profile whose weights fingerprint differs from the checkpoint's.
+        optimizer: Optimizer factory for iterative methods; default ``SGD(lr=0.01, momentum=0.9)``.
+        eval_batch_size: Batch size of evaluation and validation passes.
+        num_workers: DataLoader workers.
+        seed: Seed of shuffling (iterative methods).
+    """
+
+    def __init__(
+        self,
+        run: str,
+        method: UnlearnMethod | None = None,
+        selection: SelectionStrategy | None = None,
+        profile: str | None = None,
+        estimator: str = "exact",
+        profile_max_samples: int | None = None,
+        allow_stale_profile: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        eval_batch_size: int = 1000,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["method", "selection", "optimizer"])
+        self.automatic_optimization = False
+        self.method = method if method is not None else FirstOrder()
+        self.selection = selection if selection is not None else SmallestLayer()
+        if not isinstance(self.method, UnlearnMethod):
+            raise TypeError(f"`method` must be an UnlearnMethod, got {type(self.method).__name__}.")
+        if not isinstance(self.selection, SelectionStrategy):
+            raise TypeError(f"`selection` must be a SelectionStrategy, got {type(self.selection).__name__}.")
+        self.training_run = TrainingRun.from_path(run)
+        classifier = self.training_run.load_classifier()
+        self.net: nn.Module = classifier.net
+        self.classifier_hparams = dict(classifier.hparams)
+        self.datamodule = self.training_run.datamodule(eval_batch_size=eval_batch_size, num_workers=num_workers)
+        self.profile_path = profile
+        self.estimator = estimator
+        self.profile_max_samples = profile_max_samples
+        self.allow_stale_profile = allow_stale_profile
+        self.optimizer_factory = optimizer
+        self.profile: SharpnessProfile | None = None
+        self.mask: ParameterMask | None = None
+        self.guard: FreezeGuard | None = None
+        self.selected_names: set[str] = set()
+        self.timings: dict[str, float] = {}
+
+    # ----------------------------------------------------------------------------------------------- preparation
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def net_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Parameters by the names profiles use (``net.<...>``, as in the trained ``ClassifierModule``)."""
+        return list(self.named_parameters())
+
+    @property
+    def target_class(self) -> int | None:
+        return self.datamodule.target_class
+
+    @property
+    def num_train_samples(self) -> int:
+        return len(self.datamodule.train_dataset())
+
+    def prepare(self) -> None:
+        """Load data, the profile and the selection, and apply the hard freeze (idempotent; called by ``setup``)."""
+        if self.guard is not None:
+            return
+        self.datamodule.setup("fit")
+        self.require_profile()
+        start = time.perf_counter()
+        self.mask = self.selection(self.profile)
+        self.timings["selection_seconds"] = time.perf_counter() - start
+        self.selected_names = set(self.mask.trainable)
+        freeze_mask = self.mask if self.method.freezes_unselected else AllLayers()(self.profile)
+        self.guard = FreezeGuard(self, freeze_mask)
+        total = sum(p.numel() for p in self.parameters())
+        rank_zero_info(
+            f"Selection {self.mask.strategy!r}: {self.mask.num_selected:,} of {total:,} parameters "
+            f"({', '.join(self.mask.layers) or 'element-wise'}); method {self.method.name!r}."
+        )
+
+    def require_profile(self) -> SharpnessProfile:
+        """The curvature profile: loaded from ``profile`` / the run directory, or computed now and saved there."""
+        if self.profile is not None:
+            return self.profile
+        path = self.profile_path or self.training_run.profile_path
+        start = time.perf_counter()
+        if self.profile_path is not None or self.training_run.profile_path.is_file():
+            profile = SharpnessProfile.load(path)
+            source = f"loaded from {path}"
+        else:
+            self.datamodule.setup("fit")
+            loader = self.datamodule.profile_dataloader(batch_size=256)
+            profile = profile_model(self, loader, self.estimator, max_samples=self.profile_max_samples, progress=True)
+            profile.dataset = self.datamodule.dataset
+            profile.save(path)
+            source = f"computed ({self.estimator}) and saved to {path}"
+        profile.check_compatible(self)
+        if profile.weights != _weights_of(self) and not self.allow_stale_profile:
+            raise ValueError(
+                f"The profile at {str(path)!r} was computed for other weights than the checkpoint "
+                f"{str(self.training_run.checkpoint)!r} (weights fingerprints {profile.weights} vs "
+                f"{_weights_of(self)}). "
+                "Recompute it, or pass `allow_stale_profile=True`."
+            )
+        self.timings["profile_seconds"] = time.perf_counter() - start
+        self.timings["profile_source"] = source  # type: ignore[assignment]
+        self.profile = profile
+        return profile
+
+    # ------------------------------------------------------------------------------------------------- utilities
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.optimizer_factory is None:
+            return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+        return self.optimizer_factory(params)
+
+    def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        """A loader over this rank's exact shard of ``dataset`` (no padding, see :class:`ShardSampler`)."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        sampler = ShardSampler(len(dataset), rank, world, shuffle=shuffle, seed=self.hparams.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.hparams.eval_batch_size,
+            sampler=sampler,
+            num_workers=self.hparams.num_workers,
+        )
+
+    def all_reduce_sum(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum each tensor over all ranks with one all-reduce (identity with one process)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return tensors
+        names = list(tensors)
+        flat = torch.cat([tensors[n].reshape(-1).double() for n in names])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+        out, offset = {}, 0
+        for n in names:
+            k = tensors[n].numel()
+            out[n] = flat[offset : offset + k].reshape(tensors[n].shape).to(tensors[n].dtype)
+            offset += k
+        return out
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """Accuracy (%) and mean cross-entropy on the clean validation split (every rank sees all of it)."""
+        self.net.eval()
+        correct, loss, total = 0, 0.0, 0
+        for x, y, _ in self.datamodule.val_dataloader():
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self.net(x)
+            correct += int((logits.argmax(-1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            total += len(y)
+        mean_loss = loss / total
+        return 100.0 * correct / total, mean_loss if math.isfinite(mean_loss) else math.inf
+
+    def training_hvp(self, names: list[str], num_samples: int, scale: float = 1.0) -> Any:
+        """``v ↦ scale · H v`` for the mean training loss restricted to parameters ``names`` (flat vectors), on the
+        first ``num_samples`` training samples (fixed, so the operator is deterministic)."""
+        params = dict(self.named_parameters())
+        chosen = [params[n] for n in names]
+        dataset = self.datamodule.train_dataset()
+        subset = Subset(dataset, range(min(num_samples, len(dataset))))
+        batches = [(x.to(self.device), y.to(self.device)) for x, y, _ in DataLoader(subset, batch_size=512)]
+        total = sum(len(y) for _, y in batches)
+
+        def hvp(v: torch.Tensor) -> torch.Tensor:
+            self.net.eval()
+            out = torch.zeros_like(v)
+            parts, offset = [], 0
+            for p in chosen:
+                parts.append(v[offset : offset + p.numel()].reshape(p.shape).to(p.dtype))
+                offset += p.numel()
+            with torch.enable_grad():
+                for x, y in batches:
+                    loss = F.cross_entropy(self.net(x), y, reduction="sum") / total
+                    grads = torch.autograd.grad(loss, chosen, create_graph=True)
+                    dot = sum((g * u).sum() for g, u in zip(grads, parts, strict=True))
+                    hv = torch.autograd.grad(dot, chosen)
+                    out += torch.cat([h.reshape(-1) for h in hv]).to(v.dtype)
+            return scale * out
+
+        return hvp
+
+    # ------------------------------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        self.prepare()
+
+    def train_dataloader(self) -> Any:
+        self.prepare()
+        return self.method.train_dataloader(self)
+
+    def configure_optimizers(self) -> Any:
+        self.prepare()
+        return self.method.configure_optimizers(self)
+
+    def on_train_epoch_start(self) -> None:
+        self._fit_start = getattr(self, "_fit_start", time.perf_counter())
+        loaders = self.trainer.train_dataloader
+        for loader in _flatten_loaders(loaders):
+            if isinstance(getattr(loader, "sampler", None), ShardSampler):
+                loader.sampler.set_epoch(self.current_epoch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.method.training_step(self, batch, batch_idx)
+
+    def on_train_epoch_end(self) -> None:
+        self.method.on_train_epoch_end(self)
+
+    def on_train_end(self) -> None:
+        self.timings["unlearn_seconds"] = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
+
+    @property
+    def max_epochs(self) -> int:
+        """Epochs the Trainer should run for this method (1 for one-step methods)."""
+        return 1 if self.method.one_step else int(getattr(self.method, "epochs", 1))
+
+
+def _weights_of(module: nn.Module) -> str:
+    from lightning_unlearn.curvature import weights_fingerprint
+
+    return weights_fingerprint(module)
+
+
+def _flatten_loaders(loaders: Any) -> list[Any]:
+    if loaders is None:
+        return []
+    if isinstance(loaders, DataLoader):
+        return [loaders]
+    if isinstance(loaders, dict):
+        return [l for v in loaders.values() for l in _flatten_loaders(v)]  # noqa: E741
+    if isinstance(loaders, (list, tuple)):
+        return [l for v in loaders for l in _flatten_loaders(v)]  # noqa: E741
+    flattened = getattr(loaders, "flattened", None)
+    return list(flattened) if flattened is not None else []
+
+
+warnings.filterwarnings("ignore", message=".*`configure_optimizers` returned `None`.*")
