@@ -28,7 +28,7 @@ fashion-mnist:
 		echo "fashion-mnist: not installed (needs root + apt-get); its loader test will be skipped"; }
 
 demo: install
-	$(BIN)/python train.py fit -c configs/mnist_cnn_targeted.yaml
+	$(BIN)/python -m lightning_unlearn demo
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)

@@ -11,7 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +29,33 @@ REQUESTS = {
     "first-order, all layers": "first_order_all",
     "fine-tune all, 1 epoch": "finetune_all",
 }
-QUIET = ["--trainer.enable_progress_bar", "false"]
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@contextlib.contextmanager
+def own_argv() -> Iterator[None]:
+    """LightningCLI warns when given ``args`` while ``sys.argv`` holds other arguments: hide the demo's own."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def train(config: str, out: Path, *extra: str) -> tuple[Path, dict[str, Any]]:
     """Train with ``TrainCLI`` and return the run directory and its test metrics."""
-    cli = TrainCLI(args=["fit", "-c", str(CONFIGS / config), "--trainer.logger.init_args.save_dir", str(out), *extra])
+    with own_argv():
+        cli = TrainCLI(
+            args=["fit", "-c", str(CONFIGS / config), "--trainer.logger.init_args.save_dir", str(out), *extra]
+        )
     run_dir = Path(cli.trainer.log_dir)
     return run_dir, json.loads((run_dir / "results.json").read_text())["metrics"]
 
 
 def unlearn(config: str, run_dir: Path, reference: dict[str, float]) -> dict[str, Any]:
-    cli = UnlearnCLI(args=["-c", str(CONFIGS / "unlearn" / f"{config}.yaml"), "--model.run", str(run_dir), *QUIET])
+    with own_argv():
+        cli = UnlearnCLI(args=["-c", str(CONFIGS / "unlearn" / f"{config}.yaml"), "--model.run", str(run_dir), *QUIET])
     return run_unlearning(cli.trainer, cli.model, reference)
 
 
@@ -57,7 +75,7 @@ def row(name: str, metrics: dict[str, float], report: dict[str, Any] | None = No
         out["% restored (9)"] = restored.get("test_restored/acc_target")
         out["update s"] = method.get("seconds_update", report["timings"]["fit_wall_seconds"])
         out["search s"] = method.get("seconds_search")
-        out["step"] = method.get("step")
+        out["step"] = f"{method['step']:.1e}" if method.get("step") is not None else None
     return out
 
 

@@ -258,3 +258,30 @@ def test_one_step_search_uses_validation_and_never_worsens_it(poisoned_run):
 def test_bad_method_arguments(factory, argument):
     with pytest.raises(ValueError, match=argument):
         factory()
+
+
+# --------------------------------------------------------------------------------------------------- end to end
+def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, tmp_path):
+    """SA first-order through `unlearn.py`: report, TensorBoard, a loadable unlearned checkpoint, class 9 improves."""
+    import json
+
+    from lightning_unlearn.cli import main
+    from lightning_unlearn.models import ClassifierModule
+
+    config = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs/unlearn/sa_first_order.yaml")
+    main(["unlearn", "-c", config, "--model.run", str(poisoned_run), "--reference", str(poisoned_run),
+          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    out = tmp_path / "firstorder_smallestlayer" / "version_0"
+    report = json.loads((out / "report.json").read_text())
+    assert report["selection"]["strategy"] == "smallest" and report["method"]["method"] == "first_order"
+    assert report["method"]["step"] > 0 and len(report["method"]["candidates"]) == 10
+    assert report["after"]["test/acc_target"] > report["before"]["test/acc_target"]
+    assert report["after"]["val/acc"] >= report["before"]["val/acc"]
+    assert report["method"]["seconds_update"] < 5 and report["method"]["seconds_search"] < 30
+    unlearned = ClassifierModule.load_from_checkpoint(out / "unlearned.ckpt", weights_only=True)
+    before = TrainingRun.from_path(poisoned_run).load_classifier()
+    layer = report["selection"]["layers"][0]
+    for name, value in unlearned.state_dict().items():
+        same = torch.equal(value, before.state_dict()[name])
+        assert same != name.startswith(layer + "."), name  # exactly the selected layer changed
+    assert list(out.glob("events.out.tfevents.*"))

@@ -362,160 +362,281 @@ def _add_row_squares(acc: Tensor, rows: Tensor) -> None:
         acc.addmv_(squares.t(), torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device))
 
 
-class _LayerRules:
-    """Sums over samples and backpropagated columns of squared per-sample parameter gradients, per layer type.
+class _Buffers:
+    """Named scratch buffers reused across layers and batches.
 
-    ``g`` always has shape (m, K, *output_shape[1:]): output gradients of m samples for K backpropagated columns. For
-    convolutions (and Linear layers applied to sequences) per-sample gradients ``g_{n,c} Uₙᵀ`` (``U`` = unfolded input
-    patches) are formed chunk by chunk in a reused buffer and their squares accumulated. When the number of output
-    positions ``L`` is small compared with ``K`` the Gram form ``Σ_{l,l'} (Σ_c g_l g_l') (u_l u_l')`` is used
-    instead: one large matrix product whose contraction runs over samples and position pairs.
+    Fresh multi-megabyte allocations cost page faults on every batch; reusing buffers avoids them.
 
     Args:
-        chunk_elements: Size of the scratch buffer, in elements.
+        chunk_elements: Target size of the temporaries of one product (per-sample gradients of a chunk of samples).
     """
 
     def __init__(self, chunk_elements: int) -> None:
         self.chunk_elements = max(1 << 16, int(chunk_elements))
-        self.workspace = _Workspace()
-        self.patch_workspace = _Workspace()
+        self._spaces: dict[str, _Workspace] = {}
 
-    def __call__(self, module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-        if isinstance(module, nn.Linear):
-            return self.linear(module, x, g)
-        if isinstance(module, _CONVS):
-            return self.conv(module, x, g)
-        if isinstance(module, _BATCHNORMS):
-            return self.batchnorm(module, x, g)
-        raise TypeError(f"unsupported layer type {type(module).__name__}")  # guarded earlier
+    def space(self, key: str) -> _Workspace:
+        return self._spaces.setdefault(key, _Workspace())
 
-    def linear(self, module: nn.Linear, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        m, k = g.shape[:2]
-        if x.dim() == 2:
-            # per-sample gradients are rank one: sum_c (g_c x^T)^2 = (sum_c g_c^2) (x^2)^T
-            g2 = g.square().sum(1)  # (m, out)
-            out["weight"] = g2.t() @ x.square()
-            if module.bias is not None:
-                out["bias"] = g2.sum(0)
-            return out
-        xt = x.reshape(m, -1, x.shape[-1])  # (m, T, in)
-        gt = g.reshape(m, k, -1, g.shape[-1]).transpose(2, 3)  # (m, k, out, T)
+    def get(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        return self.space(key).get(shape, like)
+
+
+def _conv_mode(k: int, cout: int, length: int, fan_in: int, groups: int) -> str:
+    """How a convolution's squared per-sample gradients are summed (see :class:`_ConvState`)."""
+    if groups == 1 and length > 1:
+        # multiply-adds per sample (memory passes weighted as 4): direct products vs the Gram form
+        pairs = length * (length + 1) // 2
+        direct = k * cout * fan_in * (length + 4)
+        gram = cout * fan_in * pairs + cout * length * length * k + 4 * pairs * fan_in
+        if gram < direct:
+            return "gram"
+    # Per-column products are efficient unless the output channels are few; stacking the columns costs a copy of the
+    # output gradients, which matters when the products themselves are cheap (small fan-in).
+    if k == 1 or fan_in < 64 or cout // groups >= 256:
+        return "stream"
+    return "stack"
+
+
+class _LayerState:
+    """Accumulates one layer's sums of squared per-sample gradients while columns are backpropagated.
+
+    ``consume(j, grad)`` is called (from a tensor hook) with the gradient of the layer output for column ``j``;
+    ``finish()`` returns the sums over samples and columns, keyed by the parameter's local name.
+    """
+
+    def __init__(
+        self, name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.x = x
+        self.m = x.shape[0]
+        self.k = k
+        self.buffers = buffers
+        self.sums: dict[str, Tensor] = {}
+
+    def _acc(self, pname: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        if pname not in self.sums:
+            self.sums[pname] = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        return self.sums[pname]
+
+    def consume(self, j: int, grad: Tensor) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> dict[str, Tensor]:
+        return self.sums
+
+
+class _LinearState(_LayerState):
+    """Linear layer.
+
+    2-D input: per-sample gradients are rank one, ``Σ_c (g_c xᵀ)² = (Σ_c g_c²)(x²)ᵀ``. Inputs with extra dimensions
+    (sequences): per-sample products ``g_cᵀ X`` over positions, squared.
+    """
+
+    def __init__(
+        self, name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
+    ) -> None:
+        super().__init__(name, module, x, out_shape, k, buffers)
+        self.flat = x.dim() == 2
+        if self.flat:
+            self.g2 = buffers.get(f"{name}/g2", (self.m, out_shape[-1]), x).zero_()
+        else:
+            self.xt = x.reshape(self.m, -1, x.shape[-1])  # (m, T, in)
+
+    def consume(self, j: int, grad: Tensor) -> None:
+        module = self.module
+        if self.flat:
+            self.g2.addcmul_(grad, grad)
+            return
+        g = grad.reshape(self.m, -1, grad.shape[-1])  # (m, T, out)
         if module.bias is not None:
-            out["bias"] = _sumsq(gt.sum(3), (0, 1))
-        length = xt.shape[1]
-        weight = self._products(gt, lambda a, b: xt[a:b].transpose(1, 2), 1, length, module.weight.shape[1])
-        out["weight"] = weight.view(module.weight.shape)
-        return out
+            self._acc("bias", (g.shape[-1],), g).add_(g.sum(1).square().sum(0))
+        acc = self._acc("weight", (module.weight.numel(),), g)
+        per_sample = module.weight.numel()
+        step = max(1, min(self.m, self.buffers.chunk_elements // per_sample))
+        for start in range(0, self.m, step):
+            stop = min(self.m, start + step)
+            prod = self.buffers.get("product", (stop - start, *module.weight.shape), g)
+            torch.bmm(g[start:stop].transpose(1, 2), self.xt[start:stop], out=prod)
+            _add_row_squares(acc, prod.view(stop - start, per_sample))
 
-    def conv(self, module: nn.modules.conv._ConvNd, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        m, k, cout = g.shape[:3]
-        gl = g.reshape(m, k, cout, -1)  # (m, k, Cout, L)
-        if module.bias is not None:
-            out["bias"] = _sumsq(gl.sum(3), (0, 1))
-        length = gl.shape[-1]
-        fan_in = module.weight[0].numel()
-        weight = self._products(gl, lambda a, b: _unfold(x[a:b], module, self.patch_workspace), module.groups, length, fan_in)
-        out["weight"] = weight.view(module.weight.shape)
-        return out
+    def finish(self) -> dict[str, Tensor]:
+        if self.flat:
+            self.sums["weight"] = self.g2.t() @ self.x.square()
+            if self.module.bias is not None:
+                self.sums["bias"] = self.g2.sum(0)
+        else:
+            self.sums["weight"] = self.sums["weight"].view(self.module.weight.shape)
+        return self.sums
 
-    def batchnorm(self, module: nn.modules.batchnorm._BatchNorm, x: Tensor, g: Tensor) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        m, k, ch = g.shape[:3]
-        gl = g.reshape(m, k, ch, -1)
+
+class _BatchNormState(_LayerState):
+    """BatchNorm in eval mode: per-sample gradients ``Σ_spatial g·x̂`` (weight) and ``Σ_spatial g`` (bias)."""
+
+    def __init__(
+        self, name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
+    ) -> None:
+        super().__init__(name, module, x, out_shape, k, buffers)
+        self.ch = out_shape[1]
         if module.weight is not None:
-            shape = (1, ch, 1)
+            shape = (1, self.ch, 1)
             mean = module.running_mean.to(x.dtype).view(shape)
             inv_std = torch.rsqrt(module.running_var.to(x.dtype).view(shape) + module.eps)
-            xhat = (x.reshape(m, ch, -1) - mean) * inv_std  # (m, ch, S)
-            per_sample = torch.empty(m, k, ch, dtype=gl.dtype, device=gl.device)
-            scratch = self.workspace.get(tuple(xhat.shape), xhat)
-            for j in range(k):  # one column at a time: no temporary as large as the gradients
-                torch.sum(torch.mul(gl[:, j], xhat, out=scratch), -1, out=per_sample[:, j])
-            out["weight"] = _sumsq(per_sample, (0, 1))
-        if module.bias is not None:
-            out["bias"] = _sumsq(gl.sum(3), (0, 1))
-        return out
+            xhat = buffers.get(f"{name}/xhat", (self.m, self.ch, x[0].numel() // self.ch), x)
+            torch.mul(torch.sub(x.reshape(self.m, self.ch, -1), mean, out=xhat), inv_std, out=xhat)
+            self.xhat = xhat
 
-    def _products(
-        self,
-        gl: Tensor,
-        patches: Callable[[int, int], Tensor],
-        groups: int,
-        length: int,
-        fan_in: int,
-    ) -> Tensor:
-        """``Σ_{n,c} (g_{n,c} Uₙᵀ)²`` per group, flattened like the weight (Cout·fan_in).
+    def consume(self, j: int, grad: Tensor) -> None:
+        g = grad.reshape(self.m, self.ch, -1)
+        if self.module.weight is not None:
+            scratch = self.buffers.get("product", tuple(self.xhat.shape), g)
+            per_sample = torch.mul(g, self.xhat, out=scratch).sum(-1)
+            self._acc("weight", (self.ch,), g).add_(per_sample.square().sum(0))
+        if self.module.bias is not None:
+            self._acc("bias", (self.ch,), g).add_(g.sum(-1).square().sum(0))
 
-        Args:
-            gl: Output gradients (m, K, Cout, L).
-            patches: ``patches(start, stop)`` → inputs of those samples as (s, groups·fan_in, L).
-            groups: Convolution groups (1 for Linear).
-            length: ``L``, the number of output positions.
-            fan_in: Input elements per output channel (``weight[0].numel()``).
-        """
-        m, k, cout = gl.shape[:3]
-        acc = torch.zeros(cout * fan_in, dtype=gl.dtype, device=gl.device)
-        if groups == 1 and length > 1:
-            # Cost per sample in multiply-adds, memory passes weighted as 4: direct products vs the Gram form.
-            pairs = length * (length + 1) // 2
-            direct = k * cout * fan_in * (length + 4)
-            gram = cout * fan_in * pairs + cout * length * length * k + 4 * pairs * fan_in
-            if gram < direct:
-                return self._gram(acc, gl, patches, length, fan_in)
+
+class _ConvState(_LayerState):
+    """Convolution: per-sample weight gradients ``g_c Uᵀ``, ``U`` = unfolded input patches (Cin·kernel × L).
+
+    Three exact ways to sum their squares, chosen by cost (:func:`_conv_mode`):
+
+    * ``stream``: per column, batched products of every sample's ``g_c`` (Cout × L) with its ``Uᵀ``;
+    * ``stack``: the columns are gathered first, then one product per sample with all ``K·Cout`` rows at once;
+    * ``gram``: for few output positions ``L``, ``Σ_c (g_c Uᵀ)² = Σ_{l≤l'} w_{ll'} (Σ_c g_{c,l} g_{c,l'}) (u_l u_l')``;
+      the ``Σ_c g g`` part is accumulated per column, and a single matrix product contracts samples and position
+      pairs at the end.
+    """
+
+    def __init__(
+        self, name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
+    ) -> None:
+        super().__init__(name, module, x, out_shape, k, buffers)
+        self.cout = out_shape[1]
+        self.length = math.prod(out_shape[2:])
+        self.groups = module.groups
+        self.fan_in = module.weight[0].numel()
+        self.mode = _conv_mode(k, self.cout, self.length, self.fan_in, self.groups)
+        self.weight_acc = torch.zeros(self.cout * self.fan_in, dtype=x.dtype, device=x.device)
+        if self.mode == "gram":
+            shape = (self.m * self.cout, self.length, self.length)
+            self.gram = buffers.get(f"{name}/gram", shape, x).zero_()
+        elif self.mode == "stream":
+            patches = _unfold(x, module, buffers.space(f"{name}/patches"))
+            # (m·G, L, fan_in) view of the patches
+            self.patches = patches.view(self.m * self.groups, self.fan_in, self.length).transpose(1, 2)
+        else:
+            self.stacked = buffers.get(f"{name}/grads", (self.m, k, self.cout, self.length), x)
+
+    def consume(self, j: int, grad: Tensor) -> None:
+        m, cout, length = self.m, self.cout, self.length
+        g = grad.reshape(m, cout, length)
+        if self.module.bias is not None:
+            self._acc("bias", (cout,), g).add_(g.sum(2).square().sum(0))
+        if self.mode == "gram":
+            flat = g.reshape(m * cout, length)
+            self.gram.addcmul_(flat[:, :, None], flat[:, None, :])
+        elif self.mode == "stack":
+            self.stacked[:, j].copy_(g)
+        else:
+            groups, cout_g, fan_in = self.groups, cout // self.groups, self.fan_in
+            per_sample = cout * fan_in
+            step = max(1, min(m, self.buffers.chunk_elements // per_sample))
+            for start in range(0, m, step):
+                stop = min(m, start + step)
+                s = stop - start
+                a = g[start:stop].reshape(s * groups, cout_g, length)
+                prod = self.buffers.get("product", (s * groups, cout_g, fan_in), g)
+                torch.bmm(a, self.patches[start * groups : stop * groups], out=prod)
+                _add_row_squares(self.weight_acc, prod.view(s, per_sample))
+
+    def finish(self) -> dict[str, Tensor]:
+        if self.mode == "gram":
+            self._finish_gram()
+        elif self.mode == "stack":
+            self._finish_stack()
+        self.sums["weight"] = self.weight_acc.view(self.module.weight.shape)
+        return self.sums
+
+    def _finish_stack(self) -> None:
+        m, k, cout, length, fan_in, groups = self.m, self.k, self.cout, self.length, self.fan_in, self.groups
         cout_g = cout // groups
         per_class = cout * fan_in  # one per-sample weight gradient
-        if per_class * k <= self.chunk_elements:
-            class_step = k
-            sample_step = max(1, min(m, self.chunk_elements // (per_class * k)))
+        chunk = self.buffers.chunk_elements
+        if per_class * k <= chunk:
+            class_step, sample_step = k, max(1, min(m, chunk // (per_class * k)))
         else:
-            class_step = max(1, self.chunk_elements // per_class)
-            sample_step = 1
+            class_step, sample_step = max(1, chunk // per_class), 1
         for start in range(0, m, sample_step):
             stop = min(m, start + sample_step)
             s = stop - start
-            u = patches(start, stop)  # (s, G·fan_in, L)
+            u = _unfold(self.x[start:stop], self.module, self.buffers.space(f"{self.name}/patches"))
             b = u.view(s * groups, fan_in, length).transpose(1, 2)  # (s·G, L, fan_in)
             for c0 in range(0, k, class_step):
                 c1 = min(k, c0 + class_step)
                 kc = c1 - c0
-                a = gl[start:stop, c0:c1]  # (s, kc, Cout, L)
+                a = self.stacked[start:stop, c0:c1]  # (s, kc, Cout, L)
                 if groups > 1:
                     a = a.reshape(s, kc, groups, cout_g, length).transpose(1, 2)
                 a = a.reshape(s * groups, kc * cout_g, length)
-                prod = self.workspace.get((s * groups, kc * cout_g, fan_in), a)
+                prod = self.buffers.get("product", (s * groups, kc * cout_g, fan_in), a)
                 torch.bmm(a, b, out=prod)
                 if groups == 1:
-                    _add_row_squares(acc, prod.view(s * kc, per_class))
+                    _add_row_squares(self.weight_acc, prod.view(s * kc, per_class))
                 else:
-                    acc += prod.square_().view(s, groups, kc, cout_g * fan_in).sum((0, 2)).view(-1)
-        return acc
+                    self.weight_acc += prod.square_().view(s, groups, kc, cout_g * fan_in).sum((0, 2)).view(-1)
 
-    def _gram(self, acc: Tensor, gl: Tensor, patches: Callable[[int, int], Tensor], length: int, fan_in: int) -> Tensor:
-        """``Σ_n Σ_{l≤l'} w_{ll'} (Σ_c g_{c,l} g_{c,l'}) ⊗ (u_l u_l')``: one product contracting samples and pairs."""
-        m, k, cout = gl.shape[:3]
-        rows, cols = torch.triu_indices(length, length, device=gl.device)
+    def _finish_gram(self) -> None:
+        m, cout, length, fan_in = self.m, self.cout, self.length, self.fan_in
+        rows, cols = torch.triu_indices(length, length, device=self.x.device)
         pairs = rows.numel()
         flat = rows * length + cols
-        twice = torch.where(rows == cols, 1.0, 2.0).to(gl.dtype)
-        step = max(1, min(m, self.chunk_elements // (pairs * fan_in)))
-        acc2 = acc.view(cout, fan_in)
+        twice = torch.where(rows == cols, 1.0, 2.0).to(self.x.dtype)
+        gram = self.gram.view(m, cout, length * length)
+        step = max(1, min(m, self.buffers.chunk_elements // (pairs * fan_in)))
+        acc = self.weight_acc.view(cout, fan_in)
         for start in range(0, m, step):
             stop = min(m, start + step)
             s = stop - start
-            ut = patches(start, stop).transpose(1, 2).contiguous()  # (s, L, fan_in)
-            b = self.workspace.get((s, pairs, fan_in), ut)
+            u = _unfold(self.x[start:stop], self.module, self.buffers.space(f"{self.name}/patches"))
+            ut = u.transpose(1, 2).contiguous()  # (s, L, fan_in)
+            b = self.buffers.get("product", (s, pairs, fan_in), ut)
             offset = 0
             for row in range(length):  # b[:, (row, col)] = u_row * u_col for col >= row
                 width = length - row
                 torch.mul(ut[:, row : row + 1], ut[:, row:], out=b[:, offset : offset + width])
                 offset += width
-            g = gl[start:stop].transpose(1, 2).reshape(s * cout, k, length)
-            gram = torch.bmm(g.transpose(1, 2), g).view(s, cout, length * length)  # (s, Cout, L·L)
-            a = (gram[:, :, flat] * twice).transpose(0, 1).reshape(cout, s * pairs)
-            acc2.addmm_(a, b.view(s * pairs, fan_in))
-        return acc
+            a = (gram[start:stop][:, :, flat] * twice).transpose(0, 1).reshape(cout, s * pairs)
+            acc.addmm_(a, b.view(s * pairs, fan_in))
+
+
+def _layer_state(
+    name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
+) -> _LayerState:
+    if isinstance(module, nn.Linear):
+        return _LinearState(name, module, x, out_shape, k, buffers)
+    if isinstance(module, _CONVS):
+        return _ConvState(name, module, x, out_shape, k, buffers)
+    return _BatchNormState(name, module, x, out_shape, k, buffers)
+
+
+def _state_elements(module: nn.Module, out_shape: torch.Size, k: int) -> int:
+    """Elements per sample that a layer's state keeps during the backward passes (for chunking decisions)."""
+    out_numel = math.prod(out_shape[1:])
+    if isinstance(module, _CONVS):
+        cout, length = out_shape[1], math.prod(out_shape[2:])
+        fan_in = module.weight[0].numel()
+        mode = _conv_mode(k, cout, length, fan_in, module.groups)
+        if mode == "gram":
+            return cout * length * length
+        if mode == "stream":
+            return module.groups * fan_in * length
+        return k * out_numel
+    if isinstance(module, _BATCHNORMS):
+        return out_numel
+    return out_shape[-1]
 
 
 def _param_layers(model: nn.Module, estimator: str) -> list[tuple[str, nn.Module]]:
@@ -573,16 +694,14 @@ class SquaredGradientEstimator(CurvatureEstimator):
         if max_memory_mb <= 0:
             raise ValueError(f"`max_memory_mb` must be positive, got {max_memory_mb}.")
         self.max_memory_mb = float(max_memory_mb)
-        self._size_cache: dict[tuple, tuple[int, int]] = {}
-        self._rules: _LayerRules | None = None
-        self._grad_buffers: dict[str, _Workspace] = {}
+        self._size_cache: dict[tuple, tuple[list[tuple[nn.Module, torch.Size]], int]] = {}
+        self._buffers: _Buffers | None = None
         self._clone_layers: dict[int, set[str]] = {}
 
     def release_buffers(self) -> None:
         """Free the scratch buffers kept between batches (they are reused to avoid re-allocating large arrays)."""
         self._size_cache.clear()
-        self._rules = None
-        self._grad_buffers.clear()
+        self._buffers = None
         self._clone_layers.clear()
 
     def options(self) -> dict[str, Any]:
@@ -604,15 +723,18 @@ class SquaredGradientEstimator(CurvatureEstimator):
         """Hook for model-level checks (``exact`` verifies piecewise linearity)."""
 
     # --- machinery ----------------------------------------------------------------------------------------------------
-    def _sizes(self, model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor) -> tuple[int, int]:
-        """(bytes of layer outputs per sample, number of classes), from a one-sample forward pass (cached)."""
+    def _shapes(
+        self, model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor
+    ) -> tuple[list[tuple[nn.Module, torch.Size]], int]:
+        """Output shape of every layer and the number of classes, from a one-sample forward pass (cached)."""
         key = (id(model), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
         if key in self._size_cache:
             return self._size_cache[key]
-        total = [0]
+        shapes: list[tuple[nn.Module, torch.Size]] = []
 
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            total[0] += output.numel() * output.element_size()
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if isinstance(output, Tensor):
+                shapes.append((module, output.shape))
 
         handles = [module.register_forward_hook(hook) for _, module in layers]
         try:
@@ -621,9 +743,9 @@ class SquaredGradientEstimator(CurvatureEstimator):
         finally:
             for handle in handles:
                 handle.remove()
-        result = (max(1, total[0]), int(logits.shape[-1]) if logits.dim() == 2 else 0)
-        self._size_cache[key] = result
-        return result
+        num_classes = int(logits.shape[-1]) if isinstance(logits, Tensor) and logits.dim() == 2 else 0
+        self._size_cache[key] = (shapes, num_classes)
+        return shapes, num_classes
 
     def accumulate(
         self,
@@ -644,24 +766,26 @@ class SquaredGradientEstimator(CurvatureEstimator):
             raise ValueError(f"{n} inputs but {targets.shape[0]} targets")
         if generator is None:
             generator = make_generator(0)
-        per_sample_bytes, num_classes = self._sizes(model, layers, inputs)
+        shapes, num_classes = self._shapes(model, layers, inputs)
         if num_classes < 2:
             raise ValueError(
                 f"the '{self.name}' estimator needs logits of shape (batch, classes) with at least 2 classes "
                 "(cross-entropy); use estimator='hutchinson' with a custom loss_fn otherwise."
             )
         k = self._num_columns(num_classes)
-        budget = self.max_memory_mb * 2**20
-        step = int(max(1, min(n, budget // (per_sample_bytes * (k + 2)))))
-        chunk_elements = int(min(budget / 8, 2**25) / max(1, inputs.element_size()))
-        if self._rules is None or self._rules.chunk_elements != chunk_elements:
-            self._rules = _LayerRules(chunk_elements)
-        rules = self._rules
+        # Chunks of samples: layer states plus about three times the layer outputs (graph, gradients) per sample.
+        budget = self.max_memory_mb * 2**20 / max(1, inputs.element_size())  # in elements
+        per_sample = sum(_state_elements(module, shape, k) + 3 * math.prod(shape[1:]) for module, shape in shapes)
+        step = int(max(1, min(n, budget // max(1, per_sample))))
+        step = -(-n // -(-n // step))  # equal chunks
+        chunk_elements = max(1 << 16, int(min(budget / 8, 2**23)))
+        if self._buffers is None or self._buffers.chunk_elements != chunk_elements:
+            self._buffers = _Buffers(chunk_elements)
         draws = self._draw(n, generator)
         for start in range(0, n, step):
             stop = min(n, start + step)
             chunk_draws = None if draws is None else draws[start:stop]
-            self._accumulate_chunk(model, layers, inputs[start:stop], targets[start:stop], chunk_draws, sums, rules)
+            self._accumulate_chunk(model, layers, inputs[start:stop], targets[start:stop], chunk_draws, sums)
         return n
 
     def _forward(
@@ -671,7 +795,7 @@ class SquaredGradientEstimator(CurvatureEstimator):
         captures = [_Capture(name, module) for name, module in layers]
 
         def make_hook(capture: _Capture) -> Callable:
-            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            def hook(module: nn.Module, args: tuple, output: Any) -> Tensor | None:
                 capture.calls += 1
                 if capture.calls > 1:
                     raise RuntimeError(
@@ -707,10 +831,8 @@ class SquaredGradientEstimator(CurvatureEstimator):
         targets: Tensor,
         draws: Tensor | None,
         sums: dict[str, Tensor],
-        rules: _LayerRules,
     ) -> None:
-        key = id(model)
-        clone = self._clone_layers.setdefault(key, set())
+        clone = self._clone_layers.setdefault(id(model), set())
         captures, logits = self._forward(model, layers, inputs, clone)
         modified = {c.name for c in captures if c.output is not None and c.output._version != c.version}
         if modified:
@@ -719,30 +841,29 @@ class SquaredGradientEstimator(CurvatureEstimator):
             clone |= modified
             del captures, logits
             captures, logits = self._forward(model, layers, inputs, clone)
-        if logits.dim() != 2:
-            raise ValueError(f"the '{self.name}' estimator needs logits of shape (batch, classes), got {logits.shape}")
+        if not isinstance(logits, Tensor) or logits.dim() != 2:
+            raise ValueError(f"the '{self.name}' estimator needs logits of shape (batch, classes)")
         columns = self._columns(logits.detach(), targets, draws).to(logits.dtype)  # (m, K, C)
+        k = columns.shape[1]
         live = [c for c in captures if c.output is not None and c.output.requires_grad]
-        m, k = columns.shape[:2]
-        # Output gradients of all columns, (m, k, *output_shape), in buffers kept between batches. Tensor hooks copy
-        # each gradient as soon as the backward pass has computed it, so that it can be freed right away.
-        stacked: list[Tensor] = []
+        buffers = self._buffers
+        assert buffers is not None
+        states: list[_LayerState | None] = [
+            _layer_state(c.name, c.module, c.input, c.output.shape, k, buffers) for c in live
+        ]
+        # Tensor hooks hand every layer-output gradient to its layer's state as soon as the backward pass has computed
+        # it; nothing is kept, so it is freed right away.
         fired = [False] * len(live)
         column = [0]
 
         def make_hook(i: int) -> Callable[[Tensor], None]:
             def hook(grad: Tensor) -> None:
-                stacked[i][:, column[0]].copy_(grad)
+                states[i].consume(column[0], grad)
                 fired[i] = True
 
             return hook
 
-        handles = []
-        for i, capture in enumerate(live):
-            out = capture.output
-            workspace = self._grad_buffers.setdefault(capture.name, _Workspace())
-            stacked.append(workspace.get((m, k, *out.shape[1:]), out))
-            handles.append(out.register_hook(make_hook(i)))
+        handles = [c.output.register_hook(make_hook(i)) for i, c in enumerate(live)]
         # Backpropagate only as far as the first layers: every other layer lies between them and the logits.
         roots = [c.output for c in _first_layers(live)]
         try:
@@ -757,8 +878,10 @@ class SquaredGradientEstimator(CurvatureEstimator):
         del logits, roots
         for i, capture in enumerate(live):
             capture.output = None
-            if fired[i]:  # otherwise the layer does not influence the logits
-                for pname, value in rules(capture.module, capture.input, stacked[i]).items():
+            state = states[i]
+            states[i] = None
+            if fired[i] and state is not None:  # otherwise the layer does not influence the logits
+                for pname, value in state.finish().items():
                     qual = f"{capture.name}.{pname}" if capture.name else pname
                     sums[qual] += value.to(sums[qual].dtype)
             capture.input = None
