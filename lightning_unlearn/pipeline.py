@@ -61,13 +61,23 @@ def reference_metrics(reference_run: str | Path, datamodule: PoisonedDataModule)
     return evaluate_splits(classifier.net, datamodule)
 
 
-def restored(before: dict[str, float], after: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
-    """% restored per test metric (Warnecke's measure): ``(after − before) / (reference − before) · 100``."""
-    return {
-        key.replace("/", "_restored/", 1): percent_restored(after[key], before[key], reference[key])
-        for key in ("test/acc", "test/acc_target", "test/acc_other")
-        if key in before and key in reference
-    }
+#: Below this gap (accuracy points) between the reference and the poisoned model, % restored is not reported: a
+#: share of a gap within test-set noise (0.1 point is one sample of a 1,000-sample class) means nothing.
+MIN_GAP = 0.5
+
+
+def restored(
+    before: dict[str, float], after: dict[str, float], reference: dict[str, float], min_gap: float = MIN_GAP
+) -> dict[str, float]:
+    """% restored per test metric (Warnecke's measure): ``(after − before) / (reference − before) · 100``; NaN where
+    ``|reference − before| < min_gap`` points."""
+    out = {}
+    for key in ("test/acc", "test/acc_target", "test/acc_other"):
+        if key in before and key in reference:
+            gap = abs(reference[key] - before[key])
+            value = percent_restored(after[key], before[key], reference[key]) if gap >= min_gap else math.nan
+            out[key.replace("/", "_restored/", 1)] = value
+    return out
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:

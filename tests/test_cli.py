@@ -96,3 +96,12 @@ def test_short_real_run_learns_and_writes_run_dir(tmp_path, capsys):
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"train/acc", "val/acc", "test/acc", "test/acc_target", "forget/acc"} <= tags
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "unlearn").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_unlearn_config_resolves(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["unlearn", "-c", str(config), "--model.run", "RUN", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_unlearn.unlearn." in printed and "class_path: lightning_unlearn.selection." in printed

@@ -146,6 +146,8 @@ class OneStepMethod(UnlearnMethod):
         best = min(self._candidates, key=key)
         if best["step"] == self.steps[-1]:
             rank_zero_warn(f"{self.name}: the largest step {best['step']} was chosen; consider extending `steps`.")
+        elif best["step"] == self.steps[0] and len(self.steps) > 1:
+            rank_zero_warn(f"{self.name}: the smallest step {best['step']} was chosen; consider smaller `steps`.")
         if best["step"] == 0.0:
             rank_zero_warn(f"{self.name}: no step improved the validation {self.criterion}; the model is unchanged.")
         for name, p in params.items():
@@ -183,7 +185,7 @@ class SecondOrder(OneStepMethod):
     """
 
     name = "second_order"
-    default_steps = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+    default_steps = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 
     def __init__(
         self,
