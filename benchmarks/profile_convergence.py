@@ -17,21 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_unlearn.cli import format_table  # noqa: E402
 from lightning_unlearn.curvature import SharpnessProfile, profile_model  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
+from lightning_unlearn.sweep import spearman  # noqa: E402
 from lightning_unlearn.utils import atomic_write_text  # noqa: E402
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra = torch.tensor(a).argsort().argsort().double()
-    rb = torch.tensor(b).argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 def top_overlap(p: SharpnessProfile, q: SharpnessProfile, fraction: float = 0.01) -> float:

@@ -8,6 +8,7 @@
   RUN_DIR [--reference RETRAIN_RUN_DIR]`` unlearns the run's poisoned samples and writes ``report.json``, the unlearned
   checkpoint and TensorBoard events into ``RUN_DIR/unlearn/<name>/version_<n>/``.
 * ``lightning-unlearn profile …``: the Hessian-diagonal profile of an existing checkpoint.
+* ``lightning-unlearn sweep RUN_DIR``: every weight layer alone, improvement vs sharpness (the paper's Fig. 1).
 * ``lightning-unlearn demo``: the whole pipeline on real MNIST (what ``make demo`` runs).
 """
 
@@ -260,31 +261,48 @@ def profile_main(args: list[str]) -> None:
     auto_cli(profile_checkpoint, args=args)
 
 
-COMMANDS = {"train": TrainCLI, "unlearn": UnlearnCLI, "profile": profile_main}
+def _train_main(args: list[str]) -> None:
+    TrainCLI()  # LightningCLI reads sys.argv, which main() set to these arguments
+
+
+def _unlearn_main(args: list[str]) -> None:
+    unlearn_main()
+
+
+def _sweep_main(args: list[str]) -> None:
+    from lightning_unlearn.sweep import main as sweep
+
+    sweep(args)
+
+
+def _demo_main(args: list[str]) -> None:
+    from lightning_unlearn.demo import main as demo
+
+    demo(args)
+
+
+COMMANDS = {
+    "train": _train_main,
+    "unlearn": _unlearn_main,
+    "profile": profile_main,
+    "sweep": _sweep_main,
+    "demo": _demo_main,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``lightning-unlearn`` console script and ``python -m lightning_unlearn``."""
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in (*COMMANDS, "demo"):
-        names = ", ".join((*COMMANDS, "demo"))
-        if argv and argv[0] in ("-h", "--help"):
-            print(f"usage: lightning-unlearn {{{names}}} ...\n\nRun `lightning-unlearn <command> --help` for details.")
-            return
+    names = ", ".join(COMMANDS)
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"usage: lightning-unlearn {{{names}}} ...\n\nRun `lightning-unlearn <command> --help` for details.")
+        return
+    if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"lightning-unlearn: the first argument must be one of {{{names}}}, got {argv[:1]}")
     command, rest = argv[0], argv[1:]
     saved = sys.argv
     sys.argv = [f"lightning-unlearn {command}", *rest]  # LightningCLI parses sys.argv; this also names the program
     try:
-        if command == "unlearn":
-            unlearn_main()
-        elif command == "profile":
-            profile_main(rest)
-        elif command == "demo":
-            from lightning_unlearn.demo import main as demo_main
-
-            demo_main(rest)
-        else:
-            COMMANDS[command]()
+        COMMANDS[command](rest)
     finally:
         sys.argv = saved

@@ -90,7 +90,8 @@ def accumulate_diagonal(
     device = torch.device(device) if device is not None else _device_of(model)
     generator = make_generator(seed, rank)
     modes = {m: m.training for m in model.modules()}
-    sums = init_sums(model)
+    with torch.inference_mode(False):  # callers may be inside inference mode: the sums must be normal tensors
+        sums = init_sums(model)
     count = 0
     bar = None
     if progress:

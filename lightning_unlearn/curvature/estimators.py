@@ -105,9 +105,11 @@ _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 try:  # a LightningModule's torchmetrics objects hold state, not parameters, and never run in `forward`
     from torchmetrics import Metric, MetricCollection
 
-    _NOT_IN_FORWARD: tuple[type, ...] = (nn.ModuleList, nn.ModuleDict, Metric, MetricCollection)
+    _NOT_IN_FORWARD: tuple[type, ...] = (Metric, MetricCollection)
 except ImportError:  # pragma: no cover - torchmetrics is a dependency
-    _NOT_IN_FORWARD = (nn.ModuleList, nn.ModuleDict)
+    _NOT_IN_FORWARD = ()
+# Containers compute nothing themselves (their children are checked one by one), even when empty.
+_CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 
@@ -174,7 +176,7 @@ def find_inexact_modules(model: nn.Module) -> list[str]:
             continue
         elif has_own_params:
             problems.append(f"{_display(name)} ({kind}) holds parameters but is not a Linear/Conv/BatchNorm layer")
-        elif is_leaf and not isinstance(module, PIECEWISE_LINEAR_MODULES):
+        elif is_leaf and not isinstance(module, (*PIECEWISE_LINEAR_MODULES, *_CONTAINERS)):
             problems.append(f"{_display(name)} ({kind}) is not known to be piecewise linear")
         elif isinstance(module, _DROPOUTS) and module.training:
             problems.append(f"{_display(name)} ({kind}) is in training mode")
@@ -286,10 +288,6 @@ class _Capture:
     output: Tensor | None = None
     version: int = 0
     input_fn: Any = None
-
-
-def _sumsq(t: Tensor, dims: tuple[int, ...]) -> Tensor:
-    return t.square().sum(dims)
 
 
 class _Workspace:
@@ -649,7 +647,7 @@ def _param_layers(model: nn.Module, estimator: str) -> list[tuple[str, nn.Module
             if module.training:
                 raise ValueError(
                     f"BatchNorm {_display(name)} ({type(module).__name__}) is in training mode: put the model in eval "
-                    "mode (profile_model/accumulate_diagonal do this) before the '{estimator}' estimator runs."
+                    f"mode (profile_model/accumulate_diagonal do this) before the '{estimator}' estimator runs."
                 )
             if own and module.running_mean is None:
                 raise ValueError(
@@ -727,7 +725,7 @@ class SquaredGradientEstimator(CurvatureEstimator):
         self, model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor
     ) -> tuple[list[tuple[nn.Module, torch.Size]], int]:
         """Output shape of every layer and the number of classes, from a one-sample forward pass (cached)."""
-        key = (id(model), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
+        key = (id(model), tuple(name for name, _ in layers), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
         if key in self._size_cache:
             return self._size_cache[key]
         shapes: list[tuple[nn.Module, torch.Size]] = []
@@ -1110,7 +1108,7 @@ class HutchinsonDiagonal(CurvatureEstimator):
                 retain_graph=probe < self.num_probes - 1,
                 allow_unused=True,
             )
-            for i, v, hv in zip(live, probes, hvps):
+            for i, v, hv in zip(live, probes, hvps, strict=True):
                 if hv is not None:
                     sums[names[i]] += (v * hv).to(sums[names[i]].dtype) * weight
         return n

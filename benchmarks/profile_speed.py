@@ -1,0 +1,329 @@
+"""Speed and memory of the Hessian-diagonal estimators, relative to one training step, and against BackPACK.
+
+For each model, on one fixed batch of random data (timings do not depend on the values), measured side by side in
+one process, after a warm-up, as the median of ``--repeats`` interleaved repeats:
+
+* ``fwd+bwd``: one training step: forward, mean cross-entropy, backward to the parameter gradients (eval mode, as
+  the estimators run in eval mode);
+* ``exact``, ``mc`` (k=1), ``fisher``, ``hutchinson`` (k=1): one ``accumulate`` call of the estimator on the batch
+  (the estimator object is reused across repeats, as it is across the batches of a profiling run);
+* ``backpack``: BackPACK's ``DiagGGNExact`` (forward + ``backward`` inside ``with backpack(...)``), when
+  ``backpack-for-pytorch`` is installed, and the largest relative difference between its diagonal and ``exact``'s.
+
+Time is reported in milliseconds and as a ratio to ``fwd+bwd``. Peak memory: on CUDA, ``torch.cuda`` peak allocation
+above the level before the call; on CPU each measurement runs in a fresh subprocess that reads its resident-set
+high-water mark (``ru_maxrss``) before and after the call, and the increase is reported (in MiB and as a ratio to
+the step's increase). The overlap of the top-1 % parameters of ``mc`` (k=1) with those of ``exact`` on the same batch
+is reported too. Prints a markdown table and writes the results to a JSON file (atomically).
+
+    .venv/bin/python benchmarks/profile_speed.py --repeats 5
+    .venv/bin/python benchmarks/profile_speed.py --models mnist_cnn --device cuda --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402, N812
+from torch import nn  # noqa: E402
+
+from lightning_unlearn.curvature.estimators import get_estimator, init_sums, make_generator  # noqa: E402
+from lightning_unlearn.models.cnn import MnistCNN  # noqa: E402
+from lightning_unlearn.models.resnet import ResNet18  # noqa: E402
+from lightning_unlearn.utils import atomic_write_text  # noqa: E402
+
+MODELS: dict[str, dict[str, Any]] = {
+    "mnist_cnn": {"build": lambda: MnistCNN(num_classes=10), "input": (1, 28, 28), "batch": 128, "label": "MNIST CNN"},
+    "resnet18": {
+        "build": lambda: ResNet18(num_classes=10, in_channels=3, stem="cifar"),
+        "input": (3, 32, 32),
+        "batch": 32,
+        "label": "ResNet-18 (CIFAR stem)",
+    },
+}
+ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
+    "exact": {},
+    "mc": {"num_draws": 1},
+    "fisher": {},
+    "hutchinson": {"num_probes": 1},
+}
+METHODS = ("fwd+bwd", *ESTIMATOR_OPTIONS, "backpack")
+
+
+def have_backpack() -> bool:
+    try:
+        import backpack  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def setup(model_name: str, device: torch.device, batch: int | None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    spec = MODELS[model_name]
+    torch.manual_seed(0)
+    model = spec["build"]().to(device).eval()
+    n = batch or spec["batch"]
+    x = torch.randn(n, *spec["input"], device=device)
+    y = torch.randint(0, 10, (n,), device=device)
+    return model, x, y
+
+
+def make_methods(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
+) -> dict[str, Callable[[], dict[str, torch.Tensor] | None]]:
+    """Zero-argument callables, one per method; estimator methods return the mean-loss diagonal."""
+    methods: dict[str, Callable[[], dict[str, torch.Tensor] | None]] = {}
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    methods["fwd+bwd"] = step
+    for name in names:
+        if name == "backpack":
+            continue
+        estimator = get_estimator(name, **ESTIMATOR_OPTIONS[name])
+
+        def run(estimator: Any = estimator) -> dict[str, torch.Tensor]:
+            sums = init_sums(model)
+            count = estimator.accumulate(model, x, y, sums, generator=make_generator(0))
+            return {k: v / count for k, v in sums.items()}
+
+        methods[name] = run
+    if "backpack" in names and have_backpack():
+        from backpack import backpack, extend
+        from backpack.extensions import DiagGGNExact
+
+        bp_model = extend(copy.deepcopy(model), use_converter=True).eval()
+        bp_loss = extend(nn.CrossEntropyLoss())
+        bp_names = [name for name, _ in bp_model.named_parameters()]
+        our_names = [name for name, _ in model.named_parameters()]
+
+        def run_backpack() -> dict[str, torch.Tensor]:
+            bp_model.zero_grad(set_to_none=True)
+            loss = bp_loss(bp_model(x), y)
+            with backpack(DiagGGNExact()):
+                loss.backward()
+            # the converter may rename parameters; they keep their order
+            return {ours: p.diag_ggn_exact for ours, p in zip(our_names, bp_model.parameters(), strict=True)}
+
+        assert len(bp_names) == len(our_names)
+        methods["backpack"] = run_backpack
+    return methods
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_methods(methods: dict[str, Callable], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    for fn in methods.values():  # warm-up (twice: the estimators size their buffers on the first call)
+        fn()
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():  # interleaved, so that load changes hit every method alike
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def max_relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """max over parameters of max|a - b| / max|b| (each tensor normalised by its own largest entry)."""
+    worst = 0.0
+    for name, ref in b.items():
+        scale = ref.abs().max().item()
+        if scale > 0:
+            worst = max(worst, (a[name].double() - ref.double()).abs().max().item() / scale)
+    return worst
+
+
+def top_overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], fraction: float = 0.01) -> float:
+    """Share of the top-``fraction`` parameters (by value, over all parameters) of ``b`` that are also top in ``a``."""
+    fa = torch.cat([v.reshape(-1) for v in a.values()]).double().cpu()
+    fb = torch.cat([b[name].reshape(-1) for name in a]).double().cpu()
+    k = max(1, round(fraction * fa.numel()))
+    ta = set(torch.topk(fa, k).indices.tolist())
+    tb = set(torch.topk(fb, k).indices.tolist())
+    return len(ta & tb) / k
+
+
+def memory_probe(model_name: str, method: str, device_name: str, batch: int | None, threads: int | None) -> None:
+    """Child process: print the memory increase (bytes) of one call of ``method``, as JSON."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    model, x, y = setup(model_name, device, batch)
+    methods = make_methods(model, x, y, [method] if method != "fwd+bwd" else [])
+    fn = methods[method]
+    with torch.no_grad():
+        model(x)  # allocator and thread pools warm, before the baseline
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        increase = torch.cuda.max_memory_allocated(device) - before
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        fn()
+        increase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps({"bytes": int(increase)}))
+
+
+def measure_memory(
+    model_name: str, methods: list[str], device: str, batch: int | None, threads: int | None
+) -> dict[str, int]:
+    out = {}
+    for method in methods:
+        command = [sys.executable, __file__, "--_memory-probe", model_name, method, "--device", device]
+        if batch:
+            command += ["--batch-size", str(batch)]
+        if threads:
+            command += ["--threads", str(threads)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        out[method] = json.loads(result.stdout.strip().splitlines()[-1])["bytes"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats after the warm-up (default: 5)")
+    parser.add_argument(
+        "--models", default="mnist_cnn,resnet18", help=f"comma-separated, from {list(MODELS)} (default: both)"
+    )
+    parser.add_argument(
+        "--estimators", default="exact,mc,fisher,hutchinson", help="comma-separated estimators (default: all four)"
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="override the batch size (128 CNN, 32 ResNet)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the (slower) peak-memory measurements")
+    parser.add_argument("--no-backpack", action="store_true", help="skip BackPACK even if it is installed")
+    parser.add_argument(
+        "--out", default="benchmarks/results/profile_speed.json", help="JSON output file (written atomically)"
+    )
+    parser.add_argument("--_memory-probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory_probe:
+        memory_probe(*args._memory_probe, args.device, args.batch_size, args.threads)
+        return {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    estimators = [e for e in args.estimators.split(",") if e]
+    unknown = [e for e in estimators if e not in ESTIMATOR_OPTIONS]
+    if unknown:
+        parser.error(f"unknown estimators {unknown}; choose from {list(ESTIMATOR_OPTIONS)}")
+    models = [m for m in args.models.split(",") if m]
+    if any(m not in MODELS for m in models):
+        parser.error(f"`--models` must be from {list(MODELS)}, got {models}")
+    use_backpack = not args.no_backpack and have_backpack()
+    names = estimators + (["backpack"] if use_backpack else [])
+    results: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "repeats": args.repeats,
+        "backpack": use_backpack,
+        "step": "forward + mean cross-entropy + backward to parameter .grad, eval mode",
+        "memory_method": None
+        if args.no_memory
+        else (
+            "torch.cuda.max_memory_allocated increase"
+            if device.type == "cuda"
+            else "ru_maxrss increase of one call, each method in a fresh subprocess"
+        ),
+        "models": {},
+    }
+    for model_name in models:
+        model, x, y = setup(model_name, device, args.batch_size)
+        methods = make_methods(model, x, y, names)
+        times = time_methods(methods, args.repeats, device)
+        step = statistics.median(times["fwd+bwd"])
+        entry: dict[str, Any] = {
+            "label": MODELS[model_name]["label"],
+            "batch": int(x.shape[0]),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "methods": {},
+        }
+        for name, ts in times.items():
+            entry["methods"][name] = {
+                "ms": 1e3 * statistics.median(ts),
+                "ratio": statistics.median(ts) / step,
+                "times_ms": [1e3 * t for t in ts],
+            }
+        diagonals = {name: fn() for name, fn in methods.items() if name != "fwd+bwd"}
+        if "exact" in diagonals and "mc" in diagonals:
+            entry["mc_top1_overlap_with_exact"] = top_overlap(diagonals["mc"], diagonals["exact"])
+        if "exact" in diagonals and "backpack" in diagonals:
+            entry["backpack_max_rel_diff"] = max_relative_difference(diagonals["exact"], diagonals["backpack"])
+            entry["exact_over_backpack_time"] = entry["methods"]["exact"]["ms"] / entry["methods"]["backpack"]["ms"]
+        if not args.no_memory:
+            memory = measure_memory(model_name, list(methods), args.device, args.batch_size, args.threads)
+            base = max(1, memory["fwd+bwd"])
+            for name, value in memory.items():
+                entry["methods"][name]["peak_mib"] = value / 2**20
+                entry["methods"][name]["memory_ratio"] = value / base
+        results["models"][model_name] = entry
+        del model, methods, diagonals
+    atomic_write_text(args.out, json.dumps(results, indent=2) + "\n")
+    print(format_markdown(results))
+    print(f"\nwritten to {args.out}")
+    return results
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    lines = [
+        f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, "
+        f"median of {results['repeats']} repeats; memory: {results['memory_method'] or 'not measured'}",
+        "",
+        "| model | method | time (ms) | × fwd+bwd | peak mem (MiB) | mem × fwd+bwd |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for entry in results["models"].values():
+        for name, m in entry["methods"].items():
+            label = {"mc": "mc (k=1)", "hutchinson": "hutchinson (k=1)", "backpack": "BackPACK DiagGGNExact"}.get(
+                name, name
+            )
+            mem = f"{m['peak_mib']:.0f}" if "peak_mib" in m else "-"
+            mem_ratio = f"{m['memory_ratio']:.2f}" if "memory_ratio" in m else "-"
+            lines.append(
+                f"| {entry['label']} (batch {entry['batch']}) | {label} | {m['ms']:.1f} | {m['ratio']:.2f} | "
+                f"{mem} | {mem_ratio} |"
+            )
+    lines.append("")
+    for entry in results["models"].values():
+        notes = []
+        if "exact_over_backpack_time" in entry:
+            notes.append(f"exact / BackPACK time = {entry['exact_over_backpack_time']:.2f}")
+            notes.append(f"max relative difference vs BackPACK = {entry['backpack_max_rel_diff']:.1e}")
+        if "mc_top1_overlap_with_exact" in entry:
+            notes.append(f"mc (k=1) top-1 % overlap with exact = {entry['mc_top1_overlap_with_exact']:.2f}")
+        if notes:
+            lines.append(f"- {entry['label']}: " + "; ".join(notes))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The layer sweep (the seed paper's Fig. 1): unlearn with each weight layer alone, relate the gain to its sharpness.
+
+For every Linear/conv layer of a training run, one unlearning request that may change only that layer (same method,
+same validation-based step search), then: mean Hessian diagonal of the layer vs improvement of the target-class test
+accuracy (targeted poisoning) or of the overall test accuracy, Spearman's rank correlation between the two, a scatter
+plot (PNG and TensorBoard) and ``sweep.json``. ``lightning-unlearn sweep RUN_DIR [--reference RETRAIN_DIR]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning_unlearn.utils import atomic_write, atomic_write_text
+
+METHOD_CONFIGS = {"first_order": "FirstOrder", "second_order": "SecondOrder"}
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN for fewer than 3 points or a constant input."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return math.nan
+    return float(spearmanr(x, y).statistic)
+
+
+def layer_sweep(
+    run: str,
+    reference: str | None = None,
+    method: str = "first_order",
+    out: str | None = None,
+    accelerator: str = "auto",
+) -> dict[str, Any]:
+    """Unlearn with each weight layer alone and relate the improvement to the layer's mean Hessian diagonal.
+
+    Args:
+        run: Training run directory (with its profile, or one is computed).
+        reference: Run directory of the model retrained without the poisoned samples (adds % restored).
+        method: ``first_order`` or ``second_order`` (one-step methods; the step is searched on validation per layer).
+        out: Output folder; default ``<run>/sweep_<method>``.
+        accelerator: Lightning accelerator for the requests.
+
+    Returns:
+        The sweep results (also written to ``sweep.json``, ``sweep.png`` and TensorBoard in ``out``).
+    """
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_unlearn.pipeline import reference_metrics, run_unlearning
+    from lightning_unlearn.run import TrainingRun
+    from lightning_unlearn.selection import DEFAULT_LAYER_TYPES, NamedLayers
+    from lightning_unlearn.unlearn import UnlearnModule, get_method
+
+    if method not in METHOD_CONFIGS:
+        raise ValueError(f"`method` must be one of {tuple(METHOD_CONFIGS)}, got {method!r}.")
+    training_run = TrainingRun.from_path(run)
+    folder = Path(out or training_run.directory / f"sweep_{method}")
+    probe = UnlearnModule(run, get_method(method))
+    profile = probe.require_profile()
+    datamodule = probe.datamodule
+    ref = reference_metrics(reference, datamodule) if reference else None
+    key = "test/acc_target" if datamodule.target_class is not None else "test/acc"
+    rows = []
+    for stats in profile.layer_stats():
+        if stats.type not in DEFAULT_LAYER_TYPES:
+            continue
+        module = UnlearnModule(run, get_method(method), NamedLayers([stats.name]))
+        trainer = Trainer(
+            accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+        )
+        report = run_unlearning(trainer, module, ref, out_dir=folder / stats.name)
+        rows.append({
+            "layer": stats.name,
+            "type": stats.type,
+            "params": stats.numel,
+            "mean_diagonal": stats.mean,
+            "step": report["method"].get("step"),
+            "before": report["before"][key],
+            "after": report["after"][key],
+            "improvement": report["after"][key] - report["before"][key],
+            "test_acc_after": report["after"]["test/acc"],
+            "restored": report.get("restored", {}).get(key.replace("/", "_restored/", 1)),
+        })
+    rho = spearman([r["mean_diagonal"] for r in rows], [r["improvement"] for r in rows])
+    result = {"run": str(training_run.directory), "method": method, "metric": key, "spearman": rho, "layers": rows}
+    atomic_write_text(folder / "sweep.json", json.dumps(result, indent=1, default=str))
+    figure = sweep_figure(rows, key, rho)
+    atomic_write(folder / "sweep.png", lambda handle: figure.savefig(handle, format="png", dpi=120))
+    logger = TensorBoardLogger(str(folder), name="tensorboard")
+    logger.experiment.add_figure("sweep/improvement_vs_mean_diagonal", figure)
+    logger.log_metrics({"sweep/spearman": rho if math.isfinite(rho) else 0.0})
+    logger.finalize("success")
+    from lightning_unlearn.cli import format_table
+
+    print(format_table([{k: r[k] for k in ("layer", "type", "params", "mean_diagonal", "step", "before", "after",
+                                             "improvement")} for r in rows], floatfmt=".4g"))
+    print(f"Spearman rank correlation (mean diagonal vs improvement of {key}): {rho:.3f}")
+    print(f"written: {folder / 'sweep.json'}, {folder / 'sweep.png'}")
+    return result
+
+
+def sweep_figure(rows: list[dict[str, Any]], key: str, rho: float) -> Any:
+    """Scatter of improvement vs mean Hessian diagonal (log x), one labelled point per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    xs = [r["mean_diagonal"] for r in rows]
+    ys = [r["improvement"] for r in rows]
+    ax.scatter(xs, ys, color="tab:blue")
+    for r in rows:
+        ax.annotate(r["layer"], (r["mean_diagonal"], r["improvement"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.axhline(0.0, color="grey", lw=0.8)
+    ax.set_xlabel("mean Hessian diagonal of the layer")
+    ax.set_ylabel(f"improvement of {key} (points)")
+    ax.set_title(f"one layer at a time (Spearman ρ = {rho:.2f})")
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import auto_cli
+
+    auto_cli(layer_sweep, args=sys.argv[1:] if argv is None else argv)

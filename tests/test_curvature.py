@@ -1,0 +1,535 @@
+"""Curvature estimators against independent float64 references (full Hessians from ``torch.func``), the profiling
+loop's guarantees (exact truncation, untouched parameters and gradients) and the profile's storage and summaries."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.func import functional_call, hessian, jacrev, vmap
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_unlearn.curvature import (
+    SharpnessProfile,
+    accumulate_diagonal,
+    check_exact,
+    get_estimator,
+    profile_model,
+)
+from lightning_unlearn.curvature import estimators as est_module
+from lightning_unlearn.curvature.estimators import ESTIMATORS, exact_factor, init_sums, make_generator
+
+DTYPE = torch.float64
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models and references
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    """Conv-BN-ReLU(inplace) stem, a grouped convolution with an in-place residual add, global pooling, linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1, groups=3, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.bn(self.conv1(x)))
+        out = self.conv2(h)
+        out += h
+        return self.fc(torch.flatten(self.pool(self.relu(out)), 1))
+
+
+class Sequence(nn.Module):
+    """A Linear layer applied to every position of a sequence (3-D input), then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(4 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.embed(x)).flatten(1))
+
+
+def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            with torch.no_grad():
+                module.weight.copy_(torch.randn(module.num_features, generator=generator))
+                module.bias.copy_(torch.randn(module.num_features, generator=generator))
+
+
+def make_case(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(model in eval mode, float64 inputs, targets) of a small piecewise-linear network."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4))
+        x, classes = torch.randn(12, 5, generator=g), 4
+    elif name == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 4)
+        )
+        x, classes = torch.randn(10, 2, 6, 6, generator=g), 4
+    elif name == "cnn_bn":
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3, stride=2),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.Conv2d(4, 3, 2, dilation=2, padding=1),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(12, 5),
+        )
+        x, classes = torch.randn(9, 2, 9, 9, generator=g), 5
+    elif name == "residual":
+        model = Residual()
+        x, classes = torch.randn(8, 2, 5, 5, generator=g), 4
+    elif name == "conv1d":
+        model = nn.Sequential(
+            nn.Conv1d(2, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+            nn.BatchNorm1d(4),
+            nn.LeakyReLU(0.1),
+            nn.Conv1d(4, 2, 3, padding="same", padding_mode="circular"),
+            nn.Flatten(),
+            nn.Linear(8, 3),
+        )
+        x, classes = torch.randn(7, 2, 8, generator=g), 3
+    elif name == "conv3d":
+        model = nn.Sequential(
+            nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(2, 1, 1)),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3 * 4 * 2 * 4, 3),
+        )
+        x, classes = torch.randn(5, 2, 4, 5, 3, generator=g), 3
+    elif name == "sequence":
+        model = Sequence()
+        x, classes = torch.randn(6, 5, 3, generator=g), 3
+    else:  # pragma: no cover
+        raise KeyError(name)
+    model = model.to(DTYPE)
+    randomize_batchnorm(model, g)
+    model.eval()
+    y = torch.randint(0, classes, (x.shape[0],), generator=g)
+    return model, x.to(DTYPE), y
+
+
+CASES = ["mlp", "cnn", "cnn_bn", "residual", "conv1d", "conv3d", "sequence"]
+
+
+def full_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> dict:
+    """Hessian of the mean loss w.r.t. every parameter pair, as nested dicts of tensors."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    return hessian(lambda ps: loss_fn(functional_call(model, ps, (x,)), y))(params)
+
+
+def hessian_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> dict:
+    h = full_hessian(model, x, y, loss_fn)
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = h[name][name].reshape(p.numel(), p.numel()).diagonal().reshape(p.shape)
+    return out
+
+
+def hessian_matrix(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> torch.Tensor:
+    """The full (P, P) Hessian, parameters in ``named_parameters`` order."""
+    h = full_hessian(model, x, y, loss_fn)
+    names = [name for name, _ in model.named_parameters()]
+    sizes = {name: p.numel() for name, p in model.named_parameters()}
+    rows = [torch.cat([h[a][b].reshape(sizes[a], sizes[b]) for b in names], 1) for a in names]
+    return torch.cat(rows, 0)
+
+
+def per_sample_logit_jacobians(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(N, C, P) Jacobians of each sample's logits w.r.t. all parameters (flattened in order)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def logits(ps: dict, xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, ps, (xi[None],))[0]
+
+    jac = vmap(jacrev(logits), in_dims=(None, 0))(params, x)
+    return torch.cat([jac[name].reshape(x.shape[0], jac[name].shape[1], -1) for name in params], 2)
+
+
+def estimate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, seed: int = 0, **options) -> dict:
+    """Mean-loss diagonal of one batch with an estimator used directly (no loop)."""
+    estimator = get_estimator(name, **options)
+    sums = init_sums(model)
+    count = estimator.accumulate(model, x, y, sums, generator=make_generator(seed))
+    assert count == x.shape[0]
+    return {k: v / count for k, v in sums.items()}
+
+
+def flat(d: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in d.values()])
+
+
+@pytest.fixture(params=[None, "stream", "stack", "gram"])
+def conv_mode(request, monkeypatch):
+    """Run with the automatic choice of convolution algorithm, then with each algorithm forced."""
+    mode = request.param
+    if mode is not None:
+        original = est_module._conv_mode
+
+        def forced(k: int, cout: int, length: int, fan_in: int, groups: int) -> str:
+            if mode == "gram" and groups > 1:
+                return original(k, cout, length, fan_in, groups)
+            return mode
+
+        monkeypatch.setattr(est_module, "_conv_mode", forced)
+    return mode
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# exact
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_exact_equals_hessian_diagonal(case, conv_mode):
+    model, x, y = make_case(case)
+    check_exact(model)
+    reference = hessian_diagonal(model, x, y)
+    ours = estimate(model, x, y, "exact")
+    for name, value in reference.items():
+        assert ours[name].dtype == DTYPE
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-10, msg=f"{case}: {name}")
+        assert (ours[name] >= 0).all()
+
+
+@pytest.mark.parametrize("case", ["cnn_bn", "residual", "sequence"])
+def test_exact_is_independent_of_chunking(case):
+    """A tiny memory budget processes one sample at a time; the sums must not change."""
+    model, x, y = make_case(case)
+    whole = estimate(model, x, y, "exact")
+    chunked = estimate(model, x, y, "exact", max_memory_mb=1e-4)
+    for name in whole:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=0, atol=1e-12)
+
+
+def test_exact_factor_reconstructs_the_cross_entropy_hessian():
+    logits = torch.randn(6, 5, dtype=DTYPE) * 3
+    logits[0, 2] = 40.0  # a confident sample
+    columns = exact_factor(logits)
+    assert columns.shape == (6, 4, 5)
+    p = logits.softmax(-1)
+    target = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+    torch.testing.assert_close(columns.transpose(1, 2) @ columns, target, rtol=0, atol=1e-14)
+
+
+def test_exact_through_the_loop_equals_hessian_of_the_whole_dataset():
+    model, x, y = make_case("residual")
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)  # 8 samples: batches 3, 3, 2
+    profile = profile_model(model, loader, "exact")
+    assert profile.num_samples == 8 and profile.estimator == "exact"
+    reference = hessian_diagonal(model, x, y)
+    for name, value in reference.items():
+        torch.testing.assert_close(profile.diagonals[name].to(DTYPE), value.float().to(DTYPE), rtol=1e-5, atol=1e-8)
+
+
+def test_frozen_parameters_are_profiled_too():
+    model, x, y = make_case("cnn")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    reference = hessian_diagonal(model, x, y)
+    ours = estimate(model, x, y, "exact")
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-10)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# models where exact does not apply
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def tanh_case() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(2.0)  # larger weights: stronger curvature of tanh, a clear GGN vs Hessian gap
+    x = torch.randn(16, 4, generator=g, dtype=DTYPE)
+    y = torch.randint(0, 3, (16,), generator=g)
+    return model, x, y
+
+
+def test_tanh_network_is_refused_by_check_exact_and_exact():
+    model, x, y = tanh_case()
+    with pytest.raises(ValueError, match=r"'1' \(Tanh\)"):
+        check_exact(model)
+    with pytest.raises(ValueError, match=r"'1' \(Tanh\).*hutchinson"):
+        estimate(model, x, y, "exact")
+    assert not get_estimator("exact").exact_for_model(model)
+
+
+def test_ggn_of_tanh_network_differs_from_its_hessian_diagonal():
+    model, x, y = tanh_case()
+    with pytest.warns(UserWarning, match="GGN diagonal"):
+        ggn = flat(estimate(model, x, y, "exact", strict=False))
+    true = hessian_matrix(model, x, y).diagonal()
+    assert (ggn >= 0).all()
+    assert (true < 0).any()  # the true diagonal has negative entries, the GGN never
+    assert (ggn - true).abs().max() > 0.05 * true.abs().max()
+
+
+def test_hutchinson_converges_to_the_true_diagonal_within_its_standard_error():
+    """Hutchinson is unbiased with per-probe variance ``Σ_{j≠i} H_ij²`` for batch Hessian ``H``. Over batches of sizes
+    n_b (N samples) with K probes each, the estimate of diag(H_mean) has variance ``Σ_b (n_b/N)² Σ_{j≠i} H_b,ij² / K``;
+    every entry must lie within 5 standard errors (seeded)."""
+    model, x, y = tanh_case()
+    probes = 1500
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)  # batches of 6, 6, 4
+    sums, count = accumulate_diagonal(model, loader, "hutchinson", seed=7, num_draws=probes)
+    assert count == 16
+    estimate_ = flat(sums) / count
+    true = hessian_matrix(model, x, y).diagonal()
+    variance = torch.zeros_like(true)
+    for xb, yb in loader:
+        h = hessian_matrix(model, xb, yb)
+        off = (h**2).sum(1) - h.diagonal() ** 2
+        variance += (len(xb) / count) ** 2 * off / probes
+    z = (estimate_ - true) / variance.sqrt().clamp_min(1e-12)
+    assert z.abs().max() < 5.0, z.abs().max()
+    # and it does see the negative curvature the GGN misses
+    assert (estimate_[true < -3 * variance.sqrt()] < 0).all()
+
+
+def test_hutchinson_is_reproducible_and_rank_dependent():
+    model, x, y = tanh_case()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    a, _ = accumulate_diagonal(model, loader, "hutchinson", seed=1)
+    b, _ = accumulate_diagonal(model, loader, "hutchinson", seed=1)
+    c, _ = accumulate_diagonal(model, loader, "hutchinson", seed=1, rank=1)
+    assert torch.equal(flat(a), flat(b))
+    assert not torch.equal(flat(a), flat(c))
+
+
+def test_layers_without_per_sample_rules_are_refused_with_a_hint():
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).to(DTYPE).eval()
+    x, y = torch.randn(4, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 0])
+    for name, options in (("exact", {"strict": False}), ("mc", {}), ("fisher", {})):
+        with pytest.raises(ValueError, match=r"'1' of type LayerNorm.*hutchinson"):
+            estimate(model, x, y, name, **options)
+    with pytest.raises(ValueError, match=r"'1' \(LayerNorm\)"):
+        check_exact(model)
+    estimate(model, x, y, "hutchinson")  # works for anything differentiable
+
+
+def test_batchnorm_in_training_mode_and_reused_layers_are_refused():
+    model, x, y = make_case("cnn_bn")
+    model.train()
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\) is in training mode"):
+        check_exact(model)
+    with pytest.raises(ValueError, match="training mode"):
+        estimate(model, x, y, "mc")
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.fc(inputs)))
+
+    twice = Twice().to(DTYPE).eval()
+    with pytest.raises(RuntimeError, match="more than once"):
+        estimate(twice, torch.randn(4, 3, dtype=DTYPE), torch.tensor([0, 1, 2, 0]), "fisher")
+
+
+def test_unknown_estimator_names_the_argument():
+    with pytest.raises(ValueError, match=r"`estimator` must be one of \['exact', 'fisher', 'hutchinson', 'mc'\]"):
+        get_estimator("bfgs")
+    assert set(ESTIMATORS) == {"exact", "mc", "hutchinson", "fisher"}
+    assert get_estimator("mc", num_draws=3).num_draws == 3
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# mc and fisher
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_mc_is_an_unbiased_estimate_of_the_ggn_diagonal():
+    """Per sample i and sampled class c the MC term is ``X_ic = (J_iᵀ(p_i - e_c))²``; its exact mean and variance follow
+    from enumerating the classes. Over N samples and K draws each the estimate's variance is ``Σ_i Var_i / (N² K)``;
+    every entry must lie within 5 standard errors of the exact GGN diagonal (seeded)."""
+    model, x, y = make_case("cnn_bn")
+    draws = 400
+    mc = flat(estimate(model, x, y, "mc", seed=11, num_draws=draws))
+    jac = per_sample_logit_jacobians(model, x)  # (N, C, P)
+    with torch.no_grad():
+        p = model(x).softmax(-1)
+    n, c = p.shape
+    vectors = p[:, None, :] - torch.eye(c, dtype=DTYPE)[None]  # (N, C(class), C(logit))
+    terms = torch.einsum("ncl,nlp->ncp", vectors, jac) ** 2  # X_ic
+    mean_i = (p[:, :, None] * terms).sum(1)
+    var_i = (p[:, :, None] * terms**2).sum(1) - mean_i**2
+    ggn = mean_i.mean(0)
+    torch.testing.assert_close(ggn, flat(estimate(model, x, y, "exact")), rtol=0, atol=1e-10)
+    std = (var_i.sum(0) / (n**2 * draws)).sqrt()
+    z = (mc - ggn) / std.clamp_min(1e-15)
+    assert (mc >= 0).all()
+    assert z.abs().max() < 5.0, z.abs().max()
+
+
+def test_mc_draws_do_not_depend_on_chunking_and_follow_the_seed():
+    model, x, y = make_case("cnn")
+    a = flat(estimate(model, x, y, "mc", seed=5, num_draws=2))
+    b = flat(estimate(model, x, y, "mc", seed=5, num_draws=2, max_memory_mb=1e-4))
+    c = flat(estimate(model, x, y, "mc", seed=6, num_draws=2))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert not torch.allclose(a, c)
+
+
+def test_fisher_is_the_mean_of_squared_per_sample_gradients_at_true_labels():
+    model, x, y = make_case("residual")
+    total = None
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        squares = torch.cat([p.grad.reshape(-1) ** 2 for p in model.parameters()])
+        total = squares if total is None else total + squares
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(flat(estimate(model, x, y, "fisher")), total / len(x), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the profiling loop
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_max_samples_truncates_exactly():
+    model, x, y = make_case("cnn")
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)  # 10 samples: 4, 4, 2
+    sums, count = accumulate_diagonal(model, loader, "exact", max_samples=6)
+    assert count == 6
+    reference = hessian_diagonal(model, x[:6], y[:6])
+    for name, value in reference.items():
+        torch.testing.assert_close(sums[name] / count, value, rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="max_samples"):
+        accumulate_diagonal(model, loader, "exact", max_samples=0)
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_parameters_gradients_and_modes_are_left_as_they_were(name):
+    model, x, y = make_case("cnn_bn")
+    model.train()
+    model[0].weight.grad = torch.full_like(model[0].weight, 3.0)
+    model[6].weight.requires_grad_(False)
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grad_before = model[0].weight.grad
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    sums, count = accumulate_diagonal(model, loader, name, strict=True)
+    assert count == len(x) and set(sums) == {n for n, _ in model.named_parameters()}
+    for key, value in model.state_dict().items():  # parameters and BatchNorm running statistics
+        assert torch.equal(value, params[key]), key
+    assert model[0].weight.grad is grad_before and torch.equal(grad_before, torch.full_like(grad_before, 3.0))
+    assert all(p.grad is None for n, p in model.named_parameters() if n != "0.weight")
+    assert not model[6].weight.requires_grad and model[0].weight.requires_grad
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_batches_made_under_inference_mode_and_dict_batches():
+    model, x, y = make_case("mlp")
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()
+    batches = [{"image": xi[:5], "label": yi[:5]}, {"image": xi[5:], "label": yi[5:]}]
+    with torch.inference_mode():
+        sums, count = accumulate_diagonal(model, batches, "exact")
+    reference = hessian_diagonal(model, x, y)
+    for name, value in reference.items():
+        torch.testing.assert_close(sums[name] / count, value, rtol=0, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the profile
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def small_profile() -> tuple[SharpnessProfile, nn.Module]:
+    model, x, y = make_case("cnn_bn")
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    return profile_model(model, loader, "exact", dataset="random"), model
+
+
+def test_profile_save_load_round_trip_is_atomic(tmp_path):
+    profile, model = small_profile()
+    path = profile.save(tmp_path / "sub" / "profile.pt")
+    assert sorted(os.listdir(path.parent)) == ["profile.pt"]  # no temporary file left behind
+    loaded = SharpnessProfile.load(path)
+    assert loaded.estimator == "exact" and loaded.num_samples == 9 and loaded.dataset == "random"
+    assert loaded.architecture == profile.architecture and loaded.weights == profile.weights
+    assert list(loaded.diagonals) == list(profile.diagonals)
+    for name, value in profile.diagonals.items():
+        assert torch.equal(loaded.diagonals[name], value)
+    assert [s.name for s in loaded.layer_stats()] == ["0", "1", "3", "6"]
+    assert [s.type for s in loaded.layer_stats()] == ["Conv2d", "BatchNorm2d", "Conv2d", "Linear"]
+    loaded.check_compatible(model)
+    with pytest.raises(ValueError, match="architecture"):
+        loaded.check_compatible(nn.Sequential(nn.Linear(2, 2)))
+    assert "Conv2d" in loaded.to_table()
+
+
+def test_profile_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        SharpnessProfile.load(tmp_path / "missing.pt")
+    profile, _ = small_profile()
+    path = profile.save(tmp_path / "profile.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable sharpness profile"):
+        SharpnessProfile.load(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable sharpness profile"):
+        SharpnessProfile.load(path)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.25, 0.5, 1.0])
+def test_top_parameters_selects_exactly_the_requested_count(fraction):
+    profile, _ = small_profile()
+    total = sum(d.numel() for d in profile.diagonals.values())
+    for largest in (True, False):
+        masks = profile.top_parameters(fraction, largest=largest)
+        chosen = torch.cat([m.reshape(-1) for m in masks.values()])
+        assert int(chosen.sum()) == max(1, round(fraction * total))
+        values = torch.cat([d.reshape(-1) for d in profile.diagonals.values()])
+        if 0 < chosen.sum() < total:
+            inside, outside = values[chosen], values[~chosen]
+            assert (inside.min() >= outside.max()) if largest else (inside.max() <= outside.min())
+
+
+def test_top_parameters_breaks_ties_by_position():
+    profile = SharpnessProfile({"a": torch.ones(4), "b": torch.ones(3)}, "exact", 1)
+    masks = profile.top_parameters(3 / 7)
+    assert masks["a"].tolist() == [True, True, True, False] and not masks["b"].any()
+
+
+def test_rank_layers_orders_by_mean_and_filters_types():
+    diagonals = {
+        "conv.weight": torch.full((2, 2), 3.0),
+        "conv.bias": torch.full((2,), 3.0),
+        "bn.weight": torch.full((2,), 1.0),
+        "fc.weight": torch.full((3,), 2.0),
+    }
+    types = {"conv": "Conv2d", "bn": "BatchNorm2d", "fc": "Linear"}
+    profile = SharpnessProfile(diagonals, "exact", 10, layer_types=types)
+    assert profile.rank_layers() == ["bn", "fc", "conv"]
+    assert profile.rank_layers(descending=True) == ["conv", "fc", "bn"]
+    assert profile.rank_layers(types=("Conv2d", "Linear")) == ["fc", "conv"]
+    assert math.isclose(profile.layer_stats()[0].mean, 3.0)
