@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.curvature import SharpnessProfile, profile_model
+from lightning_unlearn.curvature import SharpnessProfile, profile_model, weights_fingerprint
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod
@@ -137,11 +137,11 @@ class UnlearnModule(LightningModule):
             profile.save(path)
             source = f"computed ({self.estimator}) and saved to {path}"
         profile.check_compatible(self)
-        if profile.weights != _weights_of(self) and not self.allow_stale_profile:
+        weights = weights_fingerprint(self)
+        if profile.weights != weights and not self.allow_stale_profile:
             raise ValueError(
                 f"The profile at {str(path)!r} was computed for other weights than the checkpoint "
-                f"{str(self.training_run.checkpoint)!r} (weights fingerprints {profile.weights} vs "
-                f"{_weights_of(self)}). "
+                f"{str(self.training_run.checkpoint)!r} (weights fingerprints {profile.weights} vs {weights}). "
                 "Recompute it, or pass `allow_stale_profile=True`."
             )
         self.timings["profile_seconds"] = time.perf_counter() - start
@@ -254,12 +254,6 @@ class UnlearnModule(LightningModule):
     def max_epochs(self) -> int:
         """Epochs the Trainer should run for this method (1 for one-step methods)."""
         return 1 if self.method.one_step else int(getattr(self.method, "epochs", 1))
-
-
-def _weights_of(module: nn.Module) -> str:
-    from lightning_unlearn.curvature import weights_fingerprint
-
-    return weights_fingerprint(module)
 
 
 def _flatten_loaders(loaders: Any) -> list[Any]:
