@@ -11,10 +11,11 @@ one process, after a warm-up, as the median of ``--repeats`` interleaved repeats
   ``backpack-for-pytorch`` is installed, and the largest relative difference between its diagonal and ``exact``'s.
 
 Time is reported in milliseconds and as a ratio to ``fwd+bwd``. Peak memory: on CUDA, ``torch.cuda`` peak allocation
-above the level before the call; on CPU each measurement runs in a fresh subprocess that reads its resident-set
-high-water mark (``ru_maxrss``) before and after the call, and the increase is reported (in MiB and as a ratio to
-the step's increase). The overlap of the top-1 % parameters of ``mc`` (k=1) with those of ``exact`` on the same batch
-is reported too. Prints a markdown table and writes the results to a JSON file (atomically).
+above the level before the call; on CPU each measurement runs in a fresh subprocess, which resets its resident-set
+high-water mark (Linux ``/proc/self/clear_refs``) right before the call and reports the peak (``VmHWM``) minus the
+resident set before the call (in MiB and as a ratio to the step's increase). The overlap of the top-1 % parameters
+of ``mc`` (k=1) with those of ``exact`` on the same batch is reported too. Prints a markdown table and writes the
+results to a JSON file (atomically).
 
     .venv/bin/python benchmarks/profile_speed.py --repeats 5
     .venv/bin/python benchmarks/profile_speed.py --models mnist_cnn --device cuda --out results.json
@@ -131,7 +132,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_methods(methods: dict[str, Callable], repeats: int, device: torch.device) -> dict[str, list[float]]:
+def time_methods(
+    methods: dict[str, Callable], repeats: int, device: torch.device, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, list[float]]:
     for fn in methods.values():  # warm-up (twice: the estimators size their buffers on the first call)
         fn()
         fn()
@@ -139,10 +142,10 @@ def time_methods(methods: dict[str, Callable], repeats: int, device: torch.devic
     for _ in range(repeats):
         for name, fn in methods.items():  # interleaved, so that load changes hit every method alike
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -184,10 +187,37 @@ def memory_probe(model_name: str, method: str, device_name: str, batch: int | No
         torch.cuda.synchronize(device)
         increase = torch.cuda.max_memory_allocated(device) - before
     else:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        before = reset_peak_rss()
         fn()
-        increase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        increase = peak_rss() - before
     print(json.dumps({"bytes": int(increase)}))
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> int:
+    """Reset the resident-set high-water mark (Linux ``clear_refs``) and return the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:  # not Linux: fall back on ru_maxrss, which cannot be reset (the child starts small enough)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return 1024 * (_status_kib("VmRSS") or 0)
+
+
+def peak_rss() -> int:
+    """Resident-set high-water mark in bytes (``VmHWM``; ``ru_maxrss`` where /proc is unavailable)."""
+    hwm = _status_kib("VmHWM")
+    return 1024 * hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_memory(
@@ -217,6 +247,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--batch-size", type=int, default=None, help="override the batch size (128 CNN, 32 ResNet)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time (default); cpu: CPU time of this process (all threads), less sensitive to other "
+        "processes on a shared machine (use with --threads 1 on CPU)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the (slower) peak-memory measurements")
     parser.add_argument("--no-backpack", action="store_true", help="skip BackPACK even if it is installed")
     parser.add_argument(
@@ -245,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "repeats": args.repeats,
+        "clock": "wall time (perf_counter)" if args.clock == "wall" else "process CPU time (process_time)",
         "backpack": use_backpack,
         "step": "forward + mean cross-entropy + backward to parameter .grad, eval mode",
         "memory_method": None
@@ -252,14 +290,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else (
             "torch.cuda.max_memory_allocated increase"
             if device.type == "cuda"
-            else "ru_maxrss increase of one call, each method in a fresh subprocess"
+            else "peak RSS (VmHWM, reset before the call) minus RSS before one call, each method in a fresh subprocess"
         ),
         "models": {},
     }
     for model_name in models:
         model, x, y = setup(model_name, device, args.batch_size)
         methods = make_methods(model, x, y, names)
-        times = time_methods(methods, args.repeats, device)
+        clock = time.perf_counter if args.clock == "wall" else time.process_time
+        times = time_methods(methods, args.repeats, device, clock)
         step = statistics.median(times["fwd+bwd"])
         entry: dict[str, Any] = {
             "label": MODELS[model_name]["label"],
@@ -296,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def format_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"device {results['device']}, torch {results['torch']}, {results['threads']} threads, "
-        f"median of {results['repeats']} repeats; memory: {results['memory_method'] or 'not measured'}",
+        f"{results['clock']}, median of {results['repeats']} repeats; "
+        f"memory: {results['memory_method'] or 'not measured'}",
         "",
         "| model | method | time (ms) | × fwd+bwd | peak mem (MiB) | mem × fwd+bwd |",
         "|---|---|---:|---:|---:|---:|",

@@ -81,9 +81,7 @@ def make_case(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4))
         x, classes = torch.randn(12, 5, generator=g), 4
     elif name == "cnn":
-        model = nn.Sequential(
-            nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 4)
-        )
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(27, 4))
         x, classes = torch.randn(10, 2, 6, 6, generator=g), 4
     elif name == "cnn_bn":
         model = nn.Sequential(

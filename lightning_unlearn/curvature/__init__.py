@@ -4,9 +4,15 @@ from lightning_unlearn.curvature.compute import accumulate_diagonal, default_bat
 from lightning_unlearn.curvature.estimators import (
     ESTIMATORS,
     CurvatureEstimator,
+    EmpiricalFisher,
+    ExactDiagonal,
+    HutchinsonDiagonal,
+    MonteCarloGGN,
     check_exact,
     find_inexact_modules,
     get_estimator,
+    init_sums,
+    make_generator,
 )
 from lightning_unlearn.curvature.profile import (
     LayerStats,
@@ -19,7 +25,11 @@ from lightning_unlearn.curvature.profile import (
 __all__ = [
     "ESTIMATORS",
     "CurvatureEstimator",
+    "EmpiricalFisher",
+    "ExactDiagonal",
+    "HutchinsonDiagonal",
     "LayerStats",
+    "MonteCarloGGN",
     "SharpnessProfile",
     "accumulate_diagonal",
     "architecture_fingerprint",
@@ -27,7 +37,9 @@ __all__ = [
     "default_batch_transform",
     "find_inexact_modules",
     "get_estimator",
+    "init_sums",
     "layer_of",
+    "make_generator",
     "profile_model",
     "weights_fingerprint",
 ]

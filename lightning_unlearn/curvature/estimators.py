@@ -389,9 +389,10 @@ def _conv_mode(k: int, cout: int, length: int, fan_in: int, groups: int) -> str:
         gram = cout * fan_in * pairs + cout * length * length * k + 4 * pairs * fan_in
         if gram < direct:
             return "gram"
-    # Per-column products are efficient unless the output channels are few; stacking the columns costs a copy of the
-    # output gradients, which matters when the products themselves are cheap (small fan-in).
-    if k == 1 or fan_in < 64 or cout // groups >= 256:
+    # Stacking the columns first gives one product per sample with K times more rows (faster than K products, and the
+    # patches are read once, after the backward passes) at the cost of a copy of the output gradients, which only
+    # matters when the products themselves are cheap (small fan-in).
+    if k == 1 or fan_in < 64:
         return "stream"
     return "stack"
 
@@ -844,6 +845,8 @@ class SquaredGradientEstimator(CurvatureEstimator):
         columns = self._columns(logits.detach(), targets, draws).to(logits.dtype)  # (m, K, C)
         k = columns.shape[1]
         live = [c for c in captures if c.output is not None and c.output.requires_grad]
+        if not live:  # no layer with parameters took part in this forward pass
+            return
         buffers = self._buffers
         assert buffers is not None
         states: list[_LayerState | None] = [

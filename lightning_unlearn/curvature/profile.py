@@ -30,7 +30,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, p in model.named_parameters():
         digest.update(name.encode())
-        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()[:16]
 
 
