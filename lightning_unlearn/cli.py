@@ -132,6 +132,9 @@ class UnlearnCLI(LightningCLI):
         parser.add_argument(
             "--name", type=str | None, default=None, help="Name of this request (default: <method>_<selection>)."
         )
+        from lightning_unlearn.evaluation.suite import EvaluationOptions
+
+        parser.add_class_arguments(EvaluationOptions, "evaluation", sub_configs=True)
 
     def before_instantiate_classes(self) -> None:
         from lightning_unlearn.run import TrainingRun
@@ -159,19 +162,21 @@ def unlearn_main() -> dict[str, Any]:
     from lightning_unlearn.pipeline import reference_metrics, run_unlearning
 
     cli = UnlearnCLI()
+    options = cli.config_init.get("evaluation")
     reference_dir = cli.config.get("reference")
-    reference = reference_metrics(reference_dir, cli.model.datamodule) if reference_dir else None
-    report = run_unlearning(cli.trainer, cli.model, reference)
+    reference = reference_metrics(reference_dir, cli.model.datamodule, options) if reference_dir else None
+    report = run_unlearning(cli.trainer, cli.model, reference, evaluation=options)
     if cli.trainer.is_global_zero:
         print_report(report)
     return report
 
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows ``metric | before | after | reference | % restored`` of an unlearning report."""
+    """Rows ``metric | before | after | retrained | % restored`` of an unlearning report (accuracies and attack
+    scores in %, AUCs in [0, 1])."""
     rows = []
     for key, before in report["before"].items():
-        row = {"metric %": key, "before": before, "after": report["after"].get(key)}
+        row = {"metric": key, "before": before, "after": report["after"].get(key)}
         if "reference" in report:
             row["retrained"] = report["reference"].get(key)
             row["% restored"] = report.get("restored", {}).get(key.replace("/", "_restored/", 1))
@@ -186,6 +191,9 @@ def print_report(report: dict[str, Any]) -> None:
         f"({selection['num_selected']:,} parameters: {', '.join(selection['layers']) or 'element-wise'}):"
     )
     print(format_table(report_rows(report)))
+    comparison = {k: v for k, v in report.get("comparison", {}).items() if "_restored/" not in k and v is not None}
+    if comparison:
+        print("vs retrained: " + ", ".join(f"{k}={v:.4f}" for k, v in comparison.items()))
     chosen = {k: v for k, v in method.items() if k in ("step", "damping", "epochs", "solver")}
     timings = {k: v for k, v in method.items() if k.startswith("seconds")}
     print(f"chosen: {chosen}  timings (s): " + ", ".join(f"{k}={v:.3f}" for k, v in timings.items()))

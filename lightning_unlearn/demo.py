@@ -5,58 +5,30 @@
 2. retrain from scratch without the poisoned samples (the reference);
 3. unlearn with SA first-order (smallest-diagonal layer), first-order on the last layer, first-order on all layers and
    fine-tuning all layers for an epoch;
-4. print one table: accuracies, % restored (relative to the retrained model) and seconds.
+4. print one table: accuracies, % restored and ToW (relative to the retrained model), the membership-inference
+   (SVC) score and the relearning attack of every model, and seconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_unlearn.cli import TrainCLI, UnlearnCLI, format_table
-from lightning_unlearn.pipeline import reference_metrics, run_unlearning
+from lightning_unlearn.cli import format_table
+from lightning_unlearn.evaluation.suite import EvaluationOptions, evaluate_model
+from lightning_unlearn.experiment import train, unlearn
+from lightning_unlearn.pipeline import reference_metrics
+from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.utils import atomic_write_text
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REQUESTS = {
     "SA first-order (smallest layer)": "sa_first_order",
     "first-order, last layer": "first_order_last_layer",
     "first-order, all layers": "first_order_all",
     "fine-tune all, 1 epoch": "finetune_all",
 }
-QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-@contextlib.contextmanager
-def own_argv() -> Iterator[None]:
-    """LightningCLI warns when given ``args`` while ``sys.argv`` holds other arguments: hide the demo's own."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def train(config: str, out: Path, *extra: str) -> tuple[Path, dict[str, Any]]:
-    """Train with ``TrainCLI`` and return the run directory and its test metrics."""
-    with own_argv():
-        cli = TrainCLI(
-            args=["fit", "-c", str(CONFIGS / config), "--trainer.logger.init_args.save_dir", str(out), *extra]
-        )
-    run_dir = Path(cli.trainer.log_dir)
-    return run_dir, json.loads((run_dir / "results.json").read_text())["metrics"]
-
-
-def unlearn(config: str, run_dir: Path, reference: dict[str, float]) -> dict[str, Any]:
-    with own_argv():
-        cli = UnlearnCLI(args=["-c", str(CONFIGS / "unlearn" / f"{config}.yaml"), "--model.run", str(run_dir), *QUIET])
-    return run_unlearning(cli.trainer, cli.model, reference)
 
 
 def row(name: str, metrics: dict[str, float], report: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -73,9 +45,12 @@ def row(name: str, metrics: dict[str, float], report: dict[str, Any] | None = No
         method = report["method"]
         out["params"] = f"{report['selection']['num_selected']:,}"
         out["% restored (9)"] = restored.get("test_restored/acc_target")
+        out["ToW"] = report.get("comparison", {}).get("tow")
         out["update s"] = method.get("seconds_update", report["timings"]["fit_wall_seconds"])
         out["search s"] = method.get("seconds_search")
         out["step"] = f"{method['step']:.1e}" if method.get("step") is not None else None
+    out["MIA %"] = metrics.get("mia/svc")
+    out["relearn %"] = metrics.get("relearn/forget_acc_after")
     return out
 
 
@@ -86,22 +61,21 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     out = Path(args.out)
 
     print("== 1/3 training on poisoned MNIST (+ Hessian-diagonal profile)")
-    run_dir, _ = train("mnist_cnn_targeted.yaml", out, *QUIET)
+    run_dir, _ = train(["mnist_cnn_targeted.yaml"], out)
     print("== 2/3 retraining without the poisoned samples (reference)")
-    retrain_dir, _ = train("mnist_cnn_targeted.yaml", out, "-c", str(CONFIGS / "retrain.yaml"), *QUIET)
+    retrain_dir, _ = train(["mnist_cnn_targeted.yaml", "retrain.yaml"], out)
     print("== 3/3 unlearning")
+    options = EvaluationOptions()
+    training_run = TrainingRun.from_path(run_dir)
+    datamodule = training_run.datamodule()
+    reference = reference_metrics(retrain_dir, datamodule, options)
+    before = evaluate_model(training_run.load_classifier().net, datamodule, options)
     reports = {}
-    reference = None
     for name, config in REQUESTS.items():
         print(f"-- {name}")
-        if reference is None:
-            from lightning_unlearn.run import TrainingRun
+        reports[name] = unlearn(config, run_dir, reference=reference, before=before, evaluation=options)
 
-            reference = reference_metrics(retrain_dir, TrainingRun.from_path(run_dir).datamodule())
-        reports[name] = unlearn(config, run_dir, reference)
-
-    first = next(iter(reports.values()))
-    rows = [row("poisoned (before)", first["before"]), row("retrained (reference)", reference)]
+    rows = [row("poisoned (before)", before), row("retrained (reference)", reference)]
     rows += [row(name, report["after"], report) for name, report in reports.items()]
     table = format_table(rows)
     print(f"\nReal MNIST, 2,500 of class 9 poisoned; run: {run_dir}; reference: {retrain_dir}\n")

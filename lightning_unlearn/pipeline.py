@@ -8,76 +8,33 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from torch import nn
 
 from lightning_unlearn.data.datamodule import PoisonedDataModule
-from lightning_unlearn.evaluation import evaluate_accuracy, percent_restored
+from lightning_unlearn.evaluation.cost import measure
+from lightning_unlearn.evaluation.suite import (
+    EvaluationOptions,
+    compare,
+    evaluate_model,
+)
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.utils import atomic_write_text
 
 REPORT_FILENAME = "report.json"
 UNLEARNED_FILENAME = "unlearned.ckpt"
-#: The accuracies every model is judged by, as ``<split>/<metric>`` (percent).
-SPLITS = ("test", "forget", "forget_true", "retain", "val")
 
 
-def evaluate_splits(
-    net: nn.Module, datamodule: PoisonedDataModule, device: torch.device | str | None = None
+def reference_metrics(
+    reference_run: str | Path, datamodule: PoisonedDataModule, options: EvaluationOptions | None = None
 ) -> dict[str, float]:
-    """Accuracies (%) of ``net`` on every split of ``datamodule``'s poisoning.
-
-    Keys: ``test/acc`` (+ ``test/acc_target``, ``test/acc_other`` for targeted poisoning), ``forget/acc`` (forget set
-    w.r.t. its poisoned labels), ``forget_true/acc`` (w.r.t. its true labels), ``retain/acc``, ``val/acc``.
-    """
-    datamodule.setup("fit")
-    target = datamodule.target_class
-    loaders = {
-        "test": datamodule.test_dataloader()[0],
-        "forget": datamodule.forget_dataloader(),
-        "forget_true": datamodule.corrected_forget_dataloader(),
-        "retain": datamodule.retain_dataloader(),
-        "val": datamodule.val_dataloader(),
-    }
-    out: dict[str, float] = {}
-    for split, loader in loaders.items():
-        if split.startswith("forget") and len(loader.dataset) == 0:
-            continue
-        values = evaluate_accuracy(net, loader, device=device, target_class=target if split == "test" else None)
-        out[f"{split}/acc"] = values["acc"]
-        if split == "test" and target is not None:
-            out["test/acc_target"], out["test/acc_other"] = values["acc_target"], values["acc_other"]
-    return out
-
-
-def reference_metrics(reference_run: str | Path, datamodule: PoisonedDataModule) -> dict[str, float]:
-    """Accuracies of a reference model (retrained without the poisoned samples) on ``datamodule``'s exact splits."""
+    """All metrics (:func:`~lightning_unlearn.evaluation.suite.evaluate_model`) of a reference model, retrained
+    without the poisoned samples, on ``datamodule``'s exact splits (the poisoned run's forget/retain/test sets)."""
     classifier = TrainingRun.from_path(reference_run).load_classifier()
-    return evaluate_splits(classifier.net, datamodule)
-
-
-#: Below this gap (accuracy points) between the reference and the poisoned model, % restored is not reported: a
-#: share of a gap within test-set noise (0.1 point is one sample of a 1,000-sample class) means nothing.
-MIN_GAP = 0.5
-
-
-def restored(
-    before: dict[str, float], after: dict[str, float], reference: dict[str, float], min_gap: float = MIN_GAP
-) -> dict[str, float]:
-    """% restored per test metric (Warnecke's measure): ``(after − before) / (reference − before) · 100``; NaN where
-    ``|reference − before| < min_gap`` points."""
-    out = {}
-    for key in ("test/acc", "test/acc_target", "test/acc_other"):
-        if key in before and key in reference:
-            gap = abs(reference[key] - before[key])
-            value = percent_restored(after[key], before[key], reference[key]) if gap >= min_gap else math.nan
-            out[key.replace("/", "_restored/", 1)] = value
-    return out
+    return evaluate_model(classifier.net, datamodule, options)
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
@@ -85,26 +42,39 @@ def _finite(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_unlearning(
-    trainer: Trainer, module: Any, reference: dict[str, float] | None = None, out_dir: str | Path | None = None
+    trainer: Trainer,
+    module: Any,
+    reference: dict[str, float] | None = None,
+    out_dir: str | Path | None = None,
+    evaluation: EvaluationOptions | None = None,
+    before: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate, unlearn with ``trainer.fit(module)``, evaluate again, write ``report.json`` + TensorBoard scalars.
 
     Args:
         trainer: The Trainer (its ``max_epochs`` is set from the method).
         module: An :class:`~lightning_unlearn.unlearn.UnlearnModule`.
-        reference: Accuracies of the retrained-from-scratch model on the same splits (for % restored).
+        reference: Metrics of the retrained-from-scratch model on the same splits (:func:`reference_metrics`, with the
+            same ``evaluation`` options): adds ToW, gaps and % restored (``report["comparison"]``).
         out_dir: Where ``report.json`` and ``unlearned.ckpt`` go; default: the Trainer's ``log_dir``.
+        evaluation: What the models are evaluated on besides accuracies (MIA, relearning attack); default: all.
+        before: Metrics of the model before unlearning, if already computed with the same options (several requests
+            on one run); default: computed here.
 
     Returns:
-        The report (also written to ``report.json`` on global rank zero).
+        The report (also written to ``report.json`` on global rank zero). ``before``/``after``/``reference`` hold the
+        flat metrics of :func:`~lightning_unlearn.evaluation.suite.evaluate_model`; ``cost`` the wall time and peak
+        memory of the unlearning ``fit`` (profile and selection timed apart in ``timings``).
     """
+    evaluation = evaluation or EvaluationOptions()
+    device = trainer.strategy.root_device
     module.prepare()
-    before = evaluate_splits(module.net, module.datamodule, device=trainer.strategy.root_device)
+    if before is None:
+        before = evaluate_model(module.net, module.datamodule, evaluation, device)
     trainer.fit_loop.max_epochs = module.max_epochs
-    start = time.perf_counter()
-    trainer.fit(module)
-    wall = time.perf_counter() - start
-    after = evaluate_splits(module.net, module.datamodule, device=trainer.strategy.root_device)
+    with measure(device) as cost:
+        trainer.fit(module)
+    after = evaluate_model(module.net, module.datamodule, evaluation, device)
     total = sum(p.numel() for p in module.parameters())
     report: dict[str, Any] = {
         "run": str(module.training_run.directory),
@@ -120,14 +90,21 @@ def run_unlearning(
         "timings": {
             "profile_seconds": module.timings.get("profile_seconds"),
             "selection_seconds": module.timings.get("selection_seconds"),
-            "fit_wall_seconds": wall,
+            "fit_wall_seconds": cost.seconds,
         },
+        "cost": {
+            "seconds": cost.seconds + (module.timings.get("selection_seconds") or 0.0),
+            "peak_mib": cost.peak_bytes / 2**20,
+            "memory_method": cost.method,
+        },
+        "evaluation": evaluation.to_dict(),
         "before": before,
         "after": after,
     }
     if reference is not None:
         report["reference"] = reference
-        report["restored"] = _finite(restored(before, after, reference))
+        report["comparison"] = _finite(compare(before, after, reference))
+        report["restored"] = {k: v for k, v in report["comparison"].items() if "_restored/" in k}
     if trainer.is_global_zero:
         folder = Path(out_dir or trainer.log_dir or module.training_run.directory / "unlearn")
         report["output_dir"] = str(folder)
@@ -135,7 +112,10 @@ def run_unlearning(
         atomic_write_text(folder / REPORT_FILENAME, json.dumps(_jsonable(report), indent=1))
         for logger in trainer.loggers:
             scalars = {f"before/{k}": v for k, v in before.items()} | {f"after/{k}": v for k, v in after.items()}
-            scalars |= {k: v for k, v in report.get("restored", {}).items() if v is not None}
+            if reference is not None:
+                scalars |= {f"reference/{k}": v for k, v in reference.items()}
+            scalars |= {f"comparison/{k}": v for k, v in report.get("comparison", {}).items() if v is not None}
+            scalars |= {"cost/seconds": report["cost"]["seconds"], "cost/peak_mib": report["cost"]["peak_mib"]}
             logger.log_metrics(scalars, step=trainer.global_step)
             logger.save()
     return report

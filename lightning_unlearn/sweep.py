@@ -50,6 +50,7 @@ def layer_sweep(
     from lightning.pytorch import Trainer
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
     from lightning_unlearn.pipeline import reference_metrics, run_unlearning
     from lightning_unlearn.run import TrainingRun
     from lightning_unlearn.selection import DEFAULT_LAYER_TYPES, NamedLayers
@@ -62,7 +63,7 @@ def layer_sweep(
     probe = UnlearnModule(run, get_method(method))
     profile = probe.require_profile()
     datamodule = probe.datamodule
-    ref = reference_metrics(reference, datamodule) if reference else None
+    ref = reference_metrics(reference, datamodule, ACCURACY_ONLY) if reference else None
     key = "test/acc_target" if datamodule.target_class is not None else "test/acc"
     rows = []
     for stats in profile.layer_stats():
@@ -70,22 +71,30 @@ def layer_sweep(
             continue
         module = UnlearnModule(run, get_method(method), NamedLayers([stats.name]))
         trainer = Trainer(
-            accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+            accelerator=accelerator,
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            num_sanity_val_steps=0,
         )
-        report = run_unlearning(trainer, module, ref, out_dir=folder / stats.name)
-        rows.append({
-            "layer": stats.name,
-            "type": stats.type,
-            "params": stats.numel,
-            "mean_diagonal": stats.mean,
-            "step": report["method"].get("step"),
-            "before": report["before"][key],
-            "after": report["after"][key],
-            "improvement": report["after"][key] - report["before"][key],
-            "test_acc_after": report["after"]["test/acc"],
-            "restored": report.get("restored", {}).get(key.replace("/", "_restored/", 1)),
-        })
+        report = run_unlearning(trainer, module, ref, out_dir=folder / stats.name, evaluation=ACCURACY_ONLY)
+        rows.append(
+            {
+                "layer": stats.name,
+                "type": stats.type,
+                "params": stats.numel,
+                "mean_diagonal": stats.mean,
+                "step": report["method"].get("step"),
+                "before": report["before"][key],
+                "after": report["after"][key],
+                "improvement": report["after"][key] - report["before"][key],
+                "test_acc_after": report["after"]["test/acc"],
+                "restored": report.get("restored", {}).get(key.replace("/", "_restored/", 1)),
+            }
+        )
     rho = spearman([r["mean_diagonal"] for r in rows], [r["improvement"] for r in rows])
     result = {"run": str(training_run.directory), "method": method, "metric": key, "spearman": rho, "layers": rows}
     atomic_write_text(folder / "sweep.json", json.dumps(result, indent=1, default=str))
@@ -97,8 +106,18 @@ def layer_sweep(
     logger.finalize("success")
     from lightning_unlearn.cli import format_table
 
-    print(format_table([{k: r[k] for k in ("layer", "type", "params", "mean_diagonal", "step", "before", "after",
-                                             "improvement")} for r in rows], floatfmt=".4g"))
+    print(
+        format_table(
+            [
+                {
+                    k: r[k]
+                    for k in ("layer", "type", "params", "mean_diagonal", "step", "before", "after", "improvement")
+                }
+                for r in rows
+            ],
+            floatfmt=".4g",
+        )
+    )
     print(f"Spearman rank correlation (mean diagonal vs improvement of {key}): {rho:.3f}")
     print(f"written: {folder / 'sweep.json'}, {folder / 'sweep.png'}")
     return result
@@ -116,8 +135,9 @@ def sweep_figure(rows: list[dict[str, Any]], key: str, rho: float) -> Any:
     ys = [r["improvement"] for r in rows]
     ax.scatter(xs, ys, color="tab:blue")
     for r in rows:
-        ax.annotate(r["layer"], (r["mean_diagonal"], r["improvement"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            r["layer"], (r["mean_diagonal"], r["improvement"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
     ax.set_xscale("log")
     ax.axhline(0.0, color="grey", lw=0.8)
     ax.set_xlabel("mean Hessian diagonal of the layer")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lightning_unlearn.pipeline import restored
+from lightning_unlearn.evaluation.suite import restored
 
 
 def test_percent_restored_per_metric_and_noise_floor():

@@ -115,20 +115,34 @@ def evaluate_accuracy(
     Raises:
         ValueError: If the loader yields no samples.
     """
-    correct = total = correct_target = total_target = 0
     with evaluating(model, device) as dev:
-        for logits, y in iter_logits(model, loader, dev):
-            hits = logits.argmax(-1) == y
-            correct += int(hits.sum())
-            total += len(y)
-            if target_class is not None:
-                is_target = y == target_class
-                correct_target += int(hits[is_target].sum())
-                total_target += int(is_target.sum())
+        logits, labels = predictions(model, loader, dev)
+    return accuracy_of(logits, labels, target_class)
+
+
+def predictions(model: nn.Module, loader: Iterable[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``(logits, labels)`` of ``loader`` as float32 / int64 CPU tensors; call inside :func:`evaluating`.
+
+    One pass gives everything a split is judged by (accuracy, label probabilities, losses), so evaluations that need
+    several of them run the model once per split.
+    """
+    outputs = [(logits.float().cpu(), y.long().cpu()) for logits, y in iter_logits(model, loader, device)]
+    if not outputs:
+        return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
+    return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+
+
+def accuracy_of(logits: torch.Tensor, labels: torch.Tensor, target_class: int | None = None) -> dict[str, float]:
+    """Accuracy (%) of ``logits`` against ``labels``, as returned by :func:`evaluate_accuracy`."""
+    total = len(labels)
     if total == 0:
         raise ValueError("`loader` yielded no samples; expected a non-empty loader.")
+    hits = logits.argmax(-1) == labels
+    correct = int(hits.sum())
     out = {"acc": 100.0 * correct / total, "n": float(total)}
     if target_class is not None:
+        is_target = labels == target_class
+        correct_target, total_target = int(hits[is_target].sum()), int(is_target.sum())
         total_other = total - total_target
         out["acc_target"] = 100.0 * correct_target / total_target if total_target else math.nan
         out["n_target"] = float(total_target)
@@ -253,11 +267,13 @@ def gap(a: float | Mapping[str, float], b: float | Mapping[str, float], keys: It
 
 __all__ = [
     "TOW_SPLITS",
+    "accuracy_of",
     "evaluate_accuracy",
     "evaluating",
     "gap",
     "iter_logits",
     "model_device",
     "percent_restored",
+    "predictions",
     "tow",
 ]

@@ -109,15 +109,23 @@ def mia_svc(
     Raises:
         ValueError: If a loader is empty.
     """
-    from sklearn.svm import SVC
-
     test = _require(label_probabilities(model, test_loader, device), "test_loader")
     members = _require(label_probabilities(model, retain_loader, device, limit=len(test)), "retain_loader")
     n = min(len(members), len(test))
     members, test = members[:n], test[:n]
     forget = _require(label_probabilities(model, forget_loader, device), "forget_loader")
-    features = torch.cat([members, test]).double().numpy().reshape(-1, 1)
-    targets = torch.cat([torch.ones(n), torch.zeros(n)]).numpy()
+    return svc_score(members, test, forget)
+
+
+def svc_score(members: torch.Tensor, nonmembers: torch.Tensor, forget: torch.Tensor) -> float:
+    """The SVC attack on precomputed label probabilities (see :func:`mia_svc`): fit
+    ``SVC(**SVC_PARAMS)`` on ``members`` (1) vs ``nonmembers`` (0), return the % of ``forget`` called non-members."""
+    from sklearn.svm import SVC
+
+    for name, values in (("members", members), ("nonmembers", nonmembers), ("forget", forget)):
+        _require(values, name)
+    features = torch.cat([members, nonmembers]).double().numpy().reshape(-1, 1)
+    targets = torch.cat([torch.ones(len(members)), torch.zeros(len(nonmembers))]).numpy()
     clf = SVC(**SVC_PARAMS).fit(features, targets)
     predicted_member = clf.predict(forget.double().numpy().reshape(-1, 1))
     return float(100.0 * (1.0 - predicted_member.mean()))
@@ -147,10 +155,17 @@ def mia_loss_auc(
     Raises:
         ValueError: If a loader is empty.
     """
-    from sklearn.metrics import roc_auc_score
-
     member = _require(losses(model, member_loader, device), "member_loader")
     nonmember = _require(losses(model, nonmember_loader, device), "nonmember_loader")
+    return loss_auc(member, nonmember)
+
+
+def loss_auc(member_losses: torch.Tensor, nonmember_losses: torch.Tensor) -> float:
+    """ROC-AUC of ``-loss`` separating members (1) from non-members (0), on precomputed per-sample losses."""
+    from sklearn.metrics import roc_auc_score
+
+    member = _require(member_losses, "member_losses")
+    nonmember = _require(nonmember_losses, "nonmember_losses")
     scores = torch.cat([-member, -nonmember]).double().numpy()
     targets = torch.cat([torch.ones(len(member)), torch.zeros(len(nonmember))]).numpy()
     return float(roc_auc_score(targets, scores))
@@ -177,4 +192,13 @@ def mia_summary(
     }
 
 
-__all__ = ["SVC_PARAMS", "label_probabilities", "losses", "mia_loss_auc", "mia_summary", "mia_svc"]
+__all__ = [
+    "SVC_PARAMS",
+    "label_probabilities",
+    "loss_auc",
+    "losses",
+    "mia_loss_auc",
+    "mia_summary",
+    "mia_svc",
+    "svc_score",
+]

@@ -1,0 +1,105 @@
+"""Programmatic runs of the command-line jobs, shared by the demo and the benchmarks.
+
+:func:`train` runs ``lightning-unlearn train fit`` (``TrainCLI``) and :func:`unlearn` one ``lightning-unlearn unlearn``
+request (``UnlearnCLI`` + :func:`~lightning_unlearn.pipeline.run_unlearning`), with the repository's config files,
+so a benchmark's numbers come from exactly what a user runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lightning_unlearn.cli import RESULTS_FILENAME, TrainCLI, UnlearnCLI
+from lightning_unlearn.evaluation.suite import EvaluationOptions
+from lightning_unlearn.pipeline import run_unlearning
+
+#: The repository's config folder.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: Arguments that keep Lightning quiet (no progress bars or model summaries).
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@contextlib.contextmanager
+def own_argv() -> Iterator[None]:
+    """LightningCLI warns when given ``args`` while ``sys.argv`` holds other arguments: hide the caller's own."""
+    saved = sys.argv
+    sys.argv = saved[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def config_path(name: str) -> Path:
+    """A config of the repository's ``configs/`` folder by file name (``mnist_cnn_targeted.yaml``, ``unlearn/x``)."""
+    path = CONFIGS / name
+    if not path.suffix:
+        path = path.with_suffix(".yaml")
+    if not path.is_file():
+        available = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
+        raise FileNotFoundError(f"No config {name!r} in {CONFIGS}; available: {available}.")
+    return path
+
+
+def train(
+    configs: list[str], save_dir: str | Path, *extra: str, name: str | None = None, resume: bool = False
+) -> tuple[Path, dict[str, Any]]:
+    """Train with ``TrainCLI`` (``fit`` then ``test``) and return the run directory and its ``results.json``.
+
+    Args:
+        configs: Config files of ``configs/`` applied in order (e.g. ``["mnist_cnn_targeted.yaml", "retrain.yaml"]``).
+        save_dir: The TensorBoard logger's ``save_dir``.
+        extra: Further command-line arguments (``--seed_everything 3``, ...).
+        name: The logger's ``name`` (the run directory is ``save_dir/name/version_0`` when given).
+        resume: With ``name``: reuse a finished run of that name (one holding ``results.json``) instead of training;
+            an unfinished one (interrupted) is deleted and trained again.
+
+    Returns:
+        ``(run_dir, results)``; ``results["seconds"]`` is the wall time of fit + test (None when reused).
+    """
+    args = ["fit"]
+    for config in configs:
+        args += ["-c", str(config_path(config))]
+    args += ["--trainer.logger.init_args.save_dir", str(save_dir), *QUIET, *extra]
+    if name is not None:
+        args += ["--trainer.logger.init_args.name", name, "--trainer.logger.init_args.version", "0"]
+        run_dir = Path(save_dir) / name / "version_0"
+        if resume and (run_dir / RESULTS_FILENAME).is_file():
+            return run_dir, json.loads((run_dir / RESULTS_FILENAME).read_text()) | {"seconds": None}
+        if resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+    start = time.perf_counter()
+    with own_argv():
+        cli = TrainCLI(args=args)
+    seconds = time.perf_counter() - start
+    run_dir = Path(cli.trainer.log_dir)
+    return run_dir, json.loads((run_dir / RESULTS_FILENAME).read_text()) | {"seconds": seconds}
+
+
+def unlearn(
+    config: str,
+    run_dir: str | Path,
+    *extra: str,
+    reference: dict[str, float] | None = None,
+    before: dict[str, float] | None = None,
+    evaluation: EvaluationOptions | None = None,
+) -> dict[str, Any]:
+    """One unlearning request with ``configs/unlearn/<config>.yaml`` on ``run_dir``; returns the report.
+
+    ``reference`` / ``before``: metrics of the retrained and the poisoned model (computed once per run by the caller,
+    with the same ``evaluation`` options).
+    """
+    args = ["-c", str(config_path(f"unlearn/{config}")), "--model.run", str(run_dir), "--name", config, *QUIET, *extra]
+    with own_argv():
+        cli = UnlearnCLI(args=args)
+    return run_unlearning(cli.trainer, cli.model, reference, evaluation=evaluation, before=before)
+
+
+__all__ = ["CONFIGS", "QUIET", "config_path", "own_argv", "train", "unlearn"]
