@@ -41,3 +41,75 @@ def test_spearman_reference_values():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)  # 1 - 6*2/(4*15)
     assert math.isnan(spearman([1, 2], [1, 2]))
+
+
+def test_evaluate_model_matches_independent_references(poisoned_run):
+    """One pass per split gives the same accuracies as a hand loop, the same MIA numbers as the loader-based
+    attacks, and the same relearning attack as calling it directly."""
+    import torch
+
+    from lightning_unlearn.evaluation import mia_summary, relearning_attack
+    from lightning_unlearn.evaluation.suite import EvaluationOptions, evaluate_model
+    from lightning_unlearn.run import TrainingRun
+
+    training_run = TrainingRun.from_path(poisoned_run)
+    datamodule, net = training_run.datamodule(), training_run.load_classifier().net
+    options = EvaluationOptions(relearn_steps=3, relearn_fraction=0.2, relearn_seed=5)
+    metrics = evaluate_model(net, datamodule, options)
+
+    def accuracy(loader, keep=lambda y: torch.ones_like(y, dtype=torch.bool)):
+        hits = total = 0
+        with torch.no_grad():
+            for x, y, *_ in loader:
+                mask = keep(y)
+                hits += int((net.eval()(x).argmax(1) == y)[mask].sum())
+                total += int(mask.sum())
+        return 100.0 * hits / total
+
+    test = datamodule.test_dataloader()[0]
+    assert metrics["test/acc"] == pytest.approx(accuracy(test))
+    assert metrics["test/acc_target"] == pytest.approx(accuracy(test, lambda y: y == 9))
+    assert metrics["test/acc_other"] == pytest.approx(accuracy(test, lambda y: y != 9))
+    assert metrics["forget/acc"] == pytest.approx(accuracy(datamodule.forget_dataloader()))
+    assert metrics["forget_true/acc"] == pytest.approx(accuracy(datamodule.corrected_forget_dataloader()))
+    assert metrics["retain/acc"] == pytest.approx(accuracy(datamodule.retain_dataloader()))
+    assert metrics["val/acc"] == pytest.approx(accuracy(datamodule.val_dataloader()))
+
+    mia = mia_summary(net, datamodule.retain_dataloader(), test, datamodule.forget_dataloader())
+    assert metrics["mia/svc"] == pytest.approx(mia["mia_svc"])
+    assert metrics["mia/loss_auc_retain"] == pytest.approx(mia["mia_loss_auc_retain"], abs=1e-6)
+    assert metrics["mia/loss_auc_forget"] == pytest.approx(mia["mia_loss_auc_forget"], abs=1e-6)
+    attack = relearning_attack(net, datamodule.forget_dataloader(), test, fraction=0.2, steps=3, seed=5)
+    assert metrics["relearn/forget_acc_after"] == pytest.approx(attack["forget_acc_after"])
+    assert metrics["relearn/recovery"] == pytest.approx(attack["recovery"])
+
+    fast = evaluate_model(net, datamodule, EvaluationOptions(mia=False, relearn=False))
+    assert fast == {k: v for k, v in metrics.items() if "/" in k and k.split("/")[0] not in ("mia", "relearn")}
+
+
+def test_compare_gives_tow_gap_and_restored():
+    from lightning_unlearn.evaluation.suite import compare
+
+    before = {"test/acc": 90.0, "forget/acc": 60.0, "retain/acc": 95.0, "mia/svc": 10.0}
+    after = {"test/acc": 97.0, "forget/acc": 12.0, "retain/acc": 98.0, "mia/svc": 40.0}
+    reference = {"test/acc": 98.0, "forget/acc": 10.0, "retain/acc": 99.0, "mia/svc": 50.0}
+    out = compare(before, after, reference)
+    assert out["tow"] == pytest.approx((1 - 0.02) * (1 - 0.01) * (1 - 0.01))
+    # signed: forget is better lower (12 > 10 costs), retain/test better higher (both below the reference cost)
+    assert out["tow_signed"] == pytest.approx((1 - 0.02) * (1 - 0.01) * (1 - 0.01))
+    assert out["avg_gap"] == pytest.approx((2 + 1 + 1) / 3)
+    assert out["gap_mia_svc"] == pytest.approx(10.0)
+    assert out["test_restored/acc"] == pytest.approx(87.5)
+    better = compare(before, {**after, "forget/acc": 8.0}, reference)
+    assert better["tow_signed"] == pytest.approx((1 + 0.02) * (1 - 0.01) * (1 - 0.01))
+    assert better["tow"] == pytest.approx(out["tow"])
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"), [("relearn_fraction", 0.0), ("relearn_steps", 0), ("relearn_lr", -1.0)]
+)
+def test_evaluation_options_reject_bad_values(argument, value):
+    from lightning_unlearn.evaluation.suite import EvaluationOptions
+
+    with pytest.raises(ValueError, match=argument):
+        EvaluationOptions(**{argument: value})

@@ -278,6 +278,15 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, tmp_path):
     assert report["after"]["test/acc_target"] > report["before"]["test/acc_target"]
     assert report["after"]["val/acc"] >= report["before"]["val/acc"]
     assert report["method"]["seconds_update"] < 5 and report["method"]["seconds_search"] < 30
+    # the evaluation suite: every model judged on accuracies, MIA and the relearning attack, compared by ToW
+    for model in ("before", "after", "reference"):
+        assert {"mia/svc", "mia/loss_auc_forget", "relearn/recovery"} <= set(report[model]), model
+    from lightning_unlearn.evaluation import tow
+
+    split = {"forget": "forget/acc", "retain": "retain/acc", "test": "test/acc"}
+    expected = tow({s: report["after"][k] for s, k in split.items()}, {s: report["reference"][k] for s, k in split.items()})
+    assert report["comparison"]["tow"] == pytest.approx(expected)
+    assert report["cost"]["seconds"] >= report["timings"]["fit_wall_seconds"] > 0
     unlearned = ClassifierModule.load_from_checkpoint(out / "unlearned.ckpt", weights_only=True)
     before = TrainingRun.from_path(poisoned_run).load_classifier()
     layer = report["selection"]["layers"][0]
