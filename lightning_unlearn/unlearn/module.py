@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrat
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod
 from lightning_unlearn.unlearn.freeze import FreezeGuard
 from lightning_unlearn.unlearn.one_step import FirstOrder
+from lightning_unlearn.unlearn.validation import FrozenActivationCache
 
 
 class UnlearnModule(LightningModule):
@@ -45,6 +48,10 @@ class UnlearnModule(LightningModule):
         eval_batch_size: Batch size of evaluation and validation passes.
         num_workers: DataLoader workers.
         seed: Seed of shuffling (iterative methods).
+        validation_cache_mb: Memory for the activations a step-size search caches (the part of the network before
+            the selected parameters is evaluated once on the validation split, see
+            :class:`~lightning_unlearn.unlearn.validation.FrozenActivationCache`); 0 disables the cache. Results are
+            identical either way.
     """
 
     def __init__(
@@ -60,6 +67,7 @@ class UnlearnModule(LightningModule):
         eval_batch_size: int = 1000,
         num_workers: int = 0,
         seed: int = 0,
+        validation_cache_mb: float = 1024.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method", "selection", "optimizer"])
@@ -85,6 +93,10 @@ class UnlearnModule(LightningModule):
         self.guard: FreezeGuard | None = None
         self.selected_names: set[str] = set()
         self.timings: dict[str, float] = {}
+        if validation_cache_mb < 0:
+            raise ValueError(f"`validation_cache_mb` must be >= 0 (0 disables the cache), got {validation_cache_mb}.")
+        self.validation_cache_mb = validation_cache_mb
+        self._validation: FrozenActivationCache | None = None
 
     # ----------------------------------------------------------------------------------------------- preparation
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,10 +192,28 @@ class UnlearnModule(LightningModule):
             offset += k
         return out
 
+    @contextlib.contextmanager
+    def validation_cache(self) -> Iterator[FrozenActivationCache | None]:
+        """Within this block :meth:`validate` evaluates only what depends on the trainable parameters (the frozen
+        part's activations are computed once on entry); the frozen parameters must not change inside it."""
+        if self.validation_cache_mb == 0:
+            yield None
+            return
+        self.net.eval()
+        trainable = list(self.guard.trainable.values()) if self.guard is not None else list(self.net.parameters())
+        loader = self.datamodule.val_dataloader()
+        self._validation = FrozenActivationCache(self.net, trainable, loader, self.device, self.validation_cache_mb)
+        try:
+            yield self._validation
+        finally:
+            self._validation = None
+
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
         """Accuracy (%) and mean cross-entropy on the clean validation split (every rank sees all of it)."""
         self.net.eval()
+        if self._validation is not None:
+            return self._validation.evaluate()
         correct, loss, total = 0, 0.0, 0
         for x, y, _ in self.datamodule.val_dataloader():
             x, y = x.to(self.device), y.to(self.device)

@@ -134,11 +134,13 @@ class OneStepMethod(UnlearnMethod):
             for name, p in params.items():
                 p.copy_(original[name] - self.steps[0] * direction[name].to(p.dtype))
             return {"step": self.steps[0]}
-        for step in [0.0, *self.steps]:
-            for name, p in params.items():
-                p.copy_(original[name] - step * direction[name].to(p.dtype))
-            acc, loss = module.validate()
-            self._candidates.append({"step": step, "val_acc": acc, "val_loss": loss})
+        with module.validation_cache() as cache:
+            for step in [0.0, *self.steps]:
+                for name, p in params.items():
+                    p.copy_(original[name] - step * direction[name].to(p.dtype))
+                acc, loss = module.validate()
+                self._candidates.append({"step": step, "val_acc": acc, "val_loss": loss})
+        self.result["validation_cached"] = bool(cache is not None and cache.cached)
         if self.criterion == "acc":
             key = lambda c: (-c["val_acc"], c["val_loss"], c["step"])  # noqa: E731
         else:

@@ -1,0 +1,159 @@
+"""Fast repeated validation while only a few parameters change: activations of the frozen part are computed once.
+
+A one-step method's step-size search evaluates the validation split once per candidate step, and only the selected
+parameters differ between candidates. Everything the network computes *before* it first touches a selected parameter
+is the same for every candidate. :class:`FrozenActivationCache` traces the network with ``torch.fx``, marks every
+graph node that depends on a selected parameter, runs the network once per validation batch to keep the values of
+the frozen nodes those dependent nodes read (the "frontier"), and from then on evaluates only the dependent nodes.
+For SA first-order on the MNIST CNN (selected: ``fc1``) that skips both convolutions, ~90 % of the FLOPs.
+
+The result is exactly that of a full forward pass (the same operations on the same inputs). Where the network cannot
+be traced symbolically (data-dependent control flow), or the frontier of the whole split would exceed
+``max_cache_mb``, the cache is not built and :meth:`evaluate` runs the full network: slower, same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import fx, nn
+
+from lightning_unlearn.models.classifier import unpack_batch
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the whole graph and keeps the values of the ``keep`` nodes."""
+
+    def __init__(self, module: fx.GraphModule, keep: set[fx.Node]) -> None:
+        super().__init__(module, garbage_collect_values=True)
+        self.keep = keep
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        if n in self.keep:
+            self.values[n] = value
+        return value
+
+
+def _trace(net: nn.Module) -> fx.GraphModule | None:
+    try:
+        return fx.symbolic_trace(net)
+    except Exception:  # noqa: BLE001 - any tracing failure means: no cache, full forward passes
+        return None
+
+
+def _dependent_nodes(graph_module: fx.GraphModule, changing: set[int]) -> set[fx.Node]:
+    """Nodes whose value depends on a parameter whose ``id`` is in ``changing``."""
+    dependent: set[fx.Node] = set()
+    for node in graph_module.graph.nodes:
+        direct = False
+        if node.op == "call_module":
+            module = graph_module.get_submodule(node.target)
+            direct = any(id(p) in changing for p in module.parameters())
+        elif node.op == "get_attr":
+            direct = id(_fetch_attr(graph_module, node.target)) in changing
+        if direct or any(arg in dependent for arg in node.all_input_nodes):
+            dependent.add(node)
+    return dependent
+
+
+def _fetch_attr(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return 0
+
+
+class FrozenActivationCache:
+    """Validation accuracy and loss of ``net`` on ``loader``, recomputing only what depends on ``changing``.
+
+    Build it after the frozen parameters have their final values and while the network is in eval mode; the
+    parameters in ``changing`` may then be modified in place between calls to :meth:`evaluate`.
+
+    Args:
+        net: The network (traced with ``torch.fx``; the traced graph shares its modules and parameters).
+        changing: The parameters that will change between evaluations.
+        loader: Validation batches ``(x, y, ...)``; read once here (the frontier values are kept on ``device``).
+        device: Where to evaluate.
+        max_cache_mb: Largest frontier to keep; beyond it (or when tracing fails) every call runs the full network.
+
+    Attributes:
+        cached: Whether the frozen activations are cached (False: full forward passes).
+        cache_mb: Size of the cached frontier.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        changing: Iterable[nn.Parameter],
+        loader: Iterable[Any],
+        device: torch.device | str,
+        max_cache_mb: float = 1024.0,
+    ) -> None:
+        self.net, self.loader, self.device = net, loader, torch.device(device)
+        self.cached, self.cache_mb = False, 0.0
+        self._batches: list[tuple[dict[fx.Node, Any], torch.Tensor]] = []
+        graph_module = _trace(net)
+        if graph_module is None:
+            return
+        dependent = _dependent_nodes(graph_module, {id(p) for p in changing})
+        output = next(n for n in graph_module.graph.nodes if n.op == "output")
+        frontier = {arg for n in dependent for arg in n.all_input_nodes if arg not in dependent}
+        if output not in dependent:  # nothing selected is used: the output itself is frozen
+            frontier = set(output.all_input_nodes)
+        frozen = [n for n in graph_module.graph.nodes if n not in dependent and n not in frontier and n is not output]
+        limit, total = max_cache_mb * 2**20, 0
+        with torch.no_grad():
+            for batch in loader:
+                x, y = unpack_batch(batch)
+                recorder = _Recorder(graph_module, frontier)
+                recorder.run(x.to(self.device))
+                env = dict(recorder.values) | dict.fromkeys(frozen)
+                total += sum(_nbytes(v) for v in recorder.values.values())
+                if total > limit:
+                    self._batches = []
+                    return
+                self._batches.append((env, y.to(self.device)))
+        self._graph_module = graph_module
+        self.cached, self.cache_mb = True, total / 2**20
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Accuracy (%) and mean cross-entropy of the network with its current parameters."""
+        correct, loss, total = 0, 0.0, 0
+        for logits, y in self._outputs():
+            correct += int((logits.argmax(-1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            total += len(y)
+        if total == 0:
+            raise ValueError("The validation loader yielded no samples.")
+        mean_loss = loss / total
+        return 100.0 * correct / total, mean_loss if math.isfinite(mean_loss) else math.inf
+
+    def _outputs(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        if not self.cached:
+            for batch in self.loader:
+                x, y = unpack_batch(batch)
+                yield self.net(x.to(self.device)), y.to(self.device)
+            return
+        for env, y in self._batches:
+            interpreter = fx.Interpreter(self._graph_module, garbage_collect_values=False)
+            yield interpreter.run(initial_env=dict(env)), y
+
+
+__all__ = ["FrozenActivationCache"]
