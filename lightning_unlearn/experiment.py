@@ -62,7 +62,8 @@ def train(
             an unfinished one (interrupted) is deleted and trained again.
 
     Returns:
-        ``(run_dir, results)``; ``results["seconds"]`` is the wall time of fit + test (None when reused).
+        ``(run_dir, results)``; ``results["seconds"]`` is the wall time of fit + test (None when reused); ``results``
+        holds only ``seconds`` with ``--test_after_fit false``.
     """
     args = ["fit"]
     for config in configs:
@@ -80,7 +81,9 @@ def train(
         cli = TrainCLI(args=args)
     seconds = time.perf_counter() - start
     run_dir = Path(cli.trainer.log_dir)
-    return run_dir, json.loads((run_dir / RESULTS_FILENAME).read_text()) | {"seconds": seconds}
+    results_file = run_dir / RESULTS_FILENAME  # absent with --test_after_fit false
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    return run_dir, results | {"seconds": seconds}
 
 
 def unlearn(
