@@ -13,7 +13,9 @@ one process, after a warm-up, as the median of ``--repeats`` interleaved repeats
 Time is reported in milliseconds and as a ratio to ``fwd+bwd``. Peak memory: on CUDA, ``torch.cuda`` peak allocation
 above the level before the call; on CPU each measurement runs in a fresh subprocess, which resets its resident-set
 high-water mark (Linux ``/proc/self/clear_refs``) right before the call and reports the peak (``VmHWM``) minus the
-resident set before the call (in MiB and as a ratio to the step's increase). The overlap of the top-1 % parameters
+resident set before the call (in MiB and as a ratio to the step's increase); the median of ``--memory-repeats``
+subprocesses is reported, as the resident set of small runs varies by a few MiB. ``exact``, ``mc`` and ``fisher`` run
+with their automatic memory budget unless ``--max-memory-mb`` is given. The overlap of the top-1 % parameters
 of ``mc`` (k=1) with those of ``exact`` on the same batch is reported too. Prints a markdown table and writes the
 results to a JSON file (atomically).
 
@@ -63,6 +65,7 @@ ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "hutchinson": {"num_probes": 1},
 }
 METHODS = ("fwd+bwd", *ESTIMATOR_OPTIONS, "backpack")
+BUDGETED = ("exact", "mc", "fisher")  # estimators with a `max_memory_mb` option
 
 
 def have_backpack() -> bool:
@@ -84,9 +87,13 @@ def setup(model_name: str, device: torch.device, batch: int | None) -> tuple[nn.
 
 
 def make_methods(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], max_memory_mb: float | None = None
 ) -> dict[str, Callable[[], dict[str, torch.Tensor] | None]]:
-    """Zero-argument callables, one per method; estimator methods return the mean-loss diagonal."""
+    """Zero-argument callables, one per method; estimator methods return the mean-loss diagonal.
+
+    ``max_memory_mb`` is passed to the estimators that take it (``exact``, ``mc``, ``fisher``); ``None``: their
+    automatic budget.
+    """
     methods: dict[str, Callable[[], dict[str, torch.Tensor] | None]] = {}
 
     def step() -> None:
@@ -97,7 +104,10 @@ def make_methods(
     for name in names:
         if name == "backpack":
             continue
-        estimator = get_estimator(name, **ESTIMATOR_OPTIONS[name])
+        options = dict(ESTIMATOR_OPTIONS[name])
+        if max_memory_mb is not None and name in BUDGETED:
+            options["max_memory_mb"] = max_memory_mb
+        estimator = get_estimator(name, **options)
 
         def run(estimator: Any = estimator) -> dict[str, torch.Tensor]:
             sums = init_sums(model)
@@ -169,13 +179,20 @@ def top_overlap(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], fraction
     return len(ta & tb) / k
 
 
-def memory_probe(model_name: str, method: str, device_name: str, batch: int | None, threads: int | None) -> None:
+def memory_probe(
+    model_name: str,
+    method: str,
+    device_name: str,
+    batch: int | None,
+    threads: int | None,
+    max_memory_mb: float | None = None,
+) -> None:
     """Child process: print the memory increase (bytes) of one call of ``method``, as JSON."""
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device_name)
     model, x, y = setup(model_name, device, batch)
-    methods = make_methods(model, x, y, [method] if method != "fwd+bwd" else [])
+    methods = make_methods(model, x, y, [method] if method != "fwd+bwd" else [], max_memory_mb)
     fn = methods[method]
     with torch.no_grad():
         model(x)  # allocator and thread pools warm, before the baseline
@@ -221,8 +238,15 @@ def peak_rss() -> int:
 
 
 def measure_memory(
-    model_name: str, methods: list[str], device: str, batch: int | None, threads: int | None
+    model_name: str,
+    methods: list[str],
+    device: str,
+    batch: int | None,
+    threads: int | None,
+    max_memory_mb: float | None = None,
+    repeats: int = 3,
 ) -> dict[str, int]:
+    """Peak memory increase of one call of every method: the median over ``repeats`` fresh subprocesses each."""
     out = {}
     for method in methods:
         command = [sys.executable, __file__, "--_memory-probe", model_name, method, "--device", device]
@@ -230,8 +254,13 @@ def measure_memory(
             command += ["--batch-size", str(batch)]
         if threads:
             command += ["--threads", str(threads)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        out[method] = json.loads(result.stdout.strip().splitlines()[-1])["bytes"]
+        if max_memory_mb is not None:
+            command += ["--max-memory-mb", repr(max_memory_mb)]
+        values = []
+        for _ in range(max(1, repeats)):
+            result = subprocess.run(command, capture_output=True, text=True, check=True)
+            values.append(json.loads(result.stdout.strip().splitlines()[-1])["bytes"])
+        out[method] = int(statistics.median(values))
     return out
 
 
@@ -248,6 +277,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=None, help="override the batch size (128 CNN, 32 ResNet)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
+        "--max-memory-mb",
+        type=float,
+        default=None,
+        help="memory budget of exact/mc/fisher in MiB (default: their automatic budget, one training step's memory)",
+    )
+    parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -255,6 +290,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "processes on a shared machine (use with --threads 1 on CPU)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the (slower) peak-memory measurements")
+    parser.add_argument(
+        "--memory-repeats",
+        type=int,
+        default=3,
+        help="fresh subprocesses per peak-memory figure, of which the median is reported (default: 3)",
+    )
     parser.add_argument("--no-backpack", action="store_true", help="skip BackPACK even if it is installed")
     parser.add_argument(
         "--out", default="benchmarks/results/profile_speed.json", help="JSON output file (written atomically)"
@@ -262,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--_memory-probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_probe:
-        memory_probe(*args._memory_probe, args.device, args.batch_size, args.threads)
+        memory_probe(*args._memory_probe, args.device, args.batch_size, args.threads, args.max_memory_mb)
         return {}
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -284,19 +325,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": args.repeats,
         "clock": "wall time (perf_counter)" if args.clock == "wall" else "process CPU time (process_time)",
         "backpack": use_backpack,
+        "max_memory_mb": args.max_memory_mb,
         "step": "forward + mean cross-entropy + backward to parameter .grad, eval mode",
         "memory_method": None
         if args.no_memory
         else (
             "torch.cuda.max_memory_allocated increase"
             if device.type == "cuda"
-            else "peak RSS (VmHWM, reset before the call) minus RSS before one call, each method in a fresh subprocess"
+            else "peak RSS (VmHWM, reset before the call) minus RSS before one call, each method in a fresh "
+            f"subprocess, median of {args.memory_repeats}"
         ),
         "models": {},
     }
     for model_name in models:
         model, x, y = setup(model_name, device, args.batch_size)
-        methods = make_methods(model, x, y, names)
+        methods = make_methods(model, x, y, names, args.max_memory_mb)
         clock = time.perf_counter if args.clock == "wall" else time.process_time
         times = time_methods(methods, args.repeats, device, clock)
         step = statistics.median(times["fwd+bwd"])
@@ -319,7 +362,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             entry["backpack_max_rel_diff"] = max_relative_difference(diagonals["exact"], diagonals["backpack"])
             entry["exact_over_backpack_time"] = entry["methods"]["exact"]["ms"] / entry["methods"]["backpack"]["ms"]
         if not args.no_memory:
-            memory = measure_memory(model_name, list(methods), args.device, args.batch_size, args.threads)
+            memory = measure_memory(
+                model_name,
+                list(methods),
+                args.device,
+                args.batch_size,
+                args.threads,
+                args.max_memory_mb,
+                args.memory_repeats,
+            )
             base = max(1, memory["fwd+bwd"])
             for name, value in memory.items():
                 entry["methods"][name]["peak_mib"] = value / 2**20

@@ -531,3 +531,176 @@ def test_rank_layers_orders_by_mean_and_filters_types():
     assert profile.rank_layers(descending=True) == ["conv", "fc", "bn"]
     assert profile.rank_layers(types=("Conv2d", "Linear")) == ["fc", "conv"]
     assert math.isclose(profile.layer_stats()[0].mean, 3.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Memory: backward segments and chunks of samples
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Blocks(nn.Module):
+    """A stem and two residual blocks (block inputs are cut points), then a linear head on pooled features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)])
+            for _ in range(2)
+        )
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.stem(x))
+        for conv1, bn, conv2 in self.blocks:
+            h = self.relu(conv2(self.relu(bn(conv1(h)))) + h)
+        return self.fc(F.max_pool2d(h, 2).flatten(1))
+
+
+def make_blocks(n: int = 6) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    model = Blocks().to(DTYPE)
+    randomize_batchnorm(model, g)
+    model.eval()
+    return model, torch.randn(n, 2, 8, 8, generator=g, dtype=DTYPE), torch.randint(0, 5, (n,), generator=g)
+
+
+@pytest.fixture(params=["auto", "none", "all"])
+def segments(request, monkeypatch):
+    """Backward segments as planned, switched off, or forced at every cut point (one layer group per block)."""
+    if request.param == "none":
+        monkeypatch.setattr(est_module, "_SEGMENTS_ENABLED", False)
+    elif request.param == "all":
+        monkeypatch.setattr(est_module, "_choose_segments", every_cut)
+    return request.param
+
+
+def every_cut(states, boundaries, k, element_size, graph_before):
+    """A `_choose_segments` that splits at every allowed cut point."""
+    points = [0, *sorted(boundaries), len(states)]
+    return list(zip(points[:-1], points[1:], strict=True))[::-1], 1
+
+
+def record_segments(monkeypatch) -> list[list[list[str]]]:
+    """Record the layer names of the segments of every chunk."""
+    calls: list[list[list[str]]] = []
+    original = est_module.SquaredGradientEstimator._segments
+
+    def spy(live, logits, k, element_size, graph_before):
+        result, peak = original(live, logits, k, element_size, graph_before)
+        calls.append([[c.name for c in s.layers] for s in result])
+        return result, peak
+
+    monkeypatch.setattr(est_module.SquaredGradientEstimator, "_segments", staticmethod(spy))
+    return calls
+
+
+@pytest.mark.parametrize("case", ["blocks", "residual", "cnn", "cnn_bn", "sequence"])
+def test_exact_equals_hessian_diagonal_whatever_the_segments(case, segments, monkeypatch):
+    model, x, y = make_blocks() if case == "blocks" else make_case(case)
+    calls = record_segments(monkeypatch)
+    reference = hessian_diagonal(model, x, y)
+    ours = estimate(model, x, y, "exact")
+    for name, value in reference.items():
+        torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-10, msg=f"{case}/{segments}: {name}")
+    if segments == "all" and case in ("blocks", "residual", "cnn_bn"):
+        assert len(calls[-1]) > 1  # the forced split really happened
+    if segments == "none":
+        assert all(len(chunk) == 1 for chunk in calls)
+
+
+def test_cut_points_are_the_tensors_every_gradient_flows_through(monkeypatch):
+    """Block inputs and the head's input separate the layers; inside a block the skip connection bypasses conv2."""
+    model, x, y = make_blocks()
+    calls = record_segments(monkeypatch)
+    monkeypatch.setattr(est_module, "_choose_segments", every_cut)
+    estimate(model, x, y, "exact")
+    block0, block1 = ["blocks.0.0", "blocks.0.1", "blocks.0.2"], ["blocks.1.0", "blocks.1.1", "blocks.1.2"]
+    assert calls[-1] == [["fc"], block1, block0, ["stem"]]
+
+
+def test_choose_segments_minimises_the_largest_need():
+    # four layers of 10 elements each, a cut before layer 2 whose tensor has 1 element, 2 columns, no graph
+    ranges, peak = est_module._choose_segments([10, 10, 10, 10], {2: 1}, 2, 4, [0] * 5)
+    assert ranges == [(2, 4), (0, 2)] and peak == 4 * (20 + 2)
+    # a boundary as large as the states it would free is not worth it: one segment
+    ranges, peak = est_module._choose_segments([10, 10, 10, 10], {2: 20}, 2, 4, [0] * 5)
+    assert ranges == [(0, 4)] and peak == 4 * 40
+    # the graph still alive counts: the top segment holds all of it
+    ranges, peak = est_module._choose_segments([10, 10, 10, 10], {2: 1}, 2, 4, [0, 0, 0, 100, 200])
+    assert ranges == [(2, 4), (0, 2)] and peak == 200 + 4 * 22
+
+
+def test_segments_lower_the_planned_peak_and_the_reserved_state_memory():
+    model, x, y = make_blocks(8)
+    planned = get_estimator("exact", max_memory_mb=64)
+    estimate_with(planned, model, x, y)
+    est_module._SEGMENTS_ENABLED = False
+    try:
+        whole = get_estimator("exact", max_memory_mb=64)
+        estimate_with(whole, model, x, y)
+    finally:
+        est_module._SEGMENTS_ENABLED = True
+    (plan,) = planned._plans.values()
+    (plan_whole,) = whole._plans.values()
+    assert plan.peak_bytes < plan_whole.peak_bytes
+    assert planned._buffers._arena.numel() < whole._buffers._arena.numel()
+
+
+def estimate_with(estimator, model, x, y) -> dict:
+    sums = init_sums(model)
+    count = estimator.accumulate(model, x, y, sums, generator=make_generator(0))
+    return {k: v / count for k, v in sums.items()}
+
+
+def test_a_small_budget_shrinks_chunks_and_temporaries_but_not_the_result():
+    model, x, y = make_blocks(12)
+    large = get_estimator("exact", max_memory_mb=64)
+    small = get_estimator("exact", max_memory_mb=1e-4)
+    a, b = estimate_with(large, model, x, y), estimate_with(small, model, x, y)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-12)
+    assert large.last_chunk_size == 12 and small.last_chunk_size == 1
+    # the layer states live in the arena, sized for one chunk; the product temporaries follow `chunk_elements`
+    assert small._buffers._arena.numel() * 12 == large._buffers._arena.numel()
+    assert small._buffers.chunk_elements < large._buffers.chunk_elements
+
+
+def test_automatic_budget_is_one_training_step(monkeypatch):
+    """``max_memory_mb=None``: chunks sized so that graph + states fit the memory of a training step on the batch."""
+    model, x, y = make_blocks(40)
+    monkeypatch.setattr(est_module, "_MIN_AUTO_BUDGET", 0)
+    auto = get_estimator("exact")
+    assert auto.max_memory_mb is None and auto.options()["max_memory_mb"] is None
+    result = estimate_with(auto, model, x, y)
+    (plan,) = auto._plans.values()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    step_bytes = 40 * plan.graph_bytes + params
+    assert plan.graph_bytes > 0 and plan.peak_bytes > plan.graph_bytes
+    expected = int((step_bytes - step_bytes / 8) // plan.peak_bytes)
+    expected = -(-40 // -(-40 // expected))
+    assert 1 <= auto.last_chunk_size == expected < 40
+    reference = estimate_with(get_estimator("exact", max_memory_mb=1024), model, x, y)
+    for name in result:
+        torch.testing.assert_close(result[name], reference[name], rtol=0, atol=1e-12)
+
+
+def test_the_graph_measurement_counts_saved_activations():
+    """The 1-sample pass measures what autograd saves: for Linear-ReLU-Linear, the input and the ReLU output (saved by
+    ReLU and by the second Linear: counted once); the first Linear's output is not kept."""
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(DTYPE).eval()
+    x, y = torch.randn(4, 5, dtype=DTYPE), torch.tensor([0, 1, 2, 0])
+    estimator = get_estimator("exact")
+    estimate_with(estimator, model, x, y)
+    (plan,) = estimator._plans.values()
+    assert plan.graph_bytes == 8 * (5 + 7)
+    assert plan.graph_before[-1] == plan.graph_bytes
+
+
+def test_max_memory_mb_is_validated():
+    with pytest.raises(ValueError, match="max_memory_mb"):
+        get_estimator("exact", max_memory_mb=0)
+    with pytest.raises(ValueError, match="max_memory_mb"):
+        get_estimator("mc", max_memory_mb=-1.0)

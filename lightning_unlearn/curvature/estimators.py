@@ -24,11 +24,14 @@ The ``exact``, ``mc`` and ``fisher`` estimators share one machinery: one forward
 and output of every Linear/Conv/BatchNorm layer, then backpropagation of a few vectors per sample from the logits to
 the layer *outputs* only (never to the parameters), and finally per-layer sums of squared per-sample gradients built
 from layer inputs and output gradients (rank-one products for Linear layers, unfolded patches and batched matrix
-products for convolutions, normalised inputs for BatchNorm).
+products for convolutions, normalised inputs for BatchNorm). To bound memory, the backward passes run in segments
+separated by tensors that all gradients flow through (block inputs), and batches are split into chunks of samples
+that fit a memory budget, by default one training step's (see :class:`SquaredGradientEstimator`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable
@@ -38,6 +41,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call
 
 __all__ = [
@@ -281,6 +285,13 @@ class CurvatureEstimator:
 
 @dataclass
 class _Capture:
+    """What the forward pass records of one layer.
+
+    The output tensor itself is dropped after the forward pass (``output``), so that outputs the graph does not save
+    are freed; its gradient reaches ``sink`` through a hook registered during the forward pass, and backward passes
+    stop at it through its gradient edge (``output_edge``).
+    """
+
     name: str
     module: nn.Module
     calls: int = 0
@@ -288,6 +299,16 @@ class _Capture:
     output: Tensor | None = None
     version: int = 0
     input_fn: Any = None
+    input_tensor: Tensor | None = None
+    input_version: int = 0
+    output_fn: Any = None
+    output_shape: torch.Size | None = None
+    output_edge: Any = None
+    sink: Callable[[Tensor], None] | None = None
+
+    def receive(self, grad: Tensor) -> None:
+        if self.sink is not None:
+            self.sink(grad)
 
 
 class _Workspace:
@@ -321,13 +342,16 @@ def _conv_padding(conv: nn.modules.conv._ConvNd, spatial: int) -> list[int]:
     return pads
 
 
-def _unfold(x: Tensor, conv: nn.modules.conv._ConvNd, workspace: _Workspace | None = None) -> Tensor:
+def _unfold(
+    x: Tensor, conv: nn.modules.conv._ConvNd, workspace: _Workspace | None = None, out: Tensor | None = None
+) -> Tensor:
     """Patches of ``x`` (m, Cin, *spatial) as (m, Cin·prod(kernel), L), ordered like ``weight.flatten(1)``.
 
     Args:
         x: Layer input.
         conv: The convolution (kernel size, stride, dilation, padding and padding mode are honoured).
         workspace: Optional scratch buffer to write the patches into.
+        out: Optional contiguous tensor of the result's size to write the patches into (takes precedence).
     """
     spatial = x.dim() - 2
     pads = _conv_padding(conv, spatial)
@@ -343,11 +367,11 @@ def _unfold(x: Tensor, conv: nn.modules.conv._ConvNd, workspace: _Workspace | No
     # (m, Cin, *out_spatial, *kernel) -> (m, Cin, *kernel, *out_spatial)
     order = [0, 1, *range(2 + spatial, 2 + 2 * spatial), *range(2, 2 + spatial)]
     x = x.permute(order)
-    if workspace is None:
+    if out is None and workspace is None:
         return x.reshape(m, cin * math.prod(conv.kernel_size), -1)
-    out = workspace.get(tuple(x.shape), x)
-    out.copy_(x)
-    return out.view(m, cin * math.prod(conv.kernel_size), -1)
+    target = out.view(tuple(x.shape)) if out is not None else workspace.get(tuple(x.shape), x)
+    target.copy_(x)
+    return target.view(m, cin * math.prod(conv.kernel_size), -1)
 
 
 def _add_row_squares(acc: Tensor, rows: Tensor) -> None:
@@ -361,23 +385,54 @@ def _add_row_squares(acc: Tensor, rows: Tensor) -> None:
 
 
 class _Buffers:
-    """Named scratch buffers reused across layers and batches.
+    """Scratch memory reused across layers, segments and batches (fresh large allocations cost page faults).
 
-    Fresh multi-megabyte allocations cost page faults on every batch; reusing buffers avoids them.
+    Two kinds: named workspaces for short-lived temporaries (``product``, ``patches``, the boundary gradients), and an
+    arena from which the layer states of one backward segment take their buffers; the arena is rewound when the next
+    segment starts, so the states of consecutive segments share the same memory.
 
     Args:
         chunk_elements: Target size of the temporaries of one product (per-sample gradients of a chunk of samples).
     """
 
     def __init__(self, chunk_elements: int) -> None:
-        self.chunk_elements = max(1 << 16, int(chunk_elements))
+        self.chunk_elements = max(1 << 12, int(chunk_elements))
         self._spaces: dict[str, _Workspace] = {}
+        self._arena: Tensor | None = None
+        self._used = 0
 
     def space(self, key: str) -> _Workspace:
         return self._spaces.setdefault(key, _Workspace())
 
     def get(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         return self.space(key).get(shape, like)
+
+    def rewind(self) -> None:
+        """Start a new segment: the arena's memory is handed out again from its beginning."""
+        self._used = 0
+
+    def take(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A buffer from the arena that stays valid until the next :meth:`rewind` (contents undefined)."""
+        numel = math.prod(shape)
+        arena = self._arena
+        if (
+            arena is None
+            or arena.dtype != like.dtype
+            or arena.device != like.device
+            or self._used + numel > arena.numel()
+        ):
+            return torch.empty(shape, dtype=like.dtype, device=like.device)  # not reserved: a fresh buffer
+        out = arena[self._used : self._used + numel].view(shape)
+        self._used += numel
+        return out
+
+    def reserve(self, numel: int, like: Tensor) -> None:
+        """Make the arena hold at least ``numel`` elements of ``like``'s dtype and device (call before taking)."""
+        arena = self._arena
+        if arena is None or arena.dtype != like.dtype or arena.device != like.device or arena.numel() < numel:
+            self._arena = None
+            self._arena = torch.empty(max(1, int(numel)), dtype=like.dtype, device=like.device)
+        self.rewind()
 
 
 def _conv_mode(k: int, cout: int, length: int, fan_in: int, groups: int) -> str:
@@ -401,11 +456,20 @@ class _LayerState:
     """Accumulates one layer's sums of squared per-sample gradients while columns are backpropagated.
 
     ``consume(j, grad)`` is called (from a tensor hook) with the gradient of the layer output for column ``j``;
-    ``finish()`` returns the sums over samples and columns, keyed by the parameter's local name.
+    ``finish()`` returns the sums over samples and columns that still have to be added to the caller's accumulators,
+    keyed by the parameter's local name. Accumulators in ``direct`` (the caller's own, when their dtype matches) are
+    added to in place instead, which saves a parameter-sized temporary per layer.
     """
 
     def __init__(
-        self, name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
+        self,
+        name: str,
+        module: nn.Module,
+        x: Tensor,
+        out_shape: torch.Size,
+        k: int,
+        buffers: _Buffers,
+        direct: dict[str, Tensor] | None = None,
     ) -> None:
         self.name = name
         self.module = module
@@ -414,8 +478,17 @@ class _LayerState:
         self.k = k
         self.buffers = buffers
         self.sums: dict[str, Tensor] = {}
+        self.direct = {
+            pname: acc for pname, acc in (direct or {}).items() if acc.dtype == x.dtype and acc.is_contiguous()
+        }
+        self._setup(out_shape)
+
+    def _setup(self, out_shape: torch.Size) -> None:
+        """Subclass-specific preparation (buffers for the layer's output gradients)."""
 
     def _acc(self, pname: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        if pname in self.direct:
+            return self.direct[pname].view(shape)
         if pname not in self.sums:
             self.sums[pname] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self.sums[pname]
@@ -434,13 +507,11 @@ class _LinearState(_LayerState):
     (sequences): per-sample products ``g_cᵀ X`` over positions, squared.
     """
 
-    def __init__(
-        self, name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
-    ) -> None:
-        super().__init__(name, module, x, out_shape, k, buffers)
+    def _setup(self, out_shape: torch.Size) -> None:
+        x = self.x
         self.flat = x.dim() == 2
         if self.flat:
-            self.g2 = buffers.get(f"{name}/g2", (self.m, out_shape[-1]), x).zero_()
+            self.g2 = self.buffers.take((self.m, out_shape[-1]), x).zero_()
         else:
             self.xt = x.reshape(self.m, -1, x.shape[-1])  # (m, T, in)
 
@@ -462,28 +533,27 @@ class _LinearState(_LayerState):
             _add_row_squares(acc, prod.view(stop - start, per_sample))
 
     def finish(self) -> dict[str, Tensor]:
+        weight = self.module.weight
         if self.flat:
-            self.sums["weight"] = self.g2.t() @ self.x.square()
+            self._acc("weight", tuple(weight.shape), self.x).addmm_(self.g2.t(), self.x.square())
             if self.module.bias is not None:
-                self.sums["bias"] = self.g2.sum(0)
-        else:
-            self.sums["weight"] = self.sums["weight"].view(self.module.weight.shape)
+                self._acc("bias", (self.g2.shape[1],), self.x).add_(self.g2.sum(0))
+        if "weight" in self.sums:
+            self.sums["weight"] = self.sums["weight"].view(weight.shape)
         return self.sums
 
 
 class _BatchNormState(_LayerState):
     """BatchNorm in eval mode: per-sample gradients ``Σ_spatial g·x̂`` (weight) and ``Σ_spatial g`` (bias)."""
 
-    def __init__(
-        self, name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
-    ) -> None:
-        super().__init__(name, module, x, out_shape, k, buffers)
+    def _setup(self, out_shape: torch.Size) -> None:
+        module, x, buffers = self.module, self.x, self.buffers
         self.ch = out_shape[1]
         if module.weight is not None:
             shape = (1, self.ch, 1)
             mean = module.running_mean.to(x.dtype).view(shape)
             inv_std = torch.rsqrt(module.running_var.to(x.dtype).view(shape) + module.eps)
-            xhat = buffers.get(f"{name}/xhat", (self.m, self.ch, x[0].numel() // self.ch), x)
+            xhat = buffers.take((self.m, self.ch, x[0].numel() // self.ch), x)
             torch.mul(torch.sub(x.reshape(self.m, self.ch, -1), mean, out=xhat), inv_std, out=xhat)
             self.xhat = xhat
 
@@ -509,25 +579,22 @@ class _ConvState(_LayerState):
       pairs at the end.
     """
 
-    def __init__(
-        self, name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
-    ) -> None:
-        super().__init__(name, module, x, out_shape, k, buffers)
+    def _setup(self, out_shape: torch.Size) -> None:
+        module, x, k, buffers = self.module, self.x, self.k, self.buffers
         self.cout = out_shape[1]
         self.length = math.prod(out_shape[2:])
         self.groups = module.groups
         self.fan_in = module.weight[0].numel()
         self.mode = _conv_mode(k, self.cout, self.length, self.fan_in, self.groups)
-        self.weight_acc = torch.zeros(self.cout * self.fan_in, dtype=x.dtype, device=x.device)
+        self.weight_acc = self._acc("weight", (self.cout * self.fan_in,), x)
         if self.mode == "gram":
-            shape = (self.m * self.cout, self.length, self.length)
-            self.gram = buffers.get(f"{name}/gram", shape, x).zero_()
+            self.gram = buffers.take((self.m * self.cout, self.length, self.length), x).zero_()
         elif self.mode == "stream":
-            patches = _unfold(x, module, buffers.space(f"{name}/patches"))
+            patches = _unfold(x, module, out=buffers.take((self.m, self.groups * self.fan_in, self.length), x))
             # (m·G, L, fan_in) view of the patches
             self.patches = patches.view(self.m * self.groups, self.fan_in, self.length).transpose(1, 2)
         else:
-            self.stacked = buffers.get(f"{name}/grads", (self.m, k, self.cout, self.length), x)
+            self.stacked = buffers.take((self.m, k, self.cout, self.length), x)
 
     def consume(self, j: int, grad: Tensor) -> None:
         m, cout, length = self.m, self.cout, self.length
@@ -556,7 +623,8 @@ class _ConvState(_LayerState):
             self._finish_gram()
         elif self.mode == "stack":
             self._finish_stack()
-        self.sums["weight"] = self.weight_acc.view(self.module.weight.shape)
+        if "weight" in self.sums:
+            self.sums["weight"] = self.weight_acc.view(self.module.weight.shape)
         return self.sums
 
     def _finish_stack(self) -> None:
@@ -565,13 +633,13 @@ class _ConvState(_LayerState):
         per_class = cout * fan_in  # one per-sample weight gradient
         chunk = self.buffers.chunk_elements
         if per_class * k <= chunk:
-            class_step, sample_step = k, max(1, min(m, chunk // (per_class * k)))
+            class_step, sample_step = k, max(1, min(m, chunk // (per_class * k), chunk // (groups * fan_in * length)))
         else:
             class_step, sample_step = max(1, chunk // per_class), 1
         for start in range(0, m, sample_step):
             stop = min(m, start + sample_step)
             s = stop - start
-            u = _unfold(self.x[start:stop], self.module, self.buffers.space(f"{self.name}/patches"))
+            u = _unfold(self.x[start:stop], self.module, self.buffers.space("patches"))
             b = u.view(s * groups, fan_in, length).transpose(1, 2)  # (s·G, L, fan_in)
             for c0 in range(0, k, class_step):
                 c1 = min(k, c0 + class_step)
@@ -594,12 +662,13 @@ class _ConvState(_LayerState):
         flat = rows * length + cols
         twice = torch.where(rows == cols, 1.0, 2.0).to(self.x.dtype)
         gram = self.gram.view(m, cout, length * length)
-        step = max(1, min(m, self.buffers.chunk_elements // (pairs * fan_in)))
+        chunk = self.buffers.chunk_elements
+        step = max(1, min(m, chunk // (pairs * fan_in), chunk // (2 * fan_in * length), chunk // (2 * cout * pairs)))
         acc = self.weight_acc.view(cout, fan_in)
         for start in range(0, m, step):
             stop = min(m, start + step)
             s = stop - start
-            u = _unfold(self.x[start:stop], self.module, self.buffers.space(f"{self.name}/patches"))
+            u = _unfold(self.x[start:stop], self.module, self.buffers.space("patches"))
             ut = u.transpose(1, 2).contiguous()  # (s, L, fan_in)
             b = self.buffers.get("product", (s, pairs, fan_in), ut)
             offset = 0
@@ -611,14 +680,10 @@ class _ConvState(_LayerState):
             acc.addmm_(a, b.view(s * pairs, fan_in))
 
 
-def _layer_state(
-    name: str, module: nn.Module, x: Tensor, out_shape: torch.Size, k: int, buffers: _Buffers
-) -> _LayerState:
+def _state_type(module: nn.Module) -> type[_LayerState]:
     if isinstance(module, nn.Linear):
-        return _LinearState(name, module, x, out_shape, k, buffers)
-    if isinstance(module, _CONVS):
-        return _ConvState(name, module, x, out_shape, k, buffers)
-    return _BatchNormState(name, module, x, out_shape, k, buffers)
+        return _LinearState
+    return _ConvState if isinstance(module, _CONVS) else _BatchNormState
 
 
 def _state_elements(module: nn.Module, out_shape: torch.Size, k: int) -> int:
@@ -677,6 +742,130 @@ def _param_layers(model: nn.Module, estimator: str) -> list[tuple[str, nn.Module
     return layers
 
 
+@dataclass
+class _Plan:
+    """How :class:`SquaredGradientEstimator` splits its work for one model and input shape (from a 1-sample pass).
+
+    All sizes are per sample, in bytes.
+
+    Attributes:
+        num_classes: Number of logits.
+        graph_bytes: Activations the autograd graph saves (what one training step keeps for its backward pass).
+        graph_before: ``graph_before[i]``: the part of ``graph_bytes`` saved before the ``i``-th layer (in execution
+            order) returned, ``i = 0..L``, the last entry being ``graph_bytes``; the part above a segment is freed once
+            the segment's backward passes are done.
+        peak_bytes: The estimator's own largest need at any time: the graph still alive, plus the layer states and
+            the boundary gradients of the worst backward segment.
+        element_size: Bytes per element of the layer outputs.
+    """
+
+    num_classes: int
+    graph_bytes: int
+    graph_before: list[int]
+    peak_bytes: int
+    element_size: int
+
+
+@dataclass
+class _Segment:
+    """Consecutive layers (in execution order) whose columns are backpropagated together.
+
+    ``bottom`` is the first layer of the segment; its input tensor is the boundary with the segment below (``cut``
+    true: every path from the layers below to the logits goes through it) or the segment is the lowest one.
+    """
+
+    layers: list[_Capture]
+    cut: bool
+
+
+def _single_output(node: Any) -> bool:
+    metadata = getattr(node, "_input_metadata", None)
+    return metadata is not None and len(metadata) == 1
+
+
+def _separates(root: Any, block: Any, below: set[Any]) -> bool:
+    """Whether every path in the autograd graph from ``root`` to a node of ``below`` passes through ``block``."""
+    seen = {block}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        if node in below:
+            return False
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return True
+
+
+def _cut_positions(live: list[_Capture], logits: Tensor) -> list[int]:
+    """Indices ``i`` into ``live`` (execution order) whose layer input separates layers ``< i`` from the logits.
+
+    A valid cut is a tensor, input of layer ``i``, through which all the gradient flows that reaches layers
+    ``0..i-1``: backpropagating the columns down to it, then from it further down, gives the same layer-output
+    gradients as one backward pass (tensors rewritten in place afterwards, or made by multi-output operations, are
+    never cuts).
+    """
+    outputs = {c.output_fn for c in live}
+    cuts: list[int] = []
+    seen: set[Any] = set()
+    for i, capture in enumerate(live):
+        tensor = capture.input_tensor
+        if i == 0 or tensor is None:
+            continue
+        node = tensor.grad_fn
+        if node is None or node in seen or node is not capture.input_fn or tensor._version != capture.input_version:
+            continue
+        seen.add(node)
+        if node in outputs or not _single_output(node):
+            continue
+        if _separates(logits.grad_fn, node, {c.output_fn for c in live[:i]}):
+            cuts.append(i)
+    return cuts
+
+
+def _choose_segments(
+    states: list[int], boundaries: dict[int, int], k: int, element_size: int, graph_before: list[int]
+) -> tuple[list[tuple[int, int]], int]:
+    """Split layers ``0..L-1`` at some of the allowed cut indices so that the largest segment need is smallest.
+
+    The need of segment ``[a, b)`` is the graph still alive (``graph_before[b]``: what layers ``0..b-1`` and the
+    operations up to layer ``b`` saved; all of it for the top segment), the states of its layers and the ``k``
+    gradients of its lower and upper boundary tensors. Ties go to fewer segments (fewer, larger backward calls).
+
+    Args:
+        states: Elements per sample of every layer's state.
+        boundaries: Cut index -> elements per sample of its tensor.
+        k: Columns per sample.
+        element_size: Bytes per element.
+        graph_before: See :class:`_Plan`.
+
+    Returns:
+        The segments as ``(a, b)`` index ranges from the top (logits) down, and the largest need in bytes per sample.
+    """
+    count = len(states)
+    prefix = [0]
+    for value in states:
+        prefix.append(prefix[-1] + value)
+    points = [0, *sorted(boundaries), count]
+    size = {0: 0, count: 0, **boundaries}
+
+    def need(a: int, b: int) -> int:
+        return graph_before[b] + element_size * (prefix[b] - prefix[a] + k * (size[a] + size[b]))
+
+    best: dict[int, tuple[int, int, int]] = {0: (0, 0, -1)}  # point -> (largest need, segments, previous point)
+    for b in points[1:]:
+        options = [(max(best[a][0], need(a, b)), best[a][1] + 1, a) for a in points if a < b and a in best]
+        best[b] = min(options)
+    ranges = []
+    b = count
+    while b > 0:
+        a = best[b][2]
+        ranges.append((a, b))
+        b = a
+    return ranges, best[count][0]
+
+
 class SquaredGradientEstimator(CurvatureEstimator):
     """Shared machinery of ``exact``, ``mc`` and ``fisher``: sums of squared per-sample gradients.
 
@@ -684,22 +873,35 @@ class SquaredGradientEstimator(CurvatureEstimator):
     per-sample loss curvature); the estimator adds ``Σ_samples Σ_columns (Jᵀ s)²`` for every parameter, where ``J`` is
     the Jacobian of the logits w.r.t. the parameters. Only cross-entropy (mean reduction) is supported.
 
+    Memory: the layer states that collect the ``K`` output gradients of every layer would take ``K`` times the
+    activations if they all lived at once. The backward passes are therefore run in *segments*: where a tensor
+    separates the layers below it from the logits (the input of a ResNet block, of a classifier head, ...), the ``K``
+    columns are backpropagated down to it, the layers above finish and their states and graph are freed, and the
+    ``K`` gradients of that tensor are backpropagated further down. Segments are chosen to minimise the largest need
+    (graph still alive + states + boundary gradients). Then batches are split into chunks of samples so that one
+    chunk's need fits the memory budget. None of this changes the results beyond floating-point rounding.
+
     Args:
-        max_memory_mb: Rough bound on the extra memory used for output gradients and convolution patches; batches are
-            processed in chunks of samples so as to stay near it (the results do not depend on it).
+        max_memory_mb: Memory budget in MiB for what one ``accumulate`` call keeps besides the model, its inputs and
+            the accumulators: autograd graph, layer states, boundary gradients and product temporaries. ``None``
+            (default): one training step's memory on the same batch, i.e. the activations autograd saves for the
+            batch plus one gradient per parameter (measured once per model and input shape with a 1-sample forward
+            pass), so that the estimator's peak stays near that of a training step. A bound, not an exact figure: a
+            chunk holds at least one sample, and allocator overheads come on top.
     """
 
-    def __init__(self, *, max_memory_mb: float = 1024.0) -> None:
-        if max_memory_mb <= 0:
-            raise ValueError(f"`max_memory_mb` must be positive, got {max_memory_mb}.")
-        self.max_memory_mb = float(max_memory_mb)
-        self._size_cache: dict[tuple, tuple[list[tuple[nn.Module, torch.Size]], int]] = {}
+    def __init__(self, *, max_memory_mb: float | None = None) -> None:
+        if max_memory_mb is not None and not max_memory_mb > 0:
+            raise ValueError(f"`max_memory_mb` must be positive or None, got {max_memory_mb}.")
+        self.max_memory_mb = None if max_memory_mb is None else float(max_memory_mb)
+        self._plans: dict[tuple, _Plan] = {}
         self._buffers: _Buffers | None = None
         self._clone_layers: dict[int, set[str]] = {}
+        self.last_chunk_size = 0  # samples per chunk of the last `accumulate` call (for inspection and tests)
 
     def release_buffers(self) -> None:
         """Free the scratch buffers kept between batches (they are reused to avoid re-allocating large arrays)."""
-        self._size_cache.clear()
+        self._plans.clear()
         self._buffers = None
         self._clone_layers.clear()
 
@@ -722,29 +924,53 @@ class SquaredGradientEstimator(CurvatureEstimator):
         """Hook for model-level checks (``exact`` verifies piecewise linearity)."""
 
     # --- machinery ----------------------------------------------------------------------------------------------------
-    def _shapes(
-        self, model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor
-    ) -> tuple[list[tuple[nn.Module, torch.Size]], int]:
-        """Output shape of every layer and the number of classes, from a one-sample forward pass (cached)."""
+    def _plan(self, model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor) -> _Plan:
+        """Measure the graph and choose the segments with a 1-sample forward pass (cached per model and shape)."""
         key = (id(model), tuple(name for name, _ in layers), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
-        if key in self._size_cache:
-            return self._size_cache[key]
-        shapes: list[tuple[nn.Module, torch.Size]] = []
+        if key in self._plans:
+            return self._plans[key]
+        held = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        held |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+        saved: dict[tuple[int, int], int] = {}  # (address, bytes) -> layers called before it was saved
+        order: list[_Capture] = []
 
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if isinstance(output, Tensor):
-                shapes.append((module, output.shape))
+        def pack(tensor: Tensor) -> Tensor:
+            if tensor.layout == torch.strided and tensor.untyped_storage().data_ptr() not in held:
+                saved.setdefault((tensor.data_ptr(), tensor.numel() * tensor.element_size()), len(order))
+            return tensor
 
-        handles = [module.register_forward_hook(hook) for _, module in layers]
-        try:
-            with torch.no_grad():
-                logits = model(inputs[:1])
-        finally:
-            for handle in handles:
-                handle.remove()
+        with torch.enable_grad():
+            self._capture_forward(model, layers, inputs[:1], [])  # learns which outputs need copies
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                logits = self._forward(model, layers, inputs[:1], self._clone_layers[id(model)], order)
         num_classes = int(logits.shape[-1]) if isinstance(logits, Tensor) and logits.dim() == 2 else 0
-        self._size_cache[key] = (shapes, num_classes)
-        return shapes, num_classes
+        live = [c for c in order if c.output_fn is not None]
+        per_layer = [0] * (len(live) + 1)
+        for (_, nbytes), position in saved.items():
+            per_layer[min(position, len(live))] += nbytes
+        graph_before = list(itertools.accumulate(per_layer))
+        element_size = live[-1].input.element_size() if live else inputs.element_size()
+        peak = graph_before[-1]
+        if live and num_classes >= 2:
+            _, peak = self._segments(live, logits, self._num_columns(num_classes), element_size, graph_before)
+        order.clear()
+        del live, logits
+        plan = _Plan(num_classes, graph_before[-1], graph_before, max(1, peak), element_size)
+        self._plans[key] = plan
+        return plan
+
+    @staticmethod
+    def _segments(
+        live: list[_Capture], logits: Tensor, k: int, element_size: int, graph_before: list[int]
+    ) -> tuple[list[_Segment], int]:
+        """The backward segments (from the logits down) and their largest need in bytes per sample."""
+        cuts = _cut_positions(live, logits) if _SEGMENTS_ENABLED else []
+        states = [_state_elements(c.module, c.output_shape, k) for c in live]
+        boundaries = {i: live[i].input_tensor[0].numel() for i in cuts}
+        if len(graph_before) != len(live) + 1:  # another graph than the planned one: no graph term
+            graph_before = [0] * (len(live) + 1)
+        ranges, peak = _choose_segments(states, boundaries, k, element_size, graph_before)
+        return [_Segment(live[a:b], a > 0) for a, b in ranges], peak
 
     def accumulate(
         self,
@@ -765,32 +991,45 @@ class SquaredGradientEstimator(CurvatureEstimator):
             raise ValueError(f"{n} inputs but {targets.shape[0]} targets")
         if generator is None:
             generator = make_generator(0)
-        shapes, num_classes = self._shapes(model, layers, inputs)
-        if num_classes < 2:
+        plan = self._plan(model, layers, inputs)
+        if plan.num_classes < 2:
             raise ValueError(
                 f"the '{self.name}' estimator needs logits of shape (batch, classes) with at least 2 classes "
                 "(cross-entropy); use estimator='hutchinson' with a custom loss_fn otherwise."
             )
-        k = self._num_columns(num_classes)
-        # Chunks of samples: layer states plus about three times the layer outputs (graph, gradients) per sample.
-        budget = self.max_memory_mb * 2**20 / max(1, inputs.element_size())  # in elements
-        per_sample = sum(_state_elements(module, shape, k) + 3 * math.prod(shape[1:]) for module, shape in shapes)
-        step = int(max(1, min(n, budget // max(1, per_sample))))
+        if self.max_memory_mb is not None:
+            budget = self.max_memory_mb * 2**20
+        else:  # one training step: the batch's saved activations and a gradient per parameter
+            step_bytes = n * plan.graph_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
+            budget = max(step_bytes, _MIN_AUTO_BUDGET)
+        # An eighth of the budget (at most 32 MiB) for the temporaries of the per-sample products, which come in up to
+        # three pieces of `chunk_elements` (products, unfolded patches, copies); the rest for chunks of samples.
+        workspace = min(budget / 8, 2**25)
+        step = int(max(1, min(n, (budget - workspace) // plan.peak_bytes)))
         step = -(-n // -(-n // step))  # equal chunks
-        chunk_elements = max(1 << 16, int(min(budget / 8, 2**23)))
+        self.last_chunk_size = step
+        chunk_elements = max(1 << 12, int(workspace // (3 * plan.element_size)))
         if self._buffers is None or self._buffers.chunk_elements != chunk_elements:
             self._buffers = _Buffers(chunk_elements)
         draws = self._draw(n, generator)
         for start in range(0, n, step):
             stop = min(n, start + step)
             chunk_draws = None if draws is None else draws[start:stop]
-            self._accumulate_chunk(model, layers, inputs[start:stop], targets[start:stop], chunk_draws, sums)
+            self._accumulate_chunk(model, layers, inputs[start:stop], targets[start:stop], chunk_draws, sums, plan)
         return n
 
     def _forward(
-        self, model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor, clone: set[str]
-    ) -> tuple[list[_Capture], Tensor]:
-        """Forward pass that records every layer's input and output; outputs named in ``clone`` are copied."""
+        self,
+        model: nn.Module,
+        layers: list[tuple[str, nn.Module]],
+        inputs: Tensor,
+        clone: set[str],
+        order: list[_Capture],
+    ) -> Tensor:
+        """Forward pass appending every layer's capture (input and output) to ``order`` as the layer runs.
+
+        Outputs of the layers named in ``clone`` are handed on as copies. Returns the logits.
+        """
         captures = [_Capture(name, module) for name, module in layers]
 
         def make_hook(capture: _Capture) -> Callable:
@@ -806,8 +1045,17 @@ class SquaredGradientEstimator(CurvatureEstimator):
                     raise RuntimeError(f"layer {_display(capture.name)} was not called with a tensor argument")
                 capture.input = args[0].detach()
                 capture.input_fn = args[0].grad_fn
+                if args[0].requires_grad:
+                    capture.input_tensor = args[0]
+                    capture.input_version = args[0]._version
                 capture.output = output
                 capture.version = output._version
+                capture.output_shape = output.shape
+                if output.requires_grad:
+                    capture.output_fn = output.grad_fn
+                    capture.output_edge = get_gradient_edge(output)
+                    output.register_hook(capture.receive)
+                order.append(capture)
                 return output.clone() if capture.name in clone else None
 
             return hook
@@ -820,7 +1068,25 @@ class SquaredGradientEstimator(CurvatureEstimator):
         finally:
             for handle in handles:
                 handle.remove()
-        return captures, logits
+        return logits
+
+    def _capture_forward(
+        self, model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor, order: list[_Capture]
+    ) -> tuple[list[_Capture], Tensor]:
+        """:meth:`_forward`, run again with copies where an in-place operation rewrote a needed layer output."""
+        clone = self._clone_layers.setdefault(id(model), set())
+        logits = self._forward(model, layers, inputs, clone, order)
+        modified = {c.name for c in order if c.output is not None and c.output._version != c.version}
+        if modified:
+            # A downstream in-place operation (``ReLU(inplace=True)``, ``out += identity``) rewrote a layer output
+            # whose gradient we need: run again, handing the rest of the network a copy of those outputs.
+            clone |= modified
+            order.clear()
+            del logits
+            logits = self._forward(model, layers, inputs, clone, order)
+        for capture in order:
+            capture.output = None
+        return order, logits
 
     def _accumulate_chunk(
         self,
@@ -830,67 +1096,113 @@ class SquaredGradientEstimator(CurvatureEstimator):
         targets: Tensor,
         draws: Tensor | None,
         sums: dict[str, Tensor],
+        plan: _Plan,
     ) -> None:
-        clone = self._clone_layers.setdefault(id(model), set())
-        captures, logits = self._forward(model, layers, inputs, clone)
-        modified = {c.name for c in captures if c.output is not None and c.output._version != c.version}
-        if modified:
-            # A downstream in-place operation (``ReLU(inplace=True)``, ``out += identity``) rewrote a layer output
-            # whose gradient we need: run again, handing the rest of the network a copy of those outputs.
-            clone |= modified
-            del captures, logits
-            captures, logits = self._forward(model, layers, inputs, clone)
+        order, logits = self._capture_forward(model, layers, inputs, [])
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise ValueError(f"the '{self.name}' estimator needs logits of shape (batch, classes)")
         columns = self._columns(logits.detach(), targets, draws).to(logits.dtype)  # (m, K, C)
         k = columns.shape[1]
-        live = [c for c in captures if c.output is not None and c.output.requires_grad]
+        live = [c for c in order if c.output_fn is not None]
+        del order
         if not live:  # no layer with parameters took part in this forward pass
             return
         buffers = self._buffers
         assert buffers is not None
-        states: list[_LayerState | None] = [
-            _layer_state(c.name, c.module, c.input, c.output.shape, k, buffers) for c in live
-        ]
-        # Tensor hooks hand every layer-output gradient to its layer's state as soon as the backward pass has computed
-        # it; nothing is kept, so it is freed right away.
-        fired = [False] * len(live)
+        segments, _ = self._segments(live, logits, k, plan.element_size, plan.graph_before)
+        m = int(inputs.shape[0])
+        arena = max(sum(_state_elements(c.module, c.output_shape, k) for c in s.layers) for s in segments)
+        buffers.reserve(m * arena, live[-1].input)
+        source: Tensor = logits
+        grads_in = columns
+        for index, segment in enumerate(segments):
+            bottom = segment.layers[0].input_tensor if segment.cut else None
+            grads_out = None
+            if bottom is not None:
+                grads_out = buffers.get(f"boundary{index % 2}", (m, k, *bottom.shape[1:]), bottom)
+            self._backward_segment(segment.layers, source, bottom, grads_in, grads_out, sums)
+            for capture in segment.layers:
+                capture.input = capture.input_tensor = capture.sink = None
+            if bottom is None:
+                break
+            source, grads_in = bottom, grads_out
+            del bottom
+            buffers.rewind()
+
+    def _backward_segment(
+        self,
+        captures: list[_Capture],
+        source: Tensor,
+        bottom: Tensor | None,
+        grads_in: Tensor,
+        grads_out: Tensor | None,
+        sums: dict[str, Tensor],
+    ) -> None:
+        """Backpropagate the ``K`` columns ``grads_in`` from ``source`` through one segment.
+
+        The layer states of ``captures`` consume their output gradients and add their sums into ``sums``; the gradients
+        reaching ``bottom`` (the boundary with the segment below) are written into ``grads_out`` (m, K, ...).
+        """
+        buffers = self._buffers
+        assert buffers is not None
+        k = grads_in.shape[1]
+        states: list[_LayerState | None] = []
+        for c in captures:
+            prefix = f"{c.name}." if c.name else ""
+            direct = {pname: sums[prefix + pname] for pname, _ in c.module.named_parameters(recurse=False)}
+            states.append(_state_type(c.module)(c.name, c.module, c.input, c.output_shape, k, buffers, direct))
+        # The output hooks (registered during the forward pass) hand every layer-output gradient to its layer's state as
+        # soon as the backward pass has computed it; nothing is kept, so it is freed right away.
+        fired = [False] * len(captures)
         column = [0]
 
-        def make_hook(i: int) -> Callable[[Tensor], None]:
-            def hook(grad: Tensor) -> None:
+        def make_sink(i: int) -> Callable[[Tensor], None]:
+            def sink(grad: Tensor) -> None:
                 states[i].consume(column[0], grad)
                 fired[i] = True
 
-            return hook
+            return sink
 
-        handles = [c.output.register_hook(make_hook(i)) for i, c in enumerate(live)]
-        # Backpropagate only as far as the first layers: every other layer lies between them and the logits.
-        roots = [c.output for c in _first_layers(live)]
+        for i, capture in enumerate(captures):
+            capture.sink = make_sink(i)
+        # Backpropagate only as far as the boundary and the first layers: every other layer lies between them.
+        targets = ([] if bottom is None else [bottom]) + [c.output_edge for c in _first_layers(captures)]
         try:
             for j in range(k):
                 column[0] = j
-                torch.autograd.grad(
-                    logits, roots, grad_outputs=columns[:, j], retain_graph=j < k - 1, allow_unused=True
+                grads = torch.autograd.grad(
+                    source, targets, grad_outputs=grads_in[:, j], retain_graph=j < k - 1, allow_unused=True
                 )
+                if grads_out is not None:
+                    if grads[0] is None:
+                        grads_out[:, j].zero_()
+                    else:
+                        grads_out[:, j].copy_(grads[0])
+                del grads
         finally:
-            for handle in handles:
-                handle.remove()
-        del logits, roots
-        for i, capture in enumerate(live):
-            capture.output = None
+            for capture in captures:
+                capture.sink = None
+        del targets
+        for i, capture in enumerate(captures):
             state = states[i]
             states[i] = None
             if fired[i] and state is not None:  # otherwise the layer does not influence the logits
                 for pname, value in state.finish().items():
                     qual = f"{capture.name}.{pname}" if capture.name else pname
                     sums[qual] += value.to(sums[qual].dtype)
-            capture.input = None
+
+
+#: Whether :class:`SquaredGradientEstimator` may split the backward passes into segments (tests switch it off).
+_SEGMENTS_ENABLED = True
+#: Smallest automatic memory budget (bytes). Below it, splitting a batch into more chunks costs more time (every
+#: chunk pays the fixed cost of ``K`` backward passes) than the memory it saves is worth next to a process's fixed
+#: overheads.
+_MIN_AUTO_BUDGET = 32 * 2**20
 
 
 def _first_layers(captures: list[_Capture]) -> list[_Capture]:
     """The captures whose input does not depend on any other capture's output (found by walking the autograd graph)."""
-    targets = {c.output.grad_fn for c in captures}
+    targets = {c.output_fn for c in captures}
     memo: dict[Any, bool] = {}  # node -> whether some captured output lies below it
 
     def depends(root: Any) -> bool:
@@ -931,7 +1243,7 @@ class ExactDiagonal(SquaredGradientEstimator):
     target = "ggn"
     deterministic = True
 
-    def __init__(self, *, strict: bool = True, max_memory_mb: float = 1024.0) -> None:
+    def __init__(self, *, strict: bool = True, max_memory_mb: float | None = None) -> None:
         super().__init__(max_memory_mb=max_memory_mb)
         self.strict = bool(strict)
         self._warned = False
@@ -998,7 +1310,7 @@ class MonteCarloGGN(SquaredGradientEstimator):
     target = "ggn"
     deterministic = False
 
-    def __init__(self, *, num_draws: int = 1, max_memory_mb: float = 1024.0) -> None:
+    def __init__(self, *, num_draws: int = 1, max_memory_mb: float | None = None) -> None:
         super().__init__(max_memory_mb=max_memory_mb)
         if int(num_draws) < 1:
             raise ValueError(f"`num_draws` must be >= 1, got {num_draws}.")
