@@ -223,7 +223,7 @@ def setting_table(name: str, results: dict[str, dict[str, Any]]) -> str:
     def line(label: str, per_seed: list[dict[str, float | None]]) -> dict[str, Any]:
         out = {"method": label}
         for column, key in zip(columns[1:], keys, strict=True):
-            digits = 3 if key == "tow" else 1 if key == "seconds" else 2
+            digits = 4 if key == "tow" else 1 if key == "seconds" else 2
             out[column] = _mean_std([m.get(key) for m in per_seed], digits)
         return out
 
@@ -235,6 +235,7 @@ def setting_table(name: str, results: dict[str, dict[str, Any]]) -> str:
             "forget_true": r["before"].get("forget_true/acc"),
             "mia": r["before"].get("mia/svc"),
             "relearn": r["before"].get("relearn/forget_acc_after"),
+            "tow": compare(r["before"], r["before"], r["reference"])["tow"],  # the ToW of doing nothing
         }
         for r in results.values()
     ]
@@ -279,7 +280,7 @@ def paired_comparisons(results: dict[str, dict[str, Any]], key: str, label: str,
                 {
                     "comparison": f"SA − {b}",
                     "metric": name,
-                    "mean diff ± std": _mean_std(diffs, 3),
+                    "mean diff ± std": _mean_std(diffs, 4 if key_ == "tow" else 2),
                     "SA better in": f"{sum(d > 0 for d in diffs)}/{len(diffs)} seeds",
                     "p (paired t)": "–" if math.isnan(p) else f"{p:.3g}",
                 }
@@ -310,6 +311,72 @@ def rate_sweep_table(all_results: dict[str, dict[str, dict[str, Any]]]) -> str:
     )
 
 
+def collect_sweeps(runs: Path, name: str = "mnist_targeted") -> dict[str, Any] | None:
+    """Gather the per-seed layer sweeps (``lightning-unlearn sweep`` on each seed's run) of one setting."""
+    sweeps = {}
+    for path in sorted((runs / name).glob("seed*/sweep_first_order/sweep.json")):
+        sweeps[path.parts[-3].removeprefix("seed")] = json.loads(path.read_text())
+    return {"setting": name, "seeds": sweeps} if sweeps else None
+
+
+def sweep_table(sweeps: dict[str, Any]) -> str:
+    """Per layer: mean diagonal and improvement of the target-class accuracy (mean ± std over seeds), and the
+    per-seed Spearman correlations."""
+    per_seed = sweeps["seeds"]
+    layers = [row["layer"] for row in next(iter(per_seed.values()))["layers"]]
+    rows = []
+    for layer in layers:
+        entries = [next(r for r in s["layers"] if r["layer"] == layer) for s in per_seed.values()]
+        rows.append(
+            {
+                "layer": layer,
+                "params": f"{entries[0]['params']:,}",
+                "mean diagonal": _mean_std([e["mean_diagonal"] for e in entries], 5),
+                "smallest in": f"{sum(_smallest(s) == layer for s in per_seed.values())}/{len(per_seed)} seeds",
+                "improvement (points)": _mean_std([e["improvement"] for e in entries]),
+                "best layer in": f"{sum(_best(s) == layer for s in per_seed.values())}/{len(per_seed)} seeds",
+            }
+        )
+    rhos = [s["spearman"] for s in per_seed.values()]
+    finite = [r for r in rhos if r is not None and math.isfinite(r)]
+    seeds = " ".join(per_seed)
+    return (
+        f"### Layer sweep ({SETTINGS[sweeps['setting']].label}; first-order update of each layer alone, step "
+        "searched on validation)\n\n"
+        f"Seeds: {seeds}. Per seed: `lightning-unlearn sweep runs/reproduce/{sweeps['setting']}/seed<k>/poisoned/"
+        f"version_0 --reference runs/reproduce/{sweeps['setting']}/seed<k>/retrained/version_0 --out "
+        f"runs/reproduce/{sweeps['setting']}/seed<k>/sweep_first_order`, then `python benchmarks/reproduce.py "
+        "--tables`.\n\n"
+        + format_table(rows)
+        + f"\n\nSpearman(mean diagonal, improvement) per seed: {', '.join(f'{r:.2f}' for r in finite)}; "
+        f"mean {_mean_std(finite)}.\n"
+    )
+
+
+def _smallest(sweep: dict[str, Any]) -> str:
+    return min(sweep["layers"], key=lambda r: r["mean_diagonal"])["layer"]
+
+
+def _best(sweep: dict[str, Any]) -> str:
+    return max(sweep["layers"], key=lambda r: r["improvement"])["layer"]
+
+
+DOCS = ROOT / "docs" / "results.md"
+MARKERS = ("<!-- generated tables: start -->", "<!-- generated tables: end -->")
+
+
+def update_docs(summary: str, docs: Path = DOCS) -> None:
+    """Replace the generated part of ``docs/results.md`` (between the markers) with ``summary``."""
+    if not docs.is_file():
+        return
+    text = docs.read_text()
+    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    if start < 0 or end < start:
+        return
+    text = text[: start + len(MARKERS[0])] + "\n\n" + summary.strip() + "\n\n" + text[end:]
+    atomic_write_text(docs, text)
+
+
 def load_results(name: str, folder: Path = RESULTS) -> dict[str, dict[str, Any]]:
     path = folder / f"{name}.json"
     return json.loads(path.read_text())["seeds"] if path.is_file() else {}
@@ -322,18 +389,24 @@ def write_results(name: str, results: dict[str, dict[str, Any]], folder: Path = 
     atomic_write_text(folder / f"{name}.md", setting_table(name, results))
 
 
-def write_summary(folder: Path = RESULTS) -> Path:
+def write_summary(folder: Path = RESULTS, runs: Path | None = None) -> Path:
     all_results = {name: load_results(name, folder) for name in SETTINGS}
-    parts = [
-        "# Reproduction tables (generated by `benchmarks/reproduce.py --tables`)",
-        "",
-        *[setting_table(n, r) for n, r in all_results.items() if r],
-    ]
-    sweep = rate_sweep_table(all_results)
-    if sweep:
-        parts.append(sweep)
+    parts = [*[setting_table(n, r) for n, r in all_results.items() if r]]
+    rates = rate_sweep_table(all_results)
+    if rates:
+        parts.append(rates)
+    sweeps = collect_sweeps(runs) if runs is not None else None
+    if sweeps is not None:
+        atomic_write_text(folder / "sweep_mnist_targeted.json", json.dumps(sweeps, indent=1))
+    elif (folder / "sweep_mnist_targeted.json").is_file():
+        sweeps = json.loads((folder / "sweep_mnist_targeted.json").read_text())
+    if sweeps is not None:
+        parts.append(sweep_table(sweeps))
+    body = "\n".join(parts)
     path = folder / "summary.md"
-    atomic_write_text(path, "\n".join(parts))
+    atomic_write_text(path, "# Reproduction tables (generated by `benchmarks/reproduce.py --tables`)\n\n" + body)
+    if folder == RESULTS:
+        update_docs(body)
     return path
 
 
@@ -375,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in SETTINGS:
         if load_results(name, folder):
             write_results(name, load_results(name, folder), folder)
-    print(f"tables: {write_summary(folder)}")
+    print(f"tables: {write_summary(folder, Path(args.runs))}")
 
 
 if __name__ == "__main__":
