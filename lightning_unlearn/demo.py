@@ -32,26 +32,24 @@ REQUESTS = {
 
 
 def row(name: str, metrics: dict[str, float], report: dict[str, Any] | None = None) -> dict[str, Any]:
-    out = {
+    report = report or {}
+    method = report.get("method", {})
+    tow = report.get("comparison", {}).get("tow")
+    return {
         "model": name,
-        "params": None,
+        "params": f"{report['selection']['num_selected']:,}" if report else None,
         "test %": metrics.get("test/acc"),
         "class 9 %": metrics.get("test/acc_target"),
         "other %": metrics.get("test/acc_other"),
         "forget→poisoned %": metrics.get("forget/acc"),
+        "% restored (9)": report.get("restored", {}).get("test_restored/acc_target"),
+        "ToW": None if tow is None else f"{tow:.4f}",
+        "MIA-SVC %": metrics.get("mia/svc"),
+        "relearn %": metrics.get("relearn/forget_acc_after"),
+        "update s": method.get("seconds_update", report["timings"]["fit_wall_seconds"]) if report else None,
+        "search s": method.get("seconds_search"),
+        "step": f"{method['step']:.1e}" if method.get("step") is not None else None,
     }
-    if report is not None:
-        restored = report.get("restored", {})
-        method = report["method"]
-        out["params"] = f"{report['selection']['num_selected']:,}"
-        out["% restored (9)"] = restored.get("test_restored/acc_target")
-        out["ToW"] = report.get("comparison", {}).get("tow")
-        out["update s"] = method.get("seconds_update", report["timings"]["fit_wall_seconds"])
-        out["search s"] = method.get("seconds_search")
-        out["step"] = f"{method['step']:.1e}" if method.get("step") is not None else None
-    out["MIA %"] = metrics.get("mia/svc")
-    out["relearn %"] = metrics.get("relearn/forget_acc_after")
-    return out
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
