@@ -284,7 +284,8 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, tmp_path):
     from lightning_unlearn.evaluation import tow
 
     split = {"forget": "forget/acc", "retain": "retain/acc", "test": "test/acc"}
-    expected = tow({s: report["after"][k] for s, k in split.items()}, {s: report["reference"][k] for s, k in split.items()})
+    after, reference = ({s: report[m][k] for s, k in split.items()} for m in ("after", "reference"))
+    expected = tow(after, reference)
     assert report["comparison"]["tow"] == pytest.approx(expected)
     assert report["cost"]["seconds"] >= report["timings"]["fit_wall_seconds"] > 0
     unlearned = ClassifierModule.load_from_checkpoint(out / "unlearned.ckpt", weights_only=True)
