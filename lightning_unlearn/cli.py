@@ -108,11 +108,10 @@ class UnlearnCLI(LightningCLI):
 
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        from lightning_unlearn.unlearn.module import TRAINER_DEFAULTS
+
         defaults = {
-            "use_distributed_sampler": False,  # UnlearnModule shards its data exactly itself
-            "enable_checkpointing": False,  # the unlearned checkpoint is written by the pipeline, atomically
-            "enable_model_summary": False,
-            "num_sanity_val_steps": 0,
+            **TRAINER_DEFAULTS,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": "", "name": ""},

@@ -47,7 +47,6 @@ def layer_sweep(
     Returns:
         The sweep results (also written to ``sweep.json``, ``sweep.png`` and TensorBoard in ``out``).
     """
-    from lightning.pytorch import Trainer
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
@@ -55,6 +54,7 @@ def layer_sweep(
     from lightning_unlearn.run import TrainingRun
     from lightning_unlearn.selection import DEFAULT_LAYER_TYPES, NamedLayers
     from lightning_unlearn.unlearn import UnlearnModule, get_method
+    from lightning_unlearn.unlearn.module import unlearn_trainer
 
     if method not in METHOD_CONFIGS:
         raise ValueError(f"`method` must be one of {tuple(METHOD_CONFIGS)}, got {method!r}.")
@@ -70,16 +70,7 @@ def layer_sweep(
         if stats.type not in DEFAULT_LAYER_TYPES:
             continue
         module = UnlearnModule(run, get_method(method), NamedLayers([stats.name]))
-        trainer = Trainer(
-            accelerator=accelerator,
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-            num_sanity_val_steps=0,
-        )
+        trainer = unlearn_trainer(accelerator=accelerator)
         report = run_unlearning(trainer, module, ref, out_dir=folder / stats.name, evaluation=ACCURACY_ONLY)
         rows.append(
             {

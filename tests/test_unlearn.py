@@ -26,18 +26,9 @@ from lightning_unlearn.unlearn.sam import Perturbation
 
 
 def make_trainer(**kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        max_epochs=1,
-    )
-    return Trainer(**{**defaults, **kwargs})
+    from lightning_unlearn.unlearn.module import unlearn_trainer
+
+    return unlearn_trainer(**{"accelerator": "cpu", "max_epochs": 1, **kwargs})
 
 
 def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -269,8 +260,21 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, tmp_path):
     from lightning_unlearn.models import ClassifierModule
 
     config = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs/unlearn/sa_first_order.yaml")
-    main(["unlearn", "-c", config, "--model.run", str(poisoned_run), "--reference", str(poisoned_run),
-          "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    main(
+        [
+            "unlearn",
+            "-c",
+            config,
+            "--model.run",
+            str(poisoned_run),
+            "--reference",
+            str(poisoned_run),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     out = tmp_path / "firstorder_smallestlayer" / "version_0"
     report = json.loads((out / "report.json").read_text())
     assert report["selection"]["strategy"] == "smallest" and report["method"]["method"] == "first_order"

@@ -86,25 +86,15 @@ def test_untraceable_network_or_small_budget_falls_back_to_full_passes():
 
 
 def test_step_search_is_identical_with_and_without_the_cache(poisoned_run):
-    from lightning.pytorch import Trainer
-
     from lightning_unlearn.selection import SmallestLayer
     from lightning_unlearn.unlearn import FirstOrder, UnlearnModule
+    from lightning_unlearn.unlearn.module import unlearn_trainer
 
     reports, weights = [], []
     for cache_mb in (1024.0, 0.0):
         module = UnlearnModule(str(poisoned_run), FirstOrder(), SmallestLayer(), validation_cache_mb=cache_mb)
         module.prepare()
-        trainer = Trainer(
-            accelerator="cpu",
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            use_distributed_sampler=False,
-        )
-        trainer.fit(module)
+        unlearn_trainer(accelerator="cpu", max_epochs=1).fit(module)
         reports.append(module.method.report())
         weights.append({k: v.clone() for k, v in module.net.state_dict().items()})
     assert reports[0]["validation_cached"] and not reports[1]["validation_cached"]

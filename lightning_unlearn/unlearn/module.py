@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -11,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -23,7 +22,23 @@ from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrat
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod
 from lightning_unlearn.unlearn.freeze import FreezeGuard
 from lightning_unlearn.unlearn.one_step import FirstOrder
-from lightning_unlearn.unlearn.validation import FrozenActivationCache
+from lightning_unlearn.unlearn.validation import FrozenActivationCache, accuracy_and_loss
+
+#: Trainer settings every unlearning run needs: ``UnlearnModule`` shards its data exactly itself (no distributed
+#: sampler), the unlearned checkpoint is written atomically by the pipeline (no checkpointing), no sanity validation.
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "use_distributed_sampler": False,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+}
+
+
+def unlearn_trainer(**kwargs: Any) -> Trainer:
+    """A quiet single-device ``Trainer`` for programmatic requests: :data:`TRAINER_DEFAULTS`, no logger, no progress
+    bar, one device; ``kwargs`` override any of them."""
+    settings = {**TRAINER_DEFAULTS, "devices": 1, "logger": False, "enable_progress_bar": False, **kwargs}
+    return Trainer(**settings)
 
 
 class UnlearnModule(LightningModule):
@@ -214,15 +229,8 @@ class UnlearnModule(LightningModule):
         self.net.eval()
         if self._validation is not None:
             return self._validation.evaluate()
-        correct, loss, total = 0, 0.0, 0
-        for x, y, _ in self.datamodule.val_dataloader():
-            x, y = x.to(self.device), y.to(self.device)
-            logits = self.net(x)
-            correct += int((logits.argmax(-1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            total += len(y)
-        mean_loss = loss / total
-        return 100.0 * correct / total, mean_loss if math.isfinite(mean_loss) else math.inf
+        batches = self.datamodule.val_dataloader()
+        return accuracy_and_loss((self.net(x.to(self.device)), y.to(self.device)) for x, y, _ in batches)
 
     def training_hvp(self, names: list[str], num_samples: int, scale: float = 1.0) -> Any:
         """``v ↦ scale · H v`` for the mean training loss restricted to parameters ``names`` (flat vectors), on the

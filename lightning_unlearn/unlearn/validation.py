@@ -79,6 +79,19 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
+def accuracy_and_loss(outputs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Accuracy (%) and mean cross-entropy over ``(logits, labels)`` batches; a non-finite loss is reported as inf."""
+    correct, loss, total = 0, 0.0, 0
+    for logits, y in outputs:
+        correct += int((logits.argmax(-1) == y).sum())
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        total += len(y)
+    if total == 0:
+        raise ValueError("The validation loader yielded no samples.")
+    mean_loss = loss / total
+    return 100.0 * correct / total, mean_loss if math.isfinite(mean_loss) else math.inf
+
+
 class FrozenActivationCache:
     """Validation accuracy and loss of ``net`` on ``loader``, recomputing only what depends on ``changing``.
 
@@ -135,15 +148,7 @@ class FrozenActivationCache:
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """Accuracy (%) and mean cross-entropy of the network with its current parameters."""
-        correct, loss, total = 0, 0.0, 0
-        for logits, y in self._outputs():
-            correct += int((logits.argmax(-1) == y).sum())
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            total += len(y)
-        if total == 0:
-            raise ValueError("The validation loader yielded no samples.")
-        mean_loss = loss / total
-        return 100.0 * correct / total, mean_loss if math.isfinite(mean_loss) else math.inf
+        return accuracy_and_loss(self._outputs())
 
     def _outputs(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         if not self.cached:
@@ -156,4 +161,4 @@ class FrozenActivationCache:
             yield interpreter.run(initial_env=dict(env)), y
 
 
-__all__ = ["FrozenActivationCache"]
+__all__ = ["FrozenActivationCache", "accuracy_and_loss"]
