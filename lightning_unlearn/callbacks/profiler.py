@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.curvature import ESTIMATORS, SharpnessProfile, accumulate_diagonal
+from lightning_unlearn.curvature import ESTIMATORS, SharpnessProfile, accumulate_diagonal, reduce_diagonal_sums
 from lightning_unlearn.run import PROFILE_FILENAME
 
 SPLITS = ("train", "val")
@@ -144,18 +144,8 @@ class SharpnessProfiler(Callback):
             num_draws=self.num_draws,
             strict=self.strict,
         )
-        names = list(sums)
-        flat = torch.cat([sums[name].reshape(-1).double() for name in names])
-        flat = torch.cat([flat, torch.tensor([float(count)], dtype=flat.dtype, device=flat.device)])
-        flat = trainer.strategy.reduce(flat, reduce_op="sum")
-        total = int(round(flat[-1].item()))
-        if total == 0:
-            raise RuntimeError("SharpnessProfiler saw no samples.")
-        diagonals, offset = {}, 0
-        for name in names:
-            n = sums[name].numel()
-            diagonals[name] = (flat[offset : offset + n] / total).reshape(sums[name].shape).float().cpu()
-            offset += n
+        reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+        diagonals, total = reduce_diagonal_sums(sums, count, reduce)
         self.profile = SharpnessProfile.from_model(
             pl_module,
             diagonals,

@@ -1,6 +1,11 @@
 """Curvature: estimators of the training-loss Hessian diagonal, the profile that stores it, the profiling loop."""
 
-from lightning_unlearn.curvature.compute import accumulate_diagonal, default_batch_transform, profile_model
+from lightning_unlearn.curvature.compute import (
+    accumulate_diagonal,
+    default_batch_transform,
+    profile_model,
+    reduce_diagonal_sums,
+)
 from lightning_unlearn.curvature.estimators import (
     ESTIMATORS,
     CurvatureEstimator,
@@ -41,5 +46,6 @@ __all__ = [
     "layer_of",
     "make_generator",
     "profile_model",
+    "reduce_diagonal_sums",
     "weights_fingerprint",
 ]

@@ -128,6 +128,40 @@ def accumulate_diagonal(
     return sums, count
 
 
+def reduce_diagonal_sums(
+    sums: dict[str, Tensor], count: int, reduce: Callable[[Tensor], Tensor] | None = None
+) -> tuple[dict[str, Tensor], int]:
+    """Per-parameter means from :func:`accumulate_diagonal`'s sums, summed first over ranks.
+
+    Args:
+        sums: Per-parameter sums of one process (one rank's shard).
+        count: Samples behind ``sums``.
+        reduce: A sum all-reduce of one flat tensor (``lambda t: strategy.reduce(t, reduce_op="sum")``); None with
+            one process. Sums and count travel in one float64 tensor, so one collective gives exactly the result of
+            one process over the union of the shards.
+
+    Returns:
+        ``(diagonals, total)``: CPU tensors by parameter name (in the sums' dtype), and the total sample count.
+
+    Raises:
+        ValueError: If no rank saw any sample.
+    """
+    names = list(sums)
+    flat = torch.cat([sums[name].reshape(-1).double() for name in names])
+    flat = torch.cat([flat, torch.tensor([float(count)], dtype=flat.dtype, device=flat.device)])
+    if reduce is not None:
+        flat = reduce(flat)
+    total = int(round(flat[-1].item()))
+    if total == 0:
+        raise ValueError("The profiling data yielded no samples.")
+    diagonals, offset = {}, 0
+    for name in names:
+        n = sums[name].numel()
+        diagonals[name] = (flat[offset : offset + n] / total).reshape(sums[name].shape).to("cpu", sums[name].dtype)
+        offset += n
+    return diagonals, total
+
+
 def profile_model(
     model: nn.Module,
     dataloader: Iterable[Any],
@@ -142,9 +176,7 @@ def profile_model(
     """
     start = time.perf_counter()
     sums, count = accumulate_diagonal(model, dataloader, estimator, **kwargs)
-    if count == 0:
-        raise ValueError("`dataloader` yielded no samples.")
-    diagonals = {name: s / count for name, s in sums.items()}
+    diagonals, count = reduce_diagonal_sums(sums, count)
     options = estimator_options(estimator, kwargs.get("num_draws", 1), kwargs.get("strict", True))
     metadata = {
         "seconds": time.perf_counter() - start,

@@ -6,20 +6,26 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearn.module import UnlearnModule
 
 
 class ShardSampler(Sampler[int]):
-    """Samples ``rank, rank + world, …`` of a dataset (optionally shuffled per epoch with a shared seed).
+    """Samples ``rank, rank + world, …`` of a dataset (optionally shuffled per epoch with a shared seed), padded so
+    that every rank gets exactly ``ceil(length / world_size)`` indices.
 
-    Unlike ``DistributedSampler`` it never pads, so a sum over all ranks counts every sample exactly once (what a
-    one-step update over the whole forget set needs). With one process it is a plain (shuffled) sampler.
+    Every rank must run the same number of steps under DDP (each backward, and each forward of a model with buffers,
+    is a collective), so the shards are padded like ``DistributedSampler``'s. Unlike there, a padding index is
+    ``length + i`` (a repeat of sample ``i``): :class:`Weighted` turns it into sample ``i`` with weight 0, so sums
+    over all ranks still count every sample exactly once (what a one-step update over the whole forget set needs).
+    With one process it is a plain (shuffled) sampler over ``range(length)``.
     """
 
     def __init__(self, length: int, rank: int = 0, world_size: int = 1, shuffle: bool = False, seed: int = 0) -> None:
+        if length < 1:
+            raise ValueError(f"ShardSampler: the dataset is empty (`length` = {length}).")
         self.length, self.rank, self.world_size, self.shuffle, self.seed = length, rank, world_size, shuffle, seed
         self.epoch = 0
 
@@ -31,18 +37,48 @@ class ShardSampler(Sampler[int]):
             order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         else:
             order = torch.arange(self.length)
+        padding = len(self) * self.world_size - self.length
+        repeats = order.repeat(-(-padding // self.length))[:padding]  # fewer samples than ranks: repeat them
+        order = torch.cat([order, self.length + repeats])
         return iter(order[self.rank :: self.world_size].tolist())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.length, self.world_size))
+        return -(-self.length // self.world_size)
+
+
+class Weighted(Dataset):
+    """``dataset`` with a weight appended to each item: index ``i < len`` → ``(*dataset[i], 1.0)``; a padding index
+    ``len + i`` from :class:`ShardSampler` → ``(*dataset[i], 0.0)``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.length = len(dataset)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.dataset[index % self.length]
+        return (*item, 1.0 if index < self.length else 0.0)
+
+
+def weighted_mean(
+    values: torch.Tensor, weight: torch.Tensor, count: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """``Σ w·v / count`` with ``count = Σ w`` by default (a batch of padding only gives 0)."""
+    weight = weight.to(values.dtype)
+    count = weight.sum() if count is None else torch.as_tensor(count, dtype=values.dtype, device=values.device)
+    return (weight * values).sum() / count.clamp_min(torch.finfo(values.dtype).tiny)
 
 
 class UnlearnMethod:
     """One unlearning method: which data it iterates, what one step does, what it reports.
 
     The :class:`~lightning_unlearn.unlearn.module.UnlearnModule` runs under manual optimization and delegates to
-    these hooks; the method reaches the network (``module.net``), the hard freeze (``module.guard``), the data
-    (``module.datamodule``, ``module.loader``) and the profile (``module.profile``) through the module.
+    these hooks. Batches from ``module.loader`` end with a per-sample weight (0 for padding, see
+    :class:`ShardSampler`) that losses must apply. The method reaches the network (``module.net``), the hard freeze
+    (``module.guard``), the data (``module.datamodule``, ``module.loader``) and the profile (``module.profile``)
+    through the module.
     """
 
     name = "base"
@@ -67,3 +103,10 @@ class UnlearnMethod:
     def report(self) -> dict[str, Any]:
         """Chosen hyper-parameters and method-specific measurements, for ``report.json``."""
         return {"method": self.name}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a fit measured or chose (plain Python values); travels back from spawned ranks with the weights."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""

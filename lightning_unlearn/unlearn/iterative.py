@@ -14,10 +14,20 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch.utilities import CombinedLoader
 
-from lightning_unlearn.unlearn.base import UnlearnMethod
+from lightning_unlearn.unlearn.base import UnlearnMethod, weighted_mean
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearn.module import UnlearnModule
+
+
+def cross_entropy(
+    module: UnlearnModule, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy over this rank's batch, normalised so that DDP's average of the ranks' gradients is exactly the
+    mean over the real samples of all ranks' batches: ``Σ w·ℓ / (Σ_ranks Σ w / world)`` (padding has weight 0, see
+    ``ShardSampler``). With one process: the mean over the batch."""
+    count = module.all_reduce_sum({"n": weight.sum().double()})["n"] / module.world_size
+    return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weight, count)
 
 
 def optimizer_step(module: UnlearnModule, loss: torch.Tensor) -> None:
@@ -45,7 +55,8 @@ class IterativeMethod(UnlearnMethod):
         self.batch_size = batch_size
 
     def forget_and_retain(self, module: UnlearnModule) -> CombinedLoader:
-        """Forget pairs ``(x, y_poisoned, y_true, idx)`` with retain batches alongside; one epoch: one pass over D_f."""
+        """Forget pairs ``(x, y_poisoned, y_true, idx, weight)`` with retain batches ``(x, y, idx, weight)``
+        alongside; one epoch: one pass over D_f."""
         dm = module.datamodule
         forget = module.loader(dm.forget_pairs_dataloader().dataset, shuffle=True, batch_size=self.batch_size)
         retain = module.loader(dm.retain_dataloader().dataset, shuffle=True, batch_size=self.batch_size)
@@ -65,8 +76,8 @@ class Finetune(IterativeMethod):
 
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
-        x, y = batch[0], batch[1]
-        loss = F.cross_entropy(module.net(x), y)
+        x, y, weight = batch[0], batch[1], batch[-1]
+        loss = cross_entropy(module, module.net(x), y, weight)
         optimizer_step(module, loss)
         module.log("unlearn/retain_loss", loss, prog_bar=True)
         return loss
@@ -95,10 +106,10 @@ class NegGradPlus(IterativeMethod):
 
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
-        (xf, yp, yt, _), (xr, yr, _) = batch["forget"], batch["retain"]
+        (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
         logits_f = module.net(xf)
-        descent = F.cross_entropy(module.net(xr), yr) + F.cross_entropy(logits_f, yt)
-        loss = self.beta * descent - (1 - self.beta) * F.cross_entropy(logits_f, yp)
+        descent = cross_entropy(module, module.net(xr), yr, wr) + cross_entropy(module, logits_f, yt, wf)
+        loss = self.beta * descent - (1 - self.beta) * cross_entropy(module, logits_f, yp, wf)
         optimizer_step(module, loss)
         module.log("unlearn/loss", loss, prog_bar=True)
         return loss

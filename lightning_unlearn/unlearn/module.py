@@ -12,14 +12,17 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.curvature import SharpnessProfile, profile_model, weights_fingerprint
+from lightning_unlearn.curvature import SharpnessProfile, accumulate_diagonal, reduce_diagonal_sums, weights_fingerprint
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer
-from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod
+from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted
 from lightning_unlearn.unlearn.freeze import FreezeGuard
 from lightning_unlearn.unlearn.one_step import FirstOrder
 from lightning_unlearn.unlearn.validation import FrozenActivationCache, accuracy_and_loss
@@ -48,6 +51,13 @@ class UnlearnModule(LightningModule):
     which would resume the old loop state), loads that run's curvature profile (or computes it and saves it into the
     run directory), selects parameters with ``selection``, hard-freezes every other parameter and unlearns with
     ``method``. Its own dataloaders come from the run's data module, sharded exactly across ranks.
+
+    Distributed: runs under ``SingleDeviceStrategy`` and every ``DDPStrategy`` flavour (``ddp``, ``ddp_spawn``,
+    ``ddp_fork``, any number of devices and nodes); other strategies (FSDP, DeepSpeed, ...) are refused in ``setup``.
+    Under DDP a profile computed here is computed once: by the parent process of spawned ranks, or sharded across
+    ranks launched as scripts and all-reduced (rank zero writes it). One-step methods sum the forget gradient over
+    all ranks; SAM-style methods all-reduce the gradient that defines the perturbation, so every rank moves to the
+    same perturbed point; iterative updates use DDP's averaged gradients. Batch sizes are per rank.
 
     Args:
         run: Training run directory (or a checkpoint inside one) holding the checkpoint and ``poison.json``.
@@ -129,12 +139,16 @@ class UnlearnModule(LightningModule):
     def num_train_samples(self) -> int:
         return len(self.datamodule.train_dataset())
 
-    def prepare(self) -> None:
-        """Load data, the profile and the selection, and apply the hard freeze (idempotent; called by ``setup``)."""
+    def prepare(self, device: torch.device | str | None = None) -> None:
+        """Load data, the profile and the selection, and apply the hard freeze (idempotent; called by ``setup``).
+
+        Args:
+            device: Where a profile computed here is computed (default: where the module is).
+        """
         if self.guard is not None:
             return
         self.datamodule.setup("fit")
-        self.require_profile()
+        self.require_profile(device)
         start = time.perf_counter()
         self.mask = self.selection(self.profile)
         self.timings["selection_seconds"] = time.perf_counter() - start
@@ -147,8 +161,19 @@ class UnlearnModule(LightningModule):
             f"({', '.join(self.mask.layers) or 'element-wise'}); method {self.method.name!r}."
         )
 
-    def require_profile(self) -> SharpnessProfile:
-        """The curvature profile: loaded from ``profile`` / the run directory, or computed now and saved there."""
+    def prepare_before_fit(self, trainer: Trainer) -> None:
+        """Prepare now when this process alone has to: one process, or the parent of spawned ranks (``ddp_spawn``,
+        ``ddp_fork``: they inherit the prepared module, so a missing profile is computed once). Ranks that run as
+        separate processes from the start (``strategy="ddp"``, torchrun, SLURM) prepare in ``setup``, together."""
+        if trainer.world_size == 1 or isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            self.prepare(trainer.strategy.root_device)
+
+    def require_profile(self, device: torch.device | str | None = None) -> SharpnessProfile:
+        """The curvature profile: loaded from ``profile`` / the run directory, or computed now and saved there.
+
+        Under DDP (called from ``setup``) each rank profiles its shard, one all-reduce of sums and counts gives the
+        single-process result, and global rank zero saves it.
+        """
         if self.profile is not None:
             return self.profile
         path = self.profile_path or self.training_run.profile_path
@@ -157,11 +182,11 @@ class UnlearnModule(LightningModule):
             profile = SharpnessProfile.load(path)
             source = f"loaded from {path}"
         else:
-            self.datamodule.setup("fit")
-            loader = self.datamodule.profile_dataloader(batch_size=256)
-            profile = profile_model(self, loader, self.estimator, max_samples=self.profile_max_samples, progress=True)
-            profile.dataset = self.datamodule.dataset
-            profile.save(path)
+            profile = self._compute_profile(device)
+            if self._trainer is None or self.trainer.is_global_zero:
+                profile.save(path)
+            if self._distributed:
+                self.trainer.strategy.barrier("unlearn_profile")
             source = f"computed ({self.estimator}) and saved to {path}"
         profile.check_compatible(self)
         weights = weights_fingerprint(self)
@@ -176,6 +201,43 @@ class UnlearnModule(LightningModule):
         self.profile = profile
         return profile
 
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    @property
+    def world_size(self) -> int:
+        """Processes taking part (1 without a Trainer)."""
+        return self.trainer.world_size if self._distributed else 1
+
+    def _compute_profile(self, device: torch.device | str | None) -> SharpnessProfile:
+        """The training set's curvature profile (this rank's shard, all-reduced under DDP)."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._distributed else (0, 1)
+        if device is None and self._trainer is not None:
+            device = self.trainer.strategy.root_device
+        self.datamodule.setup("fit")
+        dataset = self.datamodule.train_dataset()
+        total = len(dataset) if self.profile_max_samples is None else min(self.profile_max_samples, len(dataset))
+        shard = DataLoader(Subset(dataset, range(rank, total, world)), batch_size=256)
+        home = self.device
+        self.to(device or home)
+        try:
+            sums, count = accumulate_diagonal(
+                self, shard, self.estimator, device=self.device, progress=rank == 0, rank=rank
+            )
+        finally:
+            self.to(home)
+        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._distributed else None
+        diagonals, count = reduce_diagonal_sums(sums, count, reduce)
+        return SharpnessProfile.from_model(
+            self,
+            diagonals,
+            self.estimator,
+            count,
+            dataset=self.datamodule.dataset,
+            metadata={"world_size": world, "module": type(self).__name__},
+        )
+
     # ------------------------------------------------------------------------------------------------- utilities
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.optimizer_factory is None:
@@ -183,11 +245,12 @@ class UnlearnModule(LightningModule):
         return self.optimizer_factory(params)
 
     def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
-        """A loader over this rank's exact shard of ``dataset`` (no padding, see :class:`ShardSampler`)."""
+        """A loader over this rank's shard of ``dataset``, items with a weight appended (0 for the padding that gives
+        every rank the same number of batches, see :class:`ShardSampler`)."""
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
         sampler = ShardSampler(len(dataset), rank, world, shuffle=shuffle, seed=self.hparams.seed)
         return DataLoader(
-            dataset,
+            Weighted(dataset),
             batch_size=batch_size or self.hparams.eval_batch_size,
             sampler=sampler,
             num_workers=self.hparams.num_workers,
@@ -195,7 +258,7 @@ class UnlearnModule(LightningModule):
 
     def all_reduce_sum(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum each tensor over all ranks with one all-reduce (identity with one process)."""
-        if self._trainer is None or self.trainer.world_size == 1:
+        if not self._distributed:
             return tensors
         names = list(tensors)
         flat = torch.cat([tensors[n].reshape(-1).double() for n in names])
@@ -262,7 +325,23 @@ class UnlearnModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        self.prepare()
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+            raise MisconfigurationException(
+                f"UnlearnModule does not support `strategy={type(strategy).__name__}`: use a single device or DDP "
+                "(`strategy='ddp'`, 'ddp_spawn', 'ddp_fork'). Sharded strategies (FSDP, DeepSpeed) would split the "
+                "parameters the hard freeze and the one-step update address."
+            )
+        self.prepare(strategy.root_device)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What a run measured and chose besides weights (timings, the method's results), so that it survives the
+        trip from the spawned rank zero back to the main process under ``ddp_spawn``."""
+        return {"timings": dict(self.timings), "method": self.method.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.timings.update(state.get("timings", {}))
+        self.method.load_state_dict(state.get("method", {}))
 
     def train_dataloader(self) -> Any:
         self.prepare()

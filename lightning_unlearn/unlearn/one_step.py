@@ -39,14 +39,19 @@ def forget_gradient(
     y_poisoned: torch.Tensor,
     y_true: torch.Tensor,
     params: list[torch.nn.Parameter],
+    weight: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """``Σ_i ∇ ℓ(x_i, y_true_i) − ∇ ℓ(x_i, y_poisoned_i)`` w.r.t. ``params`` over a batch (one forward, one backward).
+    """``Σ_i w_i [∇ ℓ(x_i, y_true_i) − ∇ ℓ(x_i, y_poisoned_i)]`` w.r.t. ``params`` over a batch (one forward, one
+    backward); ``w_i = 1`` by default (0 marks padding).
 
     Cross-entropy summed over the batch; the network is used as it is (callers put it in ``eval()``).
     """
     with torch.enable_grad():
         logits = net(x)
-        loss = F.cross_entropy(logits, y_true, reduction="sum") - F.cross_entropy(logits, y_poisoned, reduction="sum")
+        per_sample = F.cross_entropy(logits, y_true, reduction="none") - F.cross_entropy(
+            logits, y_poisoned, reduction="none"
+        )
+        loss = per_sample.sum() if weight is None else (weight.to(per_sample.dtype) * per_sample).sum()
         grads = torch.autograd.grad(loss, params)
     return [g.detach() for g in grads]
 
@@ -89,13 +94,13 @@ class OneStepMethod(UnlearnMethod):
 
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> None:
         start = time.perf_counter()
-        x, y_poisoned, y_true = batch[0], batch[1], batch[2]
+        x, y_poisoned, y_true, weight = batch[0], batch[1], batch[2], batch[-1]
         module.net.eval()
         params = module.guard.trainable
-        grads = forget_gradient(module.net, x, y_poisoned, y_true, list(params.values()))
+        grads = forget_gradient(module.net, x, y_poisoned, y_true, list(params.values()), weight)
         for name, grad in zip(params, grads, strict=True):
             self._grad[name] = self._grad[name] + grad if name in self._grad else grad
-        self._count += len(x)
+        self._count += int(weight.sum().item())
         self._seconds_grad += time.perf_counter() - start
 
     def on_train_epoch_end(self, module: UnlearnModule) -> None:
@@ -158,6 +163,12 @@ class OneStepMethod(UnlearnMethod):
 
     def report(self) -> dict[str, Any]:
         return {"method": self.name, "criterion": self.criterion, **self.result}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"result": self.result}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.result = dict(state.get("result", self.result))
 
 
 class FirstOrder(OneStepMethod):

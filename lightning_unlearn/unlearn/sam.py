@@ -6,31 +6,35 @@ eq. 7/11). ``sharp_minmax`` (Tang & Khanna) splits the model: the selection (for
 ascent steps on the forget loss with poisoned labels, every other parameter (retain part) takes SAM steps on the
 retain loss.
 
-A step, as DESIGN.md prescribes: the first backward (for ε) runs without gradient synchronisation
-(``trainer.strategy.block_backward_sync()``); the perturbation is applied under ``no_grad`` and skipped when the
-gradient norm is zero or not finite; the second forward runs with BatchNorm statistics frozen (the network is in
-``eval()`` throughout); the weights are then restored *exactly* (copied back, not subtracted) and the final
-``optimizer.step()`` goes through Lightning, so ``global_step``, checkpointing and precision plugins keep working.
+A step: the gradient that defines the perturbation ``ε`` is computed with ``torch.autograd.grad`` (no DDP hooks)
+and summed over all ranks with one explicit all-reduce, so every rank moves to the same perturbed point (ε depends
+on the gradient's direction only, so a sum is as good as a mean); the perturbation is applied under ``no_grad`` and
+skipped when that gradient is zero or not finite; the network stays in ``eval()`` (BatchNorm statistics frozen);
+the weights are then restored *exactly* (copied back, not subtracted) and the final ``optimizer.step()`` goes through
+Lightning (gradients averaged by DDP in ``manual_backward``), so ``global_step``, checkpointing and precision plugins
+keep working.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 
-from lightning_unlearn.unlearn.iterative import IterativeMethod
+from lightning_unlearn.unlearn.iterative import IterativeMethod, cross_entropy
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearn.module import UnlearnModule
 
 
-def no_sync(module: UnlearnModule) -> contextlib.AbstractContextManager:
-    """Skip gradient synchronisation for the next backward (DDP); a no-op for single-device strategies."""
-    block = getattr(module.trainer.strategy, "block_backward_sync", None)
-    return block() if block is not None else contextlib.nullcontext()
+def synced_gradient(
+    module: UnlearnModule, loss: torch.Tensor, named: dict[str, torch.nn.Parameter]
+) -> list[torch.Tensor]:
+    """``∇ loss`` w.r.t. ``named`` parameters, summed over all ranks, unselected entries zeroed (for a perturbation)."""
+    grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
+    local = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named.items(), grads, strict=True)}
+    total = module.all_reduce_sum(local)
+    return [module.guard.mask_update(n, total[n]) for n in named]
 
 
 def _norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -57,10 +61,12 @@ class Perturbation:
             p.copy_(saved)
 
 
-def forget_loss(module: UnlearnModule, x: torch.Tensor, y_poisoned: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
-    """``L_forget = CE(corrected labels) − CE(poisoned labels)`` (mean over the batch)."""
+def forget_loss(
+    module: UnlearnModule, x: torch.Tensor, y_poisoned: torch.Tensor, y_true: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """``L_forget = CE(corrected labels) − CE(poisoned labels)`` (weighted mean over the batch)."""
     logits = module.net(x)
-    return F.cross_entropy(logits, y_true) - F.cross_entropy(logits, y_poisoned)
+    return cross_entropy(module, logits, y_true, weight) - cross_entropy(module, logits, y_poisoned, weight)
 
 
 class SamForget(IterativeMethod):
@@ -87,20 +93,17 @@ class SamForget(IterativeMethod):
 
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
-        (xf, yp, yt, _), (xr, yr, _) = batch["forget"], batch["retain"]
+        (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
         optimizer = module.optimizers()
-        params = module.guard.parameters()
-        optimizer.zero_grad()
-        with no_sync(module):
-            module.manual_backward(forget_loss(module, xf, yp, yt))
-        module.guard.zero_frozen_grads()
-        eps = Perturbation(params, [p.grad for p in params], self.rho, sign=1.0)
+        named = module.guard.trainable
+        grads = synced_gradient(module, forget_loss(module, xf, yp, yt, wf), named)
+        eps = Perturbation(list(named.values()), grads, self.rho, sign=1.0)
         self.skipped += not eps.applied
         optimizer.zero_grad()
-        sharp = forget_loss(module, xf, yp, yt)  # at θ + ε
+        sharp = forget_loss(module, xf, yp, yt, wf)  # at θ + ε
         module.manual_backward(sharp)
         eps.restore()
-        retain = F.cross_entropy(module.net(xr), yr)  # at θ
+        retain = cross_entropy(module, module.net(xr), yr, wr)  # at θ
         module.manual_backward(self.lam * retain)
         module.guard.zero_frozen_grads()
         optimizer.step()
@@ -110,6 +113,12 @@ class SamForget(IterativeMethod):
 
     def report(self) -> dict[str, Any]:
         return {**super().report(), "rho": self.rho, "lam": self.lam, "skipped_perturbations": self.skipped}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.skipped = int(state.get("skipped", self.skipped))
 
 
 class SharpMinMax(IterativeMethod):
@@ -141,21 +150,21 @@ class SharpMinMax(IterativeMethod):
 
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
-        (xf, yp, _, _), (xr, yr, _) = batch["forget"], batch["retain"]
+        (xf, yp, _, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
         optimizer = module.optimizers()
-        forget_part = [p for n, p in module.net_named_parameters() if n in module.selected_names]
-        retain_part = [p for n, p in module.net_named_parameters() if n not in module.selected_names]
-        # local gradients for the two perturbations (no synchronisation needed)
-        g_r = torch.autograd.grad(F.cross_entropy(module.net(xr), yr), retain_part, allow_unused=True)
-        g_f = torch.autograd.grad(F.cross_entropy(module.net(xf), yp), forget_part, allow_unused=True)
-        eps_r = Perturbation(retain_part, list(g_r), self.rho, sign=1.0)
-        eps_f = Perturbation(forget_part, list(g_f), self.rho_forget, sign=-1.0)
+        forget_named = {n: p for n, p in module.net_named_parameters() if n in module.selected_names}
+        retain_named = {n: p for n, p in module.net_named_parameters() if n not in module.selected_names}
+        forget_part, retain_part = list(forget_named.values()), list(retain_named.values())
+        g_r = synced_gradient(module, cross_entropy(module, module.net(xr), yr, wr), retain_named)
+        g_f = synced_gradient(module, cross_entropy(module, module.net(xf), yp, wf), forget_named)
+        eps_r = Perturbation(retain_part, g_r, self.rho, sign=1.0)
+        eps_f = Perturbation(forget_part, g_f, self.rho_forget, sign=-1.0)
         optimizer.zero_grad()
-        retain = F.cross_entropy(module.net(xr), yr)
+        retain = cross_entropy(module, module.net(xr), yr, wr)
         module.manual_backward(retain)
         retain_grads = [None if p.grad is None else p.grad.clone() for p in retain_part]
         optimizer.zero_grad()
-        forget = F.cross_entropy(module.net(xf), yp)
+        forget = cross_entropy(module, module.net(xf), yp, wf)
         module.manual_backward(-forget)  # ascent
         for p, g in zip(retain_part, retain_grads, strict=True):
             p.grad = g

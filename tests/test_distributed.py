@@ -1,0 +1,194 @@
+"""Unlearning under DDP: 2 CPU processes (gloo) give the single-process result, for every method.
+
+Two launch modes are covered: ranks started as separate processes from the beginning (like ``strategy="ddp"`` from
+a script, torchrun or SLURM: each rank builds its own module, a missing profile is computed sharded in ``setup`` and
+all-reduced) and ``ddp_spawn`` through the full pipeline (the parent prepares once, rank zero's results come back).
+The run has an odd number of poisoned (51) and retained (949) samples, so the shards are padded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import train_debug_run
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_unlearn.curvature import SharpnessProfile
+from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
+from lightning_unlearn.pipeline import REPORT_FILENAME, run_unlearning
+from lightning_unlearn.run import TrainingRun
+from lightning_unlearn.selection import LastLayer, SmallestLayer, TopKParameters
+from lightning_unlearn.unlearn import (
+    Finetune,
+    FirstOrder,
+    NegGradPlus,
+    SamForget,
+    SecondOrder,
+    ShardSampler,
+    SharpMinMax,
+    UnlearnModule,
+)
+from lightning_unlearn.unlearn.base import Weighted
+from lightning_unlearn.unlearn.module import TRAINER_DEFAULTS, unlearn_trainer
+
+WORLD = 2
+BATCH = 16  # per rank; the single process uses WORLD * BATCH
+
+#: name → (method factory taking the batch size, selection factory)
+METHODS = {
+    "first_order": (lambda b: FirstOrder(batch_size=b), SmallestLayer),
+    "first_order_topk": (lambda b: FirstOrder(batch_size=b), lambda: TopKParameters(fraction=0.02)),
+    "second_order": (lambda b: SecondOrder(batch_size=b), LastLayer),
+    "finetune": (lambda b: Finetune(batch_size=b), SmallestLayer),
+    "neggrad_plus": (lambda b: NegGradPlus(batch_size=b), SmallestLayer),
+    "sam_forget": (lambda b: SamForget(batch_size=b, rho=0.5), lambda: TopKParameters(fraction=0.05)),
+    "sharp_minmax": (lambda b: SharpMinMax(batch_size=b), LastLayer),
+}
+
+
+# ------------------------------------------------------------------------------------------------ sharding (unit)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shard_sampler_pads_ranks_equally_and_counts_each_sample_once(shuffle):
+    dataset = [(torch.tensor(float(i)),) for i in range(11)]
+    for length in range(1, 12):
+        for world in (1, 2, 3, 4):
+            samplers = [ShardSampler(length, rank, world, shuffle=shuffle, seed=3) for rank in range(world)]
+            shards = [list(s) for s in samplers]
+            assert {len(shard) for shard in shards} == {-(-length // world)}  # same number of batches on every rank
+            weighted = Weighted(dataset[:length])
+            items = [weighted[i] for shard in shards for i in shard]
+            real = sorted(int(x) for x, w in items if w == 1.0)
+            assert real == list(range(length))  # every sample exactly once with weight 1
+            assert sum(w == 0.0 for _, w in items) == len(shards[0]) * world - length
+
+
+def test_weighted_mean_of_padding_only_batch_is_zero():
+    from lightning_unlearn.unlearn.base import weighted_mean
+
+    values = torch.tensor([2.0, 4.0])
+    assert weighted_mean(values, torch.tensor([1.0, 0.0])) == 2.0
+    assert weighted_mean(values, torch.tensor([0.0, 0.0])) == 0.0
+    assert weighted_mean(values, torch.tensor([1.0, 1.0]), count=4.0) == 1.5
+
+
+def test_sharded_strategies_are_rejected(odd_run):
+    module = UnlearnModule(str(odd_run))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(MisconfigurationException, match="strategy=FSDPStrategy"):
+        module.setup("fit")
+
+
+# -------------------------------------------------------------------------------------------------- distributed
+@pytest.fixture(scope="module")
+def odd_run(tmp_path_factory):
+    """1,000 MNIST images, 51 of class 9 poisoned (odd forget and retain sets), one short epoch, exact profile."""
+    return train_debug_run(tmp_path_factory.mktemp("odd"), "--data.train_subset", "1000", "--data.poison.count", "51")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _state(module: UnlearnModule) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.net.state_dict().items()}
+
+
+def _ddp_trainer(strategy: str, **kwargs) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=False,
+        **TRAINER_DEFAULTS,
+        **kwargs,
+    )
+
+
+def _rank_worker(rank: int, port: int, run: str, out: str) -> None:
+    """One rank launched as its own process (as torchrun would): Lightning joins the group from the environment."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    os.environ["WORLD_SIZE"] = str(WORLD)
+    torch.set_num_threads(1)
+    results = {}
+    for name, (method, selection) in METHODS.items():
+        module = UnlearnModule(run, method(BATCH), selection())
+        trainer = _ddp_trainer("ddp", max_epochs=module.max_epochs)
+        assert trainer.strategy.launcher is None or not trainer.strategy.launcher.is_interactive_compatible
+        trainer.fit(module)
+        results[name] = (_state(module), module.method.report(), sorted(module.selected_names))
+    if rank == 0:
+        torch.save(results, out)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_every_method_under_ddp_equals_one_process(odd_run, tmp_path):
+    # ranks get a copy of the run without its profile: they compute it sharded in `setup` and all-reduce it
+    run = tmp_path / "run"
+    shutil.copytree(odd_run, run)
+    (run / "sharpness_profile.pt").unlink()
+    out = tmp_path / "ranks.pt"
+    mp.start_processes(_rank_worker, args=(_free_port(), str(run), str(out)), nprocs=WORLD, start_method="spawn")
+    distributed = torch.load(out, weights_only=False)
+
+    profile = SharpnessProfile.load(run / "sharpness_profile.pt")
+    single_profile = SharpnessProfile.load(odd_run / "sharpness_profile.pt")
+    assert profile.metadata["world_size"] == WORLD and profile.num_samples == single_profile.num_samples == 1000
+    for name, diag in single_profile.diagonals.items():
+        torch.testing.assert_close(profile.diagonals[name], diag, rtol=1e-5, atol=1e-12)
+    assert not list(run.glob(".*.tmp"))
+
+    original = _state(UnlearnModule(str(odd_run)))
+    for name, (method, selection) in METHODS.items():
+        module = UnlearnModule(str(odd_run), method(WORLD * BATCH), selection())
+        unlearn_trainer(max_epochs=module.max_epochs, accelerator="cpu").fit(module)
+        single, report = _state(module), module.method.report()
+        state, ddp_report, selected = distributed[name]
+        assert selected == sorted(module.selected_names), name
+        changed = [k for k in single if not torch.equal(single[k], original[k])]
+        assert changed, f"{name}: the single-process run changed nothing, the comparison would be vacuous"
+        for key in single:
+            where = f"{name} {key}"
+            torch.testing.assert_close(state[key], single[key], rtol=2e-5, atol=1e-6, msg=lambda _, w=where: w)
+            if torch.equal(single[key], original[key]):  # frozen: bit-identical under DDP too
+                assert torch.equal(state[key], original[key]), f"{name}: frozen {key} moved under DDP"
+        if module.method.one_step:
+            assert ddp_report["forget_samples"] == report["forget_samples"] == 51
+            assert ddp_report["step"] == report["step"]
+            assert ddp_report["grad_norm"] == pytest.approx(report["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_pipeline_under_ddp_spawn_writes_one_report_equal_to_one_process(odd_run, tmp_path):
+    def request(trainer: Trainer, folder: Path, batch_size: int) -> dict:
+        module = UnlearnModule(str(odd_run), FirstOrder(batch_size=batch_size), SmallestLayer())
+        return run_unlearning(trainer, module, out_dir=folder, evaluation=ACCURACY_ONLY)
+
+    single = request(unlearn_trainer(accelerator="cpu"), tmp_path / "single", WORLD * BATCH)
+    ddp = request(_ddp_trainer("ddp_spawn", default_root_dir=str(tmp_path)), tmp_path / "ddp", BATCH)
+    written = json.loads((tmp_path / "ddp" / REPORT_FILENAME).read_text())
+    # rank zero's measurements come back to the parent with the weights
+    assert written["method"]["forget_samples"] == ddp["method"]["forget_samples"] == 51
+    assert written["method"]["step"] == single["method"]["step"] > 0
+    for key, value in single["after"].items():
+        assert ddp["after"][key] == pytest.approx(value, abs=1e-6), key
+    unlearned = TrainingRun.from_path(tmp_path / "ddp" / "unlearned.ckpt").load_classifier()
+    reference = TrainingRun.from_path(tmp_path / "single" / "unlearned.ckpt").load_classifier()
+    for (name, a), b in zip(unlearned.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=name)
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [REPORT_FILENAME, "unlearned.ckpt"]
