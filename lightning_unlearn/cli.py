@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -97,6 +98,27 @@ class TrainCLI(LightningCLI):
         return getattr(callback, "best_model_path", None) or getattr(callback, "last_model_path", None) or None
 
 
+def _choices_hint(message: str) -> str:
+    """The allowed classes of the unlearning request's ``method`` / ``selection`` when a parse error concerns them."""
+    from lightning_unlearn.selection import STRATEGIES
+    from lightning_unlearn.unlearn import METHODS
+
+    hints = []
+    for key, classes in (("model.method", METHODS), ("model.selection", STRATEGIES)):
+        if f'"{key}"' in message or f"'{key}'" in message:
+            names = ", ".join(cls.__name__ for cls in classes.values())
+            hints.append(f"`--{key}` must be one of {names} (or the class_path of a subclass).")
+    return "\n".join(hints)
+
+
+class UnlearnArgumentParser(LightningArgumentParser):
+    """The unlearning parser: an unknown method or selection class gets the list of known ones in its error."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        hint = _choices_hint(message)
+        super().error(f"{message}\n{hint}" if hint else message, ex)
+
+
 class UnlearnCLI(LightningCLI):
     """``LightningCLI`` for :class:`~lightning_unlearn.unlearn.UnlearnModule` (no subcommands: one request per call).
 
@@ -118,6 +140,7 @@ class UnlearnCLI(LightningCLI):
             },
         }
         kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
+        kwargs.setdefault("parser_class", UnlearnArgumentParser)
         super().__init__(UnlearnModule, None, args=args, run=False, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -131,14 +154,26 @@ class UnlearnCLI(LightningCLI):
         parser.add_argument(
             "--name", type=str | None, default=None, help="Name of this request (default: <method>_<selection>)."
         )
+        parser.add_argument(
+            "--overwrite",
+            action=ActionYesNo,
+            default=False,
+            help="Replace the results of an earlier request in the output folder (refused by default when it "
+            "already holds report.json).",
+        )
         from lightning_unlearn.evaluation.suite import EvaluationOptions
 
         parser.add_class_arguments(EvaluationOptions, "evaluation", sub_configs=True)
 
     def before_instantiate_classes(self) -> None:
+        from lightning_unlearn.curvature import ESTIMATORS
         from lightning_unlearn.run import TrainingRun
 
         config = self.config
+        if config.model.estimator not in ESTIMATORS:
+            self.parser.error(
+                f"`--model.estimator` must be one of {sorted(ESTIMATORS)}, got {config.model.estimator!r}."
+            )
         logger = config.trainer.logger
         init = getattr(logger, "init_args", None)
         if init is not None and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
@@ -164,7 +199,8 @@ def unlearn_main() -> dict[str, Any]:
     options = cli.config_init.get("evaluation")
     reference_dir = cli.config.get("reference")
     reference = reference_metrics(reference_dir, cli.model.datamodule, options) if reference_dir else None
-    report = run_unlearning(cli.trainer, cli.model, reference, evaluation=options)
+    overwrite = bool(cli.config.get("overwrite", False))
+    report = run_unlearning(cli.trainer, cli.model, reference, evaluation=options, overwrite=overwrite)
     if cli.trainer.is_global_zero:
         print_report(report)
     return report
@@ -230,15 +266,17 @@ def profile_checkpoint(
     """
     from torch.utils.data import DataLoader
 
-    from lightning_unlearn.curvature import profile_model
+    from lightning_unlearn.curvature import ESTIMATORS, profile_model
     from lightning_unlearn.run import TrainingRun
 
+    if estimator not in ESTIMATORS:  # checked before the (slow) loading of the run
+        raise ValueError(f"`estimator` must be one of {sorted(ESTIMATORS)}, got {estimator!r}.")
+    if split not in ("train", "val"):
+        raise ValueError(f"`split` must be one of ('train', 'val'), got {split!r}.")
     training_run = TrainingRun.from_path(run)
     classifier = training_run.load_classifier(map_location=device)
     datamodule = training_run.datamodule()
     datamodule.setup("fit")
-    if split not in ("train", "val"):
-        raise ValueError(f"`split` must be one of ('train', 'val'), got {split!r}.")
     loader = (
         datamodule.profile_dataloader(batch_size=batch_size)
         if split == "train"

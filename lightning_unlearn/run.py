@@ -30,6 +30,24 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         ) from err
 
 
+def _mismatch(weights: dict[str, Any], hparams: dict[str, Any]) -> str:
+    """Which entries of ``weights`` the network described by ``hparams`` lacks, does not expect or shapes otherwise."""
+    try:
+        kwargs = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+        expected = {k: tuple(v.shape) for k, v in ClassifierModule(**kwargs).state_dict().items()}
+    except Exception:  # noqa: BLE001 - the hyper-parameters themselves are unusable; the caller reports the error
+        return ""
+    given = {k: tuple(v.shape) for k, v in weights.items() if torch.is_tensor(v)}
+    parts = []
+    if missing := [k for k in expected if k not in given]:
+        parts.append(f"missing {missing[:3]}{' …' if len(missing) > 3 else ''}")
+    if unexpected := [k for k in given if k not in expected]:
+        parts.append(f"unexpected {unexpected[:3]}{' …' if len(unexpected) > 3 else ''}")
+    if shapes := [f"{k} {given[k]} vs {expected[k]}" for k in given if k in expected and given[k] != expected[k]]:
+        parts.append(f"shape mismatch {shapes[:3]}")
+    return "; ".join(parts)
+
+
 @dataclass
 class TrainingRun:
     """Paths of a training run.
@@ -91,9 +109,37 @@ class TrainingRun:
         )
 
     def load_classifier(self, map_location: str | torch.device = "cpu") -> ClassifierModule:
-        """The trained :class:`ClassifierModule` (weights and hyper-parameters from the checkpoint)."""
-        _load_checkpoint(self.checkpoint)  # a clear error for a truncated or foreign file
-        return ClassifierModule.load_from_checkpoint(self.checkpoint, map_location=map_location, weights_only=True)
+        """The trained :class:`ClassifierModule` (weights and hyper-parameters from the checkpoint).
+
+        Raises:
+            ValueError: If the checkpoint is unreadable (truncated, corrupted), is not a ``ClassifierModule``
+                checkpoint, holds weights of another architecture than its hyper-parameters describe, or holds
+                non-finite (NaN/inf) weights.
+        """
+        state = _load_checkpoint(self.checkpoint)  # a clear error for a truncated or foreign file
+        where = str(self.checkpoint)
+        missing = [key for key in ("state_dict", "hyper_parameters") if not isinstance(state.get(key), dict)]
+        if missing:
+            raise ValueError(
+                f"{where!r} is not a ClassifierModule checkpoint: it has no {' / '.join(missing)} "
+                f"(its keys: {sorted(map(str, state))[:8]})."
+            )
+        weights = state["state_dict"]
+        bad = [n for n, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise ValueError(
+                f"Checkpoint {where!r} holds non-finite (NaN/inf) weights in {bad[:3]}: its gradients and curvature "
+                "would be NaN. Use an earlier checkpoint of the run, or retrain (e.g. with a smaller learning rate)."
+            )
+        try:
+            return ClassifierModule.load_from_checkpoint(self.checkpoint, map_location=map_location, weights_only=True)
+        except (RuntimeError, ValueError, TypeError) as err:
+            hparams = state["hyper_parameters"]
+            arch = {k: hparams.get(k) for k in ("architecture", "arch_kwargs", "num_classes", "in_channels")}
+            raise ValueError(
+                f"Checkpoint {where!r} does not fit the network its hyper-parameters describe ({arch}); was it saved "
+                f"from another architecture? {_mismatch(weights, hparams) or str(err).splitlines()[0]}"
+            ) from err
 
     def datamodule(self, **overrides: Any) -> PoisonedDataModule:
         """The run's data module, with exactly the run's poison record; ``overrides`` replace init arguments."""

@@ -84,6 +84,19 @@ class SelectionStrategy:
         raise NotImplementedError
 
     def __call__(self, profile: SharpnessProfile) -> ParameterMask:
+        """Select from ``profile``.
+
+        Raises:
+            ValueError: If the profile is empty or holds non-finite (NaN/inf) values, or nothing was selected.
+        """
+        if not profile.diagonals or profile.total == 0:
+            raise ValueError(f"Selection {self.name!r}: the profile holds no parameter (empty `diagonals`).")
+        bad = [name for name, d in profile.diagonals.items() if not torch.isfinite(d).all()]
+        if bad:
+            raise ValueError(
+                f"Selection {self.name!r}: the profile holds non-finite (NaN/inf) curvature values in {bad[:3]}; "
+                "recompute it (e.g. `lightning-unlearn profile RUN_DIR`)."
+            )
         mask = self.select(profile)
         if mask.num_selected == 0:
             raise ValueError(f"Selection {self.name!r} selected no parameter.")

@@ -34,6 +34,7 @@ def layer_sweep(
     method: str = "first_order",
     out: str | None = None,
     accelerator: str = "auto",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Unlearn with each weight layer alone and relate the improvement to the layer's mean Hessian diagonal.
 
@@ -43,6 +44,7 @@ def layer_sweep(
         method: ``first_order`` or ``second_order`` (one-step methods; the step is searched on validation per layer).
         out: Output folder; default ``<run>/sweep_<method>``.
         accelerator: Lightning accelerator for the requests.
+        overwrite: Replace the reports of an earlier sweep in ``out`` (refused by default).
 
     Returns:
         The sweep results (also written to ``sweep.json``, ``sweep.png`` and TensorBoard in ``out``).
@@ -71,7 +73,9 @@ def layer_sweep(
             continue
         module = UnlearnModule(run, get_method(method), NamedLayers([stats.name]))
         trainer = unlearn_trainer(accelerator=accelerator)
-        report = run_unlearning(trainer, module, ref, out_dir=folder / stats.name, evaluation=ACCURACY_ONLY)
+        report = run_unlearning(
+            trainer, module, ref, out_dir=folder / stats.name, evaluation=ACCURACY_ONLY, overwrite=overwrite
+        )
         rows.append(
             {
                 "layer": stats.name,

@@ -146,8 +146,10 @@ def test_profile_agrees_across_thread_counts(profiling_case, estimator):
     assert torch.get_num_threads() == threads  # restored
     assert single.num_samples == double.num_samples
     for name, value in single.diagonals.items():
+        # float32 sums in another order: errors of a few 1e-6 of the layer's largest entry (hutchinson's entries
+        # cancel, so its small entries have no relative accuracy to speak of)
         scale = float(value.abs().max())
-        torch.testing.assert_close(double.diagonals[name], value, rtol=1e-5, atol=1e-6 * scale, msg=name)
+        torch.testing.assert_close(double.diagonals[name], value, rtol=1e-5, atol=1e-5 * scale, msg=name)
 
 
 # -------------------------------------------------------------------------------------------------- unlearning report

@@ -105,9 +105,7 @@ def test_compare_gives_tow_gap_and_restored():
     assert better["tow"] == pytest.approx(out["tow"])
 
 
-@pytest.mark.parametrize(
-    ("argument", "value"), [("relearn_fraction", 0.0), ("relearn_steps", 0), ("relearn_lr", -1.0)]
-)
+@pytest.mark.parametrize(("argument", "value"), [("relearn_fraction", 0.0), ("relearn_steps", 0), ("relearn_lr", -1.0)])
 def test_evaluation_options_reject_bad_values(argument, value):
     from lightning_unlearn.evaluation.suite import EvaluationOptions
 

@@ -222,7 +222,12 @@ class PoisonedDataModule(LightningDataModule):
         train = self.splits.train
         if self.poison_record_path is not None:
             record = PoisonRecord.load(self.poison_record_path)
-            record.validate(train.labels, dataset=self.splits.name)
+            try:
+                record.validate(train.labels, dataset=self.splits.name)
+            except ValueError as err:
+                raise ValueError(
+                    f"`poison_record` {str(self.poison_record_path)!r} does not belong to this data: {err}"
+                ) from err
             return record
         return make_poison(train.labels, self.splits.num_classes, self.poison, self.splits.name)
 

@@ -154,15 +154,37 @@ class PoisonRecord:
         if not path.is_file():
             raise FileNotFoundError(f"No poison record at {str(path)!r}.")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
             record = cls(**data)
-        except (json.JSONDecodeError, TypeError) as err:
+            _check_types(record)
+        except (ValueError, TypeError) as err:  # JSON and UTF-8 decoding errors are ValueErrors
             raise ValueError(f"{str(path)!r} is not a valid poison record: {err}") from err
         if not (len(record.indices) == len(record.true_labels) == len(record.poisoned_labels)):
             raise ValueError(f"{str(path)!r} is not a valid poison record: field lengths differ.")
         if any(t == p for t, p in zip(record.true_labels, record.poisoned_labels, strict=True)):
             raise ValueError(f"{str(path)!r} is not a valid poison record: a poisoned label equals its true label.")
         return record
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_types(record: PoisonRecord) -> None:
+    """Raise ``TypeError`` naming the first field of a loaded record whose JSON type is wrong."""
+    for name in ("indices", "true_labels", "poisoned_labels"):
+        values = getattr(record, name)
+        if not isinstance(values, list) or not all(_is_int(v) for v in values):
+            raise TypeError(f"`{name}` must be a list of integers")
+    for name in ("dataset_size", "num_classes", "version"):
+        if not _is_int(getattr(record, name)):
+            raise TypeError(f"`{name}` must be an integer, got {getattr(record, name)!r}")
+    if not isinstance(record.spec, dict) or not isinstance(record.dataset, str):
+        raise TypeError("`spec` must be an object and `dataset` a string")
+    if record.version != RECORD_VERSION:
+        raise TypeError(f"record version {record.version}, expected {RECORD_VERSION}")
 
 
 def make_poison(labels: torch.Tensor, num_classes: int, spec: PoisonSpec, dataset: str) -> PoisonRecord:

@@ -188,7 +188,11 @@ class UnlearnModule(LightningModule):
             if self._distributed:
                 self.trainer.strategy.barrier("unlearn_profile")
             source = f"computed ({self.estimator}) and saved to {path}"
-        profile.check_compatible(self)
+        try:
+            profile.check_compatible(self)
+        except ValueError as err:
+            checkpoint = str(self.training_run.checkpoint)
+            raise ValueError(f"{err} (profile: {str(path)!r}, checkpoint: {checkpoint!r})") from err
         weights = weights_fingerprint(self)
         if profile.weights != weights and not self.allow_stale_profile:
             raise ValueError(

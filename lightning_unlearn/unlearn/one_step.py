@@ -56,6 +56,16 @@ def forget_gradient(
     return [g.detach() for g in grads]
 
 
+def _require_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a non-finite gradient or direction before any parameter is touched (the model stays as it was)."""
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise FloatingPointError(
+            f"The {what} is non-finite (NaN/inf) in {bad}: the model is left unchanged. Check the checkpoint's "
+            "weights and the forget set's inputs; for second-order updates, increase `damping`."
+        )
+
+
 class OneStepMethod(UnlearnMethod):
     """Shared machinery: accumulate ``g`` over the forget set, turn it into a direction, search the step on validation.
 
@@ -108,10 +118,12 @@ class OneStepMethod(UnlearnMethod):
         grad = module.all_reduce_sum(self._grad)
         count = int(module.all_reduce_sum({"n": torch.tensor(float(self._count), device=module.device)})["n"].item())
         grad = {name: module.guard.mask_update(name, g) for name, g in grad.items()}
+        _require_finite("forget gradient", grad)
         seconds_reduce = time.perf_counter() - start
         start = time.perf_counter()
         direction = self.direction(module, grad)
         direction = {name: module.guard.mask_update(name, d) for name, d in direction.items()}
+        _require_finite("update direction", direction)
         seconds_direction = time.perf_counter() - start
         start = time.perf_counter()
         best = self._search(module, direction)
@@ -142,7 +154,7 @@ class OneStepMethod(UnlearnMethod):
         with module.validation_cache() as cache:
             for step in [0.0, *self.steps]:
                 for name, p in params.items():
-                    p.copy_(original[name] - step * direction[name].to(p.dtype))
+                    p.copy_(original[name] - step * direction[name].to(p.dtype) if step else original[name])
                 acc, loss = module.validate()
                 self._candidates.append({"step": step, "val_acc": acc, "val_loss": loss})
         self.result["validation_cached"] = bool(cache is not None and cache.cached)
@@ -157,8 +169,8 @@ class OneStepMethod(UnlearnMethod):
             rank_zero_warn(f"{self.name}: the smallest step {best['step']} was chosen; consider smaller `steps`.")
         if best["step"] == 0.0:
             rank_zero_warn(f"{self.name}: no step improved the validation {self.criterion}; the model is unchanged.")
-        for name, p in params.items():
-            p.copy_(original[name] - best["step"] * direction[name].to(p.dtype))
+        for name, p in params.items():  # step 0: the original values exactly
+            p.copy_(original[name] - best["step"] * direction[name].to(p.dtype) if best["step"] else original[name])
         return best
 
     def report(self) -> dict[str, Any]:
