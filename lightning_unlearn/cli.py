@@ -63,6 +63,9 @@ class TrainCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # checkpoints written atomically beside their final path (a run killed mid-save keeps its last checkpoint)
+        atomic = {"class_path": "lightning_unlearn.run.AtomicCheckpointIO"}
+        kwargs["trainer_defaults"] = {"plugins": [atomic], **kwargs.get("trainer_defaults", {})}
         super().__init__(ClassifierModule, PoisonedDataModule, args=args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_unlearn.data.datamodule import POISON_FILENAME, PoisonedDataModule
 from lightning_unlearn.data.poison import PoisonRecord
 from lightning_unlearn.models.classifier import ClassifierModule
+from lightning_unlearn.utils import atomic_write, clean_stale_temp_files
 
 PROFILE_FILENAME = "sharpness_profile.pt"
 
@@ -28,6 +32,19 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise ValueError(
             f"{str(path)!r} is not a readable Lightning checkpoint ({type(err).__name__}: {err})."
         ) from err
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with local checkpoints written by :func:`~lightning_unlearn.utils.atomic_write`:
+    a temporary file *beside* the checkpoint, fsync, rename. Lightning's own writer stages the file in the system's
+    temporary folder and moves it, which is a copy (not atomic) when that folder is on another filesystem, and leaves
+    nothing to report after a kill. Remote paths (``s3://`` …) go through Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
 def _mismatch(weights: dict[str, Any], hparams: dict[str, Any]) -> str:
@@ -82,7 +99,7 @@ class TrainingRun:
         path = Path(path)
         if path.is_file():
             directory = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-            return cls(directory, path)
+            return cls(directory, path).report_interrupted_writes()
         if not path.is_dir():
             raise FileNotFoundError(f"{str(path)!r} is neither a run directory nor a checkpoint file.")
         checkpoints = sorted((path / "checkpoints").glob("*.ckpt")) or sorted(path.glob("*.ckpt"))
@@ -94,7 +111,14 @@ class TrainingRun:
                 names = ", ".join(c.name for c in checkpoints)
                 raise ValueError(f"{str(path)!r} holds several checkpoints ({names}): pass the one to use.")
             checkpoints = last
-        return cls(path, checkpoints[0])
+        return cls(path, checkpoints[0]).report_interrupted_writes()
+
+    def report_interrupted_writes(self) -> TrainingRun:
+        """Warn about (and remove) the temporary files of writes into this run that were killed midway; the
+        artifacts themselves are the last complete versions (see :func:`~lightning_unlearn.utils.atomic_write`)."""
+        for folder in {self.directory, self.checkpoint.parent}:
+            clean_stale_temp_files(folder)
+        return self
 
     def load_record(self) -> PoisonRecord:
         """The poison record of the run (from ``poison.json``, else from the checkpoint's datamodule state)."""

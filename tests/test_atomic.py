@@ -302,3 +302,49 @@ def test_stale_temp_files_tells_dead_writers_from_live_ones(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+# ------------------------------------------------------------------------------------- Lightning checkpoints of a run
+def _save_checkpoint_and_stall(path: Path, state: dict[str, Any], limit: int, stalled: Any) -> None:
+    """Child: save ``state`` the way the training Trainer does (``AtomicCheckpointIO``); stall after ``limit`` bytes."""
+    from lightning_unlearn.run import AtomicCheckpointIO
+
+    _slow_disk(1 << 20, 0.0, limit, stalled)
+    AtomicCheckpointIO().save_checkpoint(state, path)
+
+
+def test_training_checkpoints_survive_a_kill_and_the_next_start_says_so(poisoned_run, tmp_path):
+    """``train.py`` saves checkpoints through ``AtomicCheckpointIO``: killed mid-save, the run keeps its last checkpoint
+    bit for bit, and opening the run next time warns that a write was interrupted (naming the leftover), cleaning up."""
+    import shutil
+
+    from conftest import ROOT
+
+    from lightning_unlearn.cli import TrainCLI
+    from lightning_unlearn.run import AtomicCheckpointIO, TrainingRun
+
+    configs = ["-c", str(ROOT / "configs" / "mnist_cnn_targeted.yaml"), "-c", str(ROOT / "configs" / "debug.yaml")]
+    cli = TrainCLI(args=configs, run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+    run = tmp_path / "run"
+    shutil.copytree(poisoned_run, run)
+    checkpoint = TrainingRun.from_path(run).checkpoint
+    original = checkpoint.read_bytes()
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state["epoch"] = 99  # the "next" checkpoint
+    stalled = _CONTEXT.Event()
+    args = (checkpoint, state, len(original) // 2, stalled)
+    child = _CONTEXT.Process(target=_save_checkpoint_and_stall, args=args, daemon=True)
+    child.start()
+    try:
+        assert stalled.wait(60), "the writer never started writing"
+    finally:
+        _kill(child)
+    (temp,) = [p for p in checkpoint.parent.iterdir() if p.name.endswith(".tmp")]
+    assert checkpoint.read_bytes() == original
+
+    with pytest.warns(InterruptedWriteWarning, match=re.escape(temp.name)):
+        reopened = TrainingRun.from_path(run)
+    assert not temp.exists()
+    assert reopened.load_classifier() is not None  # the previous checkpoint, complete
