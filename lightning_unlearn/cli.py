@@ -75,22 +75,26 @@ class TrainCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True, help="After `fit`, test the final model and print a table."
         )
 
+    def before_fit(self) -> None:
+        # Fix the run directory (the logger's version) now: ranks spawned by `ddp_spawn` get this process's logger,
+        # so the parent, the ranks and the test that follows all use one directory instead of one each.
+        _ = self.trainer.log_dir
+
     def after_fit(self) -> None:
         if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.fast_dev_run:
             return
         results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
         metrics = {key: float(value) for result in results for key, value in result.items()}
-        self.report(metrics)
+        self.report(metrics, self.trainer.log_dir)  # `log_dir` on every rank: under DDP it is a collective
 
     @rank_zero_only
-    def report(self, metrics: dict[str, float]) -> None:
+    def report(self, metrics: dict[str, float], log_dir: str | None) -> None:
         splits = list(getattr(self.datamodule, "test_split_names", ["test"]))
         print(
             "\nPoisoned model (" + f"{self.datamodule.poison.kind} poisoning, "
             f"{len(self.datamodule.record or [])} samples):"
         )
         print(format_table(accuracy_rows(metrics, splits)))
-        log_dir = self.trainer.log_dir
         if log_dir is not None:
             payload = {"metrics": metrics, "checkpoint": self._best_checkpoint()}
             path = atomic_write_text(Path(log_dir) / RESULTS_FILENAME, json.dumps(payload, indent=1))

@@ -72,10 +72,11 @@ def run_unlearning(
     Raises:
         FileExistsError: If the output folder already holds ``report.json`` and ``overwrite`` is False.
     """
-    existing = Path(out_dir or trainer.log_dir or module.training_run.directory / "unlearn") / REPORT_FILENAME
-    if existing.is_file() and not overwrite:
+    # the output folder, decided once on every rank (under DDP `trainer.log_dir` is a collective)
+    folder = Path(out_dir or trainer.log_dir or module.training_run.directory / "unlearn")
+    if (folder / REPORT_FILENAME).is_file() and not overwrite:
         raise FileExistsError(
-            f"The output folder {str(existing.parent)!r} already holds {REPORT_FILENAME} from an earlier request; "
+            f"The output folder {str(folder)!r} already holds {REPORT_FILENAME} from an earlier request; "
             "pass `overwrite=True` (`--overwrite` on the command line) to replace it, or choose another folder."
         )
     evaluation = evaluation or EvaluationOptions()
@@ -124,7 +125,6 @@ def run_unlearning(
         report["comparison"] = _finite(compare(before, after, reference))
         report["restored"] = {k: v for k, v in report["comparison"].items() if "_restored/" in k}
     if trainer.is_global_zero:
-        folder = Path(out_dir or trainer.log_dir or module.training_run.directory / "unlearn")
         report["output_dir"] = str(folder)
         save_unlearned(module, folder / UNLEARNED_FILENAME)
         atomic_write_text(folder / REPORT_FILENAME, json.dumps(_jsonable(report), indent=1))

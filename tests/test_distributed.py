@@ -192,3 +192,47 @@ def test_pipeline_under_ddp_spawn_writes_one_report_equal_to_one_process(odd_run
     for (name, a), b in zip(unlearned.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6, msg=name)
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [REPORT_FILENAME, "unlearned.ckpt"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_training_under_ddp_spawn_writes_one_record_and_profile_and_exact_test_metrics(tmp_path):
+    """``train.py fit`` on 2 ranks: the poison record is the single-process one (written once), the profile is the
+    all-reduced exact diagonal of the final weights, and the synced test metrics count every sample once (31 forget
+    samples: Lightning's default sampler would repeat one)."""
+    from lightning_unlearn.curvature import profile_model, weights_fingerprint
+    from lightning_unlearn.data import PoisonedDataModule
+    from lightning_unlearn.evaluation.suite import evaluate_model
+
+    run = train_debug_run(
+        tmp_path,
+        "--data.train_subset",
+        "600",
+        "--data.poison.count",
+        "31",
+        "--trainer.devices",
+        str(WORLD),
+        "--trainer.strategy",
+        "ddp_spawn",
+        "--trainer.accelerator",
+        "cpu",
+    )
+    training_run = TrainingRun.from_path(run)
+    single = PoisonedDataModule("mnist", poison={"kind": "targeted", "count": 31}, train_subset=600)
+    single.setup("fit")
+    assert training_run.load_record().indices == single.record.indices
+    assert not list(run.glob(".*.tmp"))
+
+    classifier = training_run.load_classifier()
+    datamodule = training_run.datamodule()
+    datamodule.setup("fit")
+    profile = SharpnessProfile.load(run / "sharpness_profile.pt")
+    assert profile.metadata["world_size"] == WORLD and profile.weights == weights_fingerprint(classifier)
+    reference = profile_model(classifier, datamodule.profile_dataloader(batch_size=100), "exact")
+    for name, diag in reference.diagonals.items():
+        torch.testing.assert_close(profile.diagonals[name], diag, rtol=1e-5, atol=1e-12)
+
+    results = json.loads((run / "results.json").read_text())["metrics"]
+    metrics = evaluate_model(classifier.net, datamodule, ACCURACY_ONLY)
+    for key in ("test/acc", "forget/acc", "forget_true/acc"):
+        assert results[key] == pytest.approx(metrics[key], abs=1e-4), key

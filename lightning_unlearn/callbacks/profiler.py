@@ -162,8 +162,9 @@ class SharpnessProfiler(Callback):
         )
         self.seconds = time.perf_counter() - start
         self.profile.metadata["seconds"] = self.seconds
+        folder = self.dirpath or trainer.log_dir  # on every rank: under DDP `log_dir` is a broadcast
         if trainer.is_global_zero:
-            self._save(trainer)
+            self._save(trainer, folder)
             self._log(trainer)
             rank_zero_info(
                 f"SharpnessProfiler: {self.estimator} diagonal of {total} samples in {self.seconds:.1f}s"
@@ -172,8 +173,7 @@ class SharpnessProfiler(Callback):
         trainer.strategy.barrier("sharpness_profiler")
 
     # ------------------------------------------------------------------------------------------------ reporting
-    def _save(self, trainer: Trainer) -> None:
-        folder = self.dirpath or trainer.log_dir
+    def _save(self, trainer: Trainer, folder: str | None) -> None:
         if folder is None or trainer.fast_dev_run:
             return
         self.path = self.profile.save(Path(folder) / self.filename)

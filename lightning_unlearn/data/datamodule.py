@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
@@ -293,11 +294,29 @@ class PoisonedDataModule(LightningDataModule):
         return self._loader(ImageDataset(self._images["val"], splits.val.labels))
 
     def test_dataloader(self) -> list[DataLoader]:
+        """Test set, and (for poisoned runs) the forget set with poisoned and with true labels.
+
+        Under DDP every sample is tested exactly once: each rank gets a disjoint, unpadded shard (Lightning's default
+        sampler would pad with repeats, counting some samples twice), and the synced metrics equal one process's.
+        """
         splits = self._require_setup()
         loaders = [self._loader(ImageDataset(self._images["test"], splits.test.labels))]
         if len(self.test_split_names) > 1:
             loaders += [self.forget_dataloader(), self.corrected_forget_dataloader()]
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            loaders = [self._unrepeated(loader, trainer.global_rank, trainer.world_size) for loader in loaders]
         return loaders
+
+    def _unrepeated(self, loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+        sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        return DataLoader(
+            loader.dataset,
+            batch_size=loader.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
         """D_f: the poisoned samples with their poisoned labels."""
