@@ -130,6 +130,10 @@ def _rank_worker(rank: int, port: int, run: str, out: str) -> None:
         assert trainer.strategy.launcher is None or not trainer.strategy.launcher.is_interactive_compatible
         trainer.fit(module)
         results[name] = (_state(module), module.method.report(), sorted(module.selected_names))
+    # a whole request through the pipeline: every rank evaluates, rank zero alone writes
+    module = UnlearnModule(run, FirstOrder(batch_size=BATCH), SmallestLayer())
+    report = run_unlearning(_ddp_trainer("ddp"), module, out_dir=Path(out).parent / "request", evaluation=ACCURACY_ONLY)
+    results["request"] = report["after"]
     if rank == 0:
         torch.save(results, out)
 
@@ -144,6 +148,9 @@ def test_every_method_under_ddp_equals_one_process(odd_run, tmp_path):
     out = tmp_path / "ranks.pt"
     mp.start_processes(_rank_worker, args=(_free_port(), str(run), str(out)), nprocs=WORLD, start_method="spawn")
     distributed = torch.load(out, weights_only=False)
+    assert sorted(p.name for p in (tmp_path / "request").iterdir()) == [REPORT_FILENAME, "unlearned.ckpt"]
+    written = json.loads((tmp_path / "request" / REPORT_FILENAME).read_text())
+    assert written["after"] == distributed.pop("request") and written["method"]["forget_samples"] == 51
 
     profile = SharpnessProfile.load(run / "sharpness_profile.pt")
     single_profile = SharpnessProfile.load(odd_run / "sharpness_profile.pt")
