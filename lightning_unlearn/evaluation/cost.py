@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -118,6 +119,9 @@ def measure(device: str | torch.device | None = None, interval: float = 0.002) -
         cost.baseline_bytes = torch.cuda.memory_allocated(dev)
     elif os.path.exists(_STATM):
         cost.method = METHODS[1]
+        # Collect earlier work's garbage first: freed during the block, it would lower the resident set by as much
+        # as the block allocates and hide the block's own peak (seen in a long test session).
+        gc.collect()
         sampler = _RssSampler(interval)
         cost.baseline_bytes = sampler.peak
         sampler.start()
