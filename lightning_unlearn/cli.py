@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,6 +27,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_unlearn.data.datamodule import PoisonedDataModule
 from lightning_unlearn.models.classifier import ClassifierModule
 from lightning_unlearn.utils import atomic_write_text
+
+# Our commands hand LightningCLI their arguments explicitly (`sys.argv` also holds the command word, and must stay as
+# it was: DDP's script launcher starts the other ranks with `sys.argv`), which LightningCLI would warn about.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
 
 RESULTS_FILENAME = "results.json"
 
@@ -198,11 +203,11 @@ def _default_name(model_config: Any) -> str:
     return f"{short(model_config.method, 'firstorder')}_{short(model_config.selection, 'smallestlayer')}"
 
 
-def unlearn_main() -> dict[str, Any]:
-    """Run one unlearning request from the command line and print its table."""
+def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:
+    """Run one unlearning request from the command line (``args``, default ``sys.argv[1:]``) and print its table."""
     from lightning_unlearn.pipeline import reference_metrics, run_unlearning
 
-    cli = UnlearnCLI()
+    cli = UnlearnCLI(args=args)
     options = cli.config_init.get("evaluation")
     reference_dir = cli.config.get("reference")
     reference = reference_metrics(reference_dir, cli.model.datamodule, options) if reference_dir else None
@@ -314,11 +319,11 @@ def profile_main(args: list[str]) -> None:
 
 
 def _train_main(args: list[str]) -> None:
-    TrainCLI()  # LightningCLI reads sys.argv, which main() set to these arguments
+    TrainCLI(args=args)
 
 
 def _unlearn_main(args: list[str]) -> None:
-    unlearn_main()
+    unlearn_main(args)
 
 
 def _sweep_main(args: list[str]) -> None:
@@ -351,10 +356,5 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(f"lightning-unlearn: the first argument must be one of {{{names}}}, got {argv[:1]}")
-    command, rest = argv[0], argv[1:]
-    saved = sys.argv
-    sys.argv = [f"lightning-unlearn {command}", *rest]  # LightningCLI parses sys.argv; this also names the program
-    try:
-        COMMANDS[command](rest)
-    finally:
-        sys.argv = saved
+    # `sys.argv` is left as it is: under `strategy="ddp"` Lightning starts the other ranks by running it again
+    COMMANDS[argv[0]](argv[1:])

@@ -7,12 +7,9 @@ so a benchmark's numbers come from exactly what a user runs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +21,6 @@ from lightning_unlearn.pipeline import run_unlearning
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: Arguments that keep Lightning quiet (no progress bars or model summaries).
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-
-
-@contextlib.contextmanager
-def own_argv() -> Iterator[None]:
-    """LightningCLI warns when given ``args`` while ``sys.argv`` holds other arguments: hide the caller's own."""
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        yield
-    finally:
-        sys.argv = saved
 
 
 def config_path(name: str) -> Path:
@@ -77,8 +63,7 @@ def train(
         if resume and run_dir.exists():
             shutil.rmtree(run_dir)
     start = time.perf_counter()
-    with own_argv():
-        cli = TrainCLI(args=args)
+    cli = TrainCLI(args=args)
     seconds = time.perf_counter() - start
     run_dir = Path(cli.trainer.log_dir)
     results_file = run_dir / RESULTS_FILENAME  # absent with --test_after_fit false
@@ -100,9 +85,8 @@ def unlearn(
     with the same ``evaluation`` options).
     """
     args = ["-c", str(config_path(f"unlearn/{config}")), "--model.run", str(run_dir), "--name", config, *QUIET, *extra]
-    with own_argv():
-        cli = UnlearnCLI(args=args)
+    cli = UnlearnCLI(args=args)
     return run_unlearning(cli.trainer, cli.model, reference, evaluation=evaluation, before=before)
 
 
-__all__ = ["CONFIGS", "QUIET", "config_path", "own_argv", "train", "unlearn"]
+__all__ = ["CONFIGS", "QUIET", "config_path", "train", "unlearn"]

@@ -243,3 +243,44 @@ def test_training_under_ddp_spawn_writes_one_record_and_profile_and_exact_test_m
     metrics = evaluate_model(classifier.net, datamodule, ACCURACY_ONLY)
     for key in ("test/acc", "forget/acc", "forget_true/acc"):
         assert results[key] == pytest.approx(metrics[key], abs=1e-4), key
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_train_script_under_ddp_launches_its_ranks(tmp_path):
+    """``python train.py fit ... --trainer.strategy ddp --trainer.devices 2``: Lightning starts the second rank by
+    running the same command line again, which must therefore reach it unchanged."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "fit",
+        "-c",
+        str(ROOT / "configs" / "mnist_cnn_targeted.yaml"),
+        "-c",
+        str(ROOT / "configs" / "debug.yaml"),
+        "--data.train_subset",
+        "600",
+        "--data.poison.count",
+        "30",
+        "--trainer.devices",
+        str(WORLD),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = (tmp_path / "mnist_cnn_targeted").iterdir()
+    assert SharpnessProfile.load(run / "sharpness_profile.pt").metadata["world_size"] == WORLD
+    assert len(TrainingRun.from_path(run).load_record()) == 30
+    assert json.loads((run / "results.json").read_text())["metrics"]["test/acc"] > 0
