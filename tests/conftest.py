@@ -20,22 +20,25 @@ def mnist():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def debug_train_args(save_dir: Path, *extra: str) -> list[str]:
+    """``train.py`` arguments: the MNIST CNN on a small poisoned subset of real MNIST, profiler attached."""
+    return [
+        "fit",
+        "-c",
+        str(ROOT / "configs" / "mnist_cnn_targeted.yaml"),
+        "-c",
+        str(ROOT / "configs" / "debug.yaml"),
+        "--trainer.logger.init_args.save_dir",
+        str(save_dir),
+        *extra,
+    ]
+
+
 def train_debug_run(save_dir: Path, *extra: str) -> Path:
-    """Train the MNIST CNN on a small poisoned subset of real MNIST (with the profiler attached); return the run dir."""
+    """Train with :func:`debug_train_args` in this process; return the run directory."""
     from lightning_unlearn.cli import TrainCLI
 
-    cli = TrainCLI(
-        args=[
-            "fit",
-            "-c",
-            str(ROOT / "configs" / "mnist_cnn_targeted.yaml"),
-            "-c",
-            str(ROOT / "configs" / "debug.yaml"),
-            "--trainer.logger.init_args.save_dir",
-            str(save_dir),
-            *extra,
-        ]
-    )
+    cli = TrainCLI(args=debug_train_args(save_dir, *extra))
     return Path(cli.trainer.log_dir)
 
 

@@ -254,29 +254,11 @@ def test_train_script_under_ddp_launches_its_ranks(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, debug_train_args
 
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "fit",
-        "-c",
-        str(ROOT / "configs" / "mnist_cnn_targeted.yaml"),
-        "-c",
-        str(ROOT / "configs" / "debug.yaml"),
-        "--data.train_subset",
-        "600",
-        "--data.poison.count",
-        "30",
-        "--trainer.devices",
-        str(WORLD),
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path),
-    ]
+    extra = ["--data.train_subset", "600", "--data.poison.count", "30", "--trainer.devices", str(WORLD)]
+    extra += ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]
+    command = [sys.executable, str(ROOT / "train.py"), *debug_train_args(tmp_path, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
