@@ -59,7 +59,8 @@ class Weighted(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.dataset[index % self.length]
-        return (*item, 1.0 if index < self.length else 0.0)
+        # a float32 tensor (a Python float would collate to float64, which some devices, e.g. MPS, do not have)
+        return (*item, torch.tensor(1.0 if index < self.length else 0.0))
 
 
 def weighted_mean(

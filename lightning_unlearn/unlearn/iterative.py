@@ -26,7 +26,7 @@ def cross_entropy(
     """Cross-entropy over this rank's batch, normalised so that DDP's average of the ranks' gradients is exactly the
     mean over the real samples of all ranks' batches: ``Σ w·ℓ / (Σ_ranks Σ w / world)`` (padding has weight 0, see
     ``ShardSampler``). With one process: the mean over the batch."""
-    count = module.all_reduce_sum({"n": weight.sum().double()})["n"] / module.world_size
+    count = module.all_reduce_sum({"n": weight.sum()})["n"] / module.world_size
     return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weight, count)
 
 
