@@ -168,20 +168,27 @@ def profile_model(
     estimator: str = "exact",
     *,
     dataset: str | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    world_size: int = 1,
     **kwargs: Any,
 ) -> SharpnessProfile:
     """Profile ``model`` on ``dataloader`` without a Trainer: :func:`accumulate_diagonal` divided by the count.
 
-    Keyword arguments are those of :func:`accumulate_diagonal`.
+    Args:
+        reduce: Under DDP, the sum all-reduce of :func:`reduce_diagonal_sums` (``dataloader`` is then this rank's
+            shard); None with one process.
+        world_size: Processes taking part (recorded in the metadata).
+
+    Other keyword arguments are those of :func:`accumulate_diagonal`.
     """
     start = time.perf_counter()
     sums, count = accumulate_diagonal(model, dataloader, estimator, **kwargs)
-    diagonals, count = reduce_diagonal_sums(sums, count)
+    diagonals, count = reduce_diagonal_sums(sums, count, reduce)
     options = estimator_options(estimator, kwargs.get("num_draws", 1), kwargs.get("strict", True))
     metadata = {
         "seconds": time.perf_counter() - start,
         "seed": kwargs.get("seed", 0),
-        "world_size": 1,
+        "world_size": world_size,
         "options": {k: v for k, v in options.items() if isinstance(v, (int, float, bool, str))},
     }
     return SharpnessProfile.from_model(model, diagonals, estimator, count, dataset=dataset, metadata=metadata)

@@ -20,13 +20,17 @@ if TYPE_CHECKING:
     from lightning_unlearn.unlearn.module import UnlearnModule
 
 
+def rank_count(module: UnlearnModule, weight: torch.Tensor) -> torch.Tensor:
+    """The real samples of all ranks' batches divided by the number of ranks, ``Σ_ranks Σ w / world`` (one scalar
+    all-reduce; padding has weight 0, see ``ShardSampler``). With one process: the batch's sample count."""
+    return module.all_reduce_sum({"n": weight.sum()})["n"] / module.world_size
+
+
 def cross_entropy(
-    module: UnlearnModule, logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor
+    logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, count: torch.Tensor
 ) -> torch.Tensor:
-    """Cross-entropy over this rank's batch, normalised so that DDP's average of the ranks' gradients is exactly the
-    mean over the real samples of all ranks' batches: ``Σ w·ℓ / (Σ_ranks Σ w / world)`` (padding has weight 0, see
-    ``ShardSampler``). With one process: the mean over the batch."""
-    count = module.all_reduce_sum({"n": weight.sum()})["n"] / module.world_size
+    """``Σ w·ℓ / count`` over this rank's batch; with ``count`` from :func:`rank_count`, DDP's average of the ranks'
+    gradients is exactly the mean over the real samples of all ranks' batches (one process: the batch mean)."""
     return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weight, count)
 
 
@@ -77,7 +81,7 @@ class Finetune(IterativeMethod):
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         x, y, weight = batch[0], batch[1], batch[-1]
-        loss = cross_entropy(module, module.net(x), y, weight)
+        loss = cross_entropy(module.net(x), y, weight, rank_count(module, weight))
         optimizer_step(module, loss)
         module.log("unlearn/retain_loss", loss, prog_bar=True)
         return loss
@@ -107,9 +111,10 @@ class NegGradPlus(IterativeMethod):
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
+        nf, nr = rank_count(module, wf), rank_count(module, wr)
         logits_f = module.net(xf)
-        descent = cross_entropy(module, module.net(xr), yr, wr) + cross_entropy(module, logits_f, yt, wf)
-        loss = self.beta * descent - (1 - self.beta) * cross_entropy(module, logits_f, yp, wf)
+        descent = cross_entropy(module.net(xr), yr, wr, nr) + cross_entropy(logits_f, yt, wf, nf)
+        loss = self.beta * descent - (1 - self.beta) * cross_entropy(logits_f, yp, wf, nf)
         optimizer_step(module, loss)
         module.log("unlearn/loss", loss, prog_bar=True)
         return loss

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.curvature import SharpnessProfile, accumulate_diagonal, reduce_diagonal_sums, weights_fingerprint
+from lightning_unlearn.curvature import SharpnessProfile, profile_model, weights_fingerprint
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted
@@ -223,24 +223,23 @@ class UnlearnModule(LightningModule):
         dataset = self.datamodule.train_dataset()
         total = len(dataset) if self.profile_max_samples is None else min(self.profile_max_samples, len(dataset))
         shard = DataLoader(Subset(dataset, range(rank, total, world)), batch_size=256)
+        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._distributed else None
         home = self.device
         self.to(device or home)
         try:
-            sums, count = accumulate_diagonal(
-                self, shard, self.estimator, device=self.device, progress=rank == 0, rank=rank
+            return profile_model(
+                self,
+                shard,
+                self.estimator,
+                dataset=self.datamodule.dataset,
+                reduce=reduce,
+                world_size=world,
+                device=self.device,
+                progress=rank == 0,
+                rank=rank,
             )
         finally:
             self.to(home)
-        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._distributed else None
-        diagonals, count = reduce_diagonal_sums(sums, count, reduce)
-        return SharpnessProfile.from_model(
-            self,
-            diagonals,
-            self.estimator,
-            count,
-            dataset=self.datamodule.dataset,
-            metadata={"world_size": world, "module": type(self).__name__},
-        )
 
     # ------------------------------------------------------------------------------------------------- utilities
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:

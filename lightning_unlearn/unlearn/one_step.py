@@ -110,13 +110,13 @@ class OneStepMethod(UnlearnMethod):
         grads = forget_gradient(module.net, x, y_poisoned, y_true, list(params.values()), weight)
         for name, grad in zip(params, grads, strict=True):
             self._grad[name] = self._grad[name] + grad if name in self._grad else grad
-        self._count += int(weight.sum().item())
+        self._count = self._count + weight.sum()  # a tensor: no device synchronisation per batch
         self._seconds_grad += time.perf_counter() - start
 
     def on_train_epoch_end(self, module: UnlearnModule) -> None:
         start = time.perf_counter()
         grad = module.all_reduce_sum(self._grad)
-        count = int(module.all_reduce_sum({"n": torch.tensor(float(self._count), device=module.device)})["n"].item())
+        count = int(module.all_reduce_sum({"n": torch.as_tensor(self._count, device=module.device)})["n"].item())
         grad = {name: module.guard.mask_update(name, g) for name, g in grad.items()}
         _require_finite("forget gradient", grad)
         seconds_reduce = time.perf_counter() - start
@@ -147,14 +147,17 @@ class OneStepMethod(UnlearnMethod):
         params = module.guard.trainable
         original = {name: p.detach().clone() for name, p in params.items()}
         self._candidates = []
-        if self.criterion == "fixed":
+
+        def apply(step: float) -> None:  # step 0: the original values exactly (also where the direction is not finite)
             for name, p in params.items():
-                p.copy_(original[name] - self.steps[0] * direction[name].to(p.dtype))
+                p.copy_(original[name] - step * direction[name].to(p.dtype) if step else original[name])
+
+        if self.criterion == "fixed":
+            apply(self.steps[0])
             return {"step": self.steps[0]}
         with module.validation_cache() as cache:
             for step in [0.0, *self.steps]:
-                for name, p in params.items():
-                    p.copy_(original[name] - step * direction[name].to(p.dtype) if step else original[name])
+                apply(step)
                 acc, loss = module.validate()
                 self._candidates.append({"step": step, "val_acc": acc, "val_loss": loss})
         self.result["validation_cached"] = bool(cache is not None and cache.cached)
@@ -169,8 +172,7 @@ class OneStepMethod(UnlearnMethod):
             rank_zero_warn(f"{self.name}: the smallest step {best['step']} was chosen; consider smaller `steps`.")
         if best["step"] == 0.0:
             rank_zero_warn(f"{self.name}: no step improved the validation {self.criterion}; the model is unchanged.")
-        for name, p in params.items():  # step 0: the original values exactly
-            p.copy_(original[name] - best["step"] * direction[name].to(p.dtype) if best["step"] else original[name])
+        apply(best["step"])
         return best
 
     def report(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lightning_unlearn.unlearn.iterative import IterativeMethod, cross_entropy
+from lightning_unlearn.unlearn.iterative import IterativeMethod, cross_entropy, rank_count
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearn.module import UnlearnModule
@@ -62,11 +62,16 @@ class Perturbation:
 
 
 def forget_loss(
-    module: UnlearnModule, x: torch.Tensor, y_poisoned: torch.Tensor, y_true: torch.Tensor, weight: torch.Tensor
+    module: UnlearnModule,
+    x: torch.Tensor,
+    y_poisoned: torch.Tensor,
+    y_true: torch.Tensor,
+    weight: torch.Tensor,
+    count: torch.Tensor,
 ) -> torch.Tensor:
-    """``L_forget = CE(corrected labels) − CE(poisoned labels)`` (weighted mean over the batch)."""
+    """``L_forget = CE(corrected labels) − CE(poisoned labels)`` (weighted batch means, see ``cross_entropy``)."""
     logits = module.net(x)
-    return cross_entropy(module, logits, y_true, weight) - cross_entropy(module, logits, y_poisoned, weight)
+    return cross_entropy(logits, y_true, weight, count) - cross_entropy(logits, y_poisoned, weight, count)
 
 
 class SamForget(IterativeMethod):
@@ -96,14 +101,15 @@ class SamForget(IterativeMethod):
         (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
         optimizer = module.optimizers()
         named = module.guard.trainable
-        grads = synced_gradient(module, forget_loss(module, xf, yp, yt, wf), named)
+        nf, nr = rank_count(module, wf), rank_count(module, wr)
+        grads = synced_gradient(module, forget_loss(module, xf, yp, yt, wf, nf), named)
         eps = Perturbation(list(named.values()), grads, self.rho, sign=1.0)
         self.skipped += not eps.applied
         optimizer.zero_grad()
-        sharp = forget_loss(module, xf, yp, yt, wf)  # at θ + ε
+        sharp = forget_loss(module, xf, yp, yt, wf, nf)  # at θ + ε
         module.manual_backward(sharp)
         eps.restore()
-        retain = cross_entropy(module, module.net(xr), yr, wr)  # at θ
+        retain = cross_entropy(module.net(xr), yr, wr, nr)  # at θ
         module.manual_backward(self.lam * retain)
         module.guard.zero_frozen_grads()
         optimizer.step()
@@ -155,16 +161,17 @@ class SharpMinMax(IterativeMethod):
         forget_named = {n: p for n, p in module.net_named_parameters() if n in module.selected_names}
         retain_named = {n: p for n, p in module.net_named_parameters() if n not in module.selected_names}
         forget_part, retain_part = list(forget_named.values()), list(retain_named.values())
-        g_r = synced_gradient(module, cross_entropy(module, module.net(xr), yr, wr), retain_named)
-        g_f = synced_gradient(module, cross_entropy(module, module.net(xf), yp, wf), forget_named)
+        nf, nr = rank_count(module, wf), rank_count(module, wr)
+        g_r = synced_gradient(module, cross_entropy(module.net(xr), yr, wr, nr), retain_named)
+        g_f = synced_gradient(module, cross_entropy(module.net(xf), yp, wf, nf), forget_named)
         eps_r = Perturbation(retain_part, g_r, self.rho, sign=1.0)
         eps_f = Perturbation(forget_part, g_f, self.rho_forget, sign=-1.0)
         optimizer.zero_grad()
-        retain = cross_entropy(module, module.net(xr), yr, wr)
+        retain = cross_entropy(module.net(xr), yr, wr, nr)
         module.manual_backward(retain)
         retain_grads = [None if p.grad is None else p.grad.clone() for p in retain_part]
         optimizer.zero_grad()
-        forget = cross_entropy(module, module.net(xf), yp, wf)
+        forget = cross_entropy(module.net(xf), yp, wf, nf)
         module.manual_backward(-forget)  # ascent
         for p, g in zip(retain_part, retain_grads, strict=True):
             p.grad = g
