@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_unlearn.curvature import ESTIMATORS, SharpnessProfile, accumulate_diagonal, reduce_diagonal_sums
+from lightning_unlearn.curvature import ESTIMATORS, SharpnessProfile, profile_model
 from lightning_unlearn.run import PROFILE_FILENAME
 
 SPLITS = ("train", "val")
@@ -132,10 +132,13 @@ class SharpnessProfiler(Callback):
         start = time.perf_counter()
         loader = self._loader(trainer)
         max_samples = self.max_samples if self.dataloader is not None else None
-        sums, count = accumulate_diagonal(
+        self.profile = profile_model(
             pl_module,
             loader,
             self.estimator,
+            dataset=getattr(trainer.datamodule, "dataset", None),
+            reduce=lambda t: trainer.strategy.reduce(t, reduce_op="sum"),
+            world_size=trainer.world_size,
             max_samples=max_samples,
             device=pl_module.device,
             progress=self.progress and trainer.is_global_zero,
@@ -144,22 +147,8 @@ class SharpnessProfiler(Callback):
             num_draws=self.num_draws,
             strict=self.strict,
         )
-        reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
-        diagonals, total = reduce_diagonal_sums(sums, count, reduce)
-        self.profile = SharpnessProfile.from_model(
-            pl_module,
-            diagonals,
-            self.estimator,
-            total,
-            dataset=getattr(trainer.datamodule, "dataset", None),
-            metadata={
-                "split": self.split,
-                "num_draws": self.num_draws,
-                "seed": self.seed,
-                "world_size": trainer.world_size,
-                "module": type(pl_module).__name__,
-            },
-        )
+        self.profile.metadata.update(split=self.split, num_draws=self.num_draws, module=type(pl_module).__name__)
+        total = self.profile.num_samples
         self.seconds = time.perf_counter() - start
         self.profile.metadata["seconds"] = self.seconds
         folder = self.dirpath or trainer.log_dir  # on every rank: under DDP `log_dir` is a broadcast
