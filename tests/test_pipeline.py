@@ -32,6 +32,11 @@ def test_layer_sweep_writes_results_and_figure(poisoned_run, tmp_path):
     assert json.loads((tmp_path / "sweep.json").read_text())["spearman"] == pytest.approx(expected, nan_ok=True)
     assert (tmp_path / "sweep.png").stat().st_size > 1000
     assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    # a second sweep into the same folder is refused before any work, unless told to overwrite
+    with pytest.raises(FileExistsError, match=r"already holds report\.json"):
+        layer_sweep(str(poisoned_run), out=str(tmp_path), accelerator="cpu")
+    again = layer_sweep(str(poisoned_run), out=str(tmp_path), accelerator="cpu", overwrite=True)
+    assert [row["step"] for row in again["layers"]] == [row["step"] for row in result["layers"]]
 
 
 def test_spearman_reference_values():
