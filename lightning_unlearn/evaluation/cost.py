@@ -8,10 +8,11 @@
   entry). The caching allocator's reserved-but-free memory is not counted.
 * **CPU**: the peak *increase* of the process's resident-set size over its size on entry. A background thread reads
   ``/proc/self/statm`` every ``interval`` seconds (and once more on exit), so this is **approximate**: a short-lived
-  allocation between two samples can be missed, memory the allocator reuses is not counted, and other threads'
-  allocations are. Where ``/proc`` is missing (macOS, Windows), ``resource.getrusage`` is used instead: the increase of
-  the process's lifetime maximum RSS, which is only non-zero when the block sets a new process-wide high-water mark (a
-  lower bound). ``Cost.method`` says which was used.
+  allocation between two samples can be missed, and other threads' allocations are counted. Free heap memory is
+  returned to the system on entry (glibc ``malloc_trim``), so memory the allocator reuses is counted too. Where
+  ``/proc`` is missing (macOS, Windows), ``resource.getrusage`` is used instead: the increase of the process's
+  lifetime maximum RSS, which is only non-zero when the block sets a new process-wide high-water mark (a lower
+  bound). ``Cost.method`` says which was used.
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ def _maxrss_bytes() -> int:
     return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024  # bytes on macOS, KiB on Linux
 
 
+def _trim_heap() -> None:
+    """``malloc_trim(0)`` where the C library is glibc: return free heap pages to the system (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class _RssSampler(threading.Thread):
     def __init__(self, interval: float) -> None:
         super().__init__(name="lightning-unlearn-rss-sampler", daemon=True)
@@ -119,9 +130,11 @@ def measure(device: str | torch.device | None = None, interval: float = 0.002) -
         cost.baseline_bytes = torch.cuda.memory_allocated(dev)
     elif os.path.exists(_STATM):
         cost.method = METHODS[1]
-        # Collect earlier work's garbage first: freed during the block, it would lower the resident set by as much
-        # as the block allocates and hide the block's own peak (seen in a long test session).
+        # Start from a heap without free resident memory: collect earlier work's garbage and hand the free pages back
+        # to the system, so that what the block allocates shows as an increase even where the allocator reuses
+        # freed memory (a long test session's fragmented heap served a 128 MiB tensor without any RSS increase).
         gc.collect()
+        _trim_heap()
         sampler = _RssSampler(interval)
         cost.baseline_bytes = sampler.peak
         sampler.start()
