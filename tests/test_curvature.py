@@ -704,3 +704,145 @@ def test_max_memory_mb_is_validated():
         get_estimator("exact", max_memory_mb=0)
     with pytest.raises(ValueError, match="max_memory_mb"):
         get_estimator("mc", max_memory_mb=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pooled products (first convolution -> ReLU -> max-pooling)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class Functional(nn.Module):
+    """conv -> F.relu -> F.max_pool2d written functionally (no ReLU or pooling modules), twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, bias=False)
+        self.conv2 = nn.Conv2d(3, 4, 2)
+        self.fc = nn.Linear(4 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 3, stride=2, padding=1, ceil_mode=True)  # overlapping windows
+        x = F.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+class TwoUsers(nn.Module):
+    """The first convolution's output also feeds a second branch: its gradient is not only the pooled one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 3 * 3 + 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        pooled = F.max_pool2d(F.relu(h), 2).flatten(1)
+        return self.fc(torch.cat([pooled, h.mean((2, 3))], 1))
+
+
+POOLED_MODELS = {
+    # name: (model, input shape, classes, the layers expected to take the pooled path)
+    "inplace_overlapping": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, stride=2, padding=1, dilation=1, ceil_mode=True),
+            nn.Conv2d(3, 2, 2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * 1 * 1, 3),
+        ),
+        (2, 7, 7),
+        3,
+        {"0"},
+    ),
+    "functional": (Functional, (2, 11, 11), 3, {"conv1"}),
+    "two_users": (TwoUsers, (2, 6, 6), 4, set()),
+    "batchnorm_between": (
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)
+        ),
+        (2, 6, 6),
+        3,
+        set(),
+    ),
+    "leaky_relu": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.LeakyReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(12, 3)),
+        (2, 6, 6),
+        3,
+        set(),
+    ),
+    "avg_pool": (
+        lambda: nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(12, 3)),
+        (2, 6, 6),
+        3,
+        set(),
+    ),
+}
+
+
+def record_pooled(monkeypatch) -> list[set[str]]:
+    """Record, per backward segment, the names of the layers that took the pooled path."""
+    calls: list[set[str]] = []
+    original = est_module.SquaredGradientEstimator._backward_segment
+
+    def spy(self, captures, *args, **kwargs):
+        calls.append({c.name for c in captures if c.pool is not None})
+        return original(self, captures, *args, **kwargs)
+
+    monkeypatch.setattr(est_module.SquaredGradientEstimator, "_backward_segment", spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", sorted(POOLED_MODELS))
+@pytest.mark.parametrize("name", ["exact", "fisher"])
+def test_pooled_products_are_exact_and_taken_only_where_they_hold(case, name, monkeypatch):
+    """Against the full Hessian (exact) and per-sample gradients from ``torch.func`` (fisher), in float64; the pooled
+    path is taken exactly for a first convolution followed by a ReLU and a max-pooling, and nowhere else."""
+    build, shape, classes, expected = POOLED_MODELS[case]
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    model = build().to(DTYPE)
+    randomize_batchnorm(model, g)
+    model.eval()
+    x = torch.randn(7, *shape, generator=g, dtype=DTYPE)
+    y = torch.randint(0, classes, (7,), generator=g)
+    calls = record_pooled(monkeypatch)
+    ours = estimate(model, x, y, name)
+    assert set().union(*calls) == expected
+    if name == "exact":
+        reference = hessian_diagonal(model, x, y)
+    else:
+        params = {n: p.detach() for n, p in model.named_parameters()}
+
+        def loss(ps, xi, yi):
+            return F.cross_entropy(functional_call(model, ps, (xi[None],)), yi[None])
+
+        grads = vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+        reference = {n: v.square().mean(0) for n, v in grads.items()}
+    for pname, value in reference.items():
+        torch.testing.assert_close(ours[pname], value, rtol=0, atol=1e-10, msg=f"{case}/{name}: {pname}")
+
+
+def test_pooled_products_agree_with_the_general_path_on_the_mnist_cnn(monkeypatch):
+    """The MNIST CNN's first convolution takes the pooled path (its second does not: it is not a first layer), in
+    chunks of every size; the result is the general path's to float64 rounding."""
+    from lightning_unlearn.models.cnn import MnistCNN
+
+    torch.manual_seed(0)
+    model = MnistCNN().to(DTYPE).eval()
+    x = torch.randn(16, 1, 28, 28, dtype=DTYPE)
+    y = torch.randint(0, 10, (16,))
+    calls = record_pooled(monkeypatch)
+    pooled = estimate_with(get_estimator("exact"), model, x, y)
+    tiny = estimate_with(get_estimator("exact", max_memory_mb=1e-4), model, x, y)  # one sample per chunk
+    assert calls and set().union(*calls) == {"conv1"}
+    monkeypatch.setattr(est_module, "_POOLING_ENABLED", False)
+    calls.clear()
+    general = estimate_with(get_estimator("exact"), model, x, y)
+    assert calls and set().union(*calls) == set()
+    for pname, value in general.items():
+        scale = value.abs().max()
+        torch.testing.assert_close(pooled[pname], value, rtol=0, atol=1e-12 * scale, msg=pname)
+        torch.testing.assert_close(tiny[pname], value, rtol=0, atol=1e-12 * scale, msg=pname)
