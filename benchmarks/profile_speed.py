@@ -7,6 +7,9 @@ one process, after a warm-up, as the median of ``--repeats`` interleaved repeats
   the estimators run in eval mode);
 * ``exact``, ``mc`` (k=1), ``fisher``, ``hutchinson`` (k=1): one ``accumulate`` call of the estimator on the batch
   (the estimator object is reused across repeats, as it is across the batches of a profiling run);
+* ``exact passes`` (with ``--phases``): ``exact`` with its per-sample products switched off, i.e. its forward pass
+  and ``C-1`` backward passes to the layer outputs only; ``exact`` minus this is the time of the products. A
+  diagnostic of where the time goes (its diagonal is empty, and its memory is not measured);
 * ``backpack``: BackPACK's ``DiagGGNExact`` (forward + ``backward`` inside ``with backpack(...)``), when
   ``backpack-for-pytorch`` is installed, and the largest relative difference between its diagonal and ``exact``'s.
 
@@ -44,6 +47,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
 from torch import nn  # noqa: E402
 
+from lightning_unlearn.curvature import estimators  # noqa: E402
 from lightning_unlearn.curvature.estimators import get_estimator, init_sums, make_generator  # noqa: E402
 from lightning_unlearn.models.cnn import MnistCNN  # noqa: E402
 from lightning_unlearn.models.resnet import ResNet18  # noqa: E402
@@ -86,13 +90,37 @@ def setup(model_name: str, device: torch.device, batch: int | None) -> tuple[nn.
     return model, x, y
 
 
+PASSES = "exact passes"
+
+
+class _NoProducts(estimators._LayerState):
+    """A layer state that ignores the output gradients it is handed (``exact passes``: no per-sample products)."""
+
+    def consume(self, j: int, grad: torch.Tensor) -> None:
+        pass
+
+
+def without_products(run: Callable[[], Any]) -> Callable[[], None]:
+    """``run`` with every layer state replaced by :class:`_NoProducts` while it runs."""
+
+    def wrapped() -> None:
+        original = estimators._state_type
+        estimators._state_type = lambda module: _NoProducts
+        try:
+            run()
+        finally:
+            estimators._state_type = original
+
+    return wrapped
+
+
 def make_methods(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], max_memory_mb: float | None = None
 ) -> dict[str, Callable[[], dict[str, torch.Tensor] | None]]:
     """Zero-argument callables, one per method; estimator methods return the mean-loss diagonal.
 
     ``max_memory_mb`` is passed to the estimators that take it (``exact``, ``mc``, ``fisher``); ``None``: their
-    automatic budget.
+    automatic budget. ``names`` may include :data:`PASSES` (see the module docstring).
     """
     methods: dict[str, Callable[[], dict[str, torch.Tensor] | None]] = {}
 
@@ -102,7 +130,7 @@ def make_methods(
 
     methods["fwd+bwd"] = step
     for name in names:
-        if name == "backpack":
+        if name in ("backpack", PASSES):
             continue
         options = dict(ESTIMATOR_OPTIONS[name])
         if max_memory_mb is not None and name in BUDGETED:
@@ -115,6 +143,9 @@ def make_methods(
             return {k: v / count for k, v in sums.items()}
 
         methods[name] = run
+    if PASSES in names:
+        passes = get_estimator("exact", **({} if max_memory_mb is None else {"max_memory_mb": max_memory_mb}))
+        methods[PASSES] = without_products(lambda: passes.accumulate(model, x, y, init_sums(model)))
     if "backpack" in names and have_backpack():
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact
@@ -298,6 +329,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--no-backpack", action="store_true", help="skip BackPACK even if it is installed")
     parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="also time 'exact passes': exact without its per-sample products (forward and backward passes only)",
+    )
+    parser.add_argument(
         "--out", default="benchmarks/results/profile_speed.json", help="JSON output file (written atomically)"
     )
     parser.add_argument("--_memory-probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
@@ -316,7 +352,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if any(m not in MODELS for m in models):
         parser.error(f"`--models` must be from {list(MODELS)}, got {models}")
     use_backpack = not args.no_backpack and have_backpack()
-    names = estimators + (["backpack"] if use_backpack else [])
+    names = estimators + ([PASSES] if args.phases else []) + (["backpack"] if use_backpack else [])
     results: dict[str, Any] = {
         "device": str(device),
         "torch": torch.__version__,
@@ -355,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "ratio": statistics.median(ts) / step,
                 "times_ms": [1e3 * t for t in ts],
             }
-        diagonals = {name: fn() for name, fn in methods.items() if name != "fwd+bwd"}
+        diagonals = {name: fn() for name, fn in methods.items() if name not in ("fwd+bwd", PASSES)}
         if "exact" in diagonals and "mc" in diagonals:
             entry["mc_top1_overlap_with_exact"] = top_overlap(diagonals["mc"], diagonals["exact"])
         if "exact" in diagonals and "backpack" in diagonals:
@@ -367,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if not args.no_memory:
             memory = measure_memory(
                 model_name,
-                list(methods),
+                [name for name in methods if name != PASSES],
                 args.device,
                 args.batch_size,
                 args.threads,
@@ -418,6 +454,10 @@ def format_markdown(results: dict[str, Any]) -> str:
             notes.append(f"max relative difference vs BackPACK = {entry['backpack_max_rel_diff']:.1e}")
         if "mc_top1_overlap_with_exact" in entry:
             notes.append(f"mc (k=1) top-1 % overlap with exact = {entry['mc_top1_overlap_with_exact']:.2f}")
+        methods = entry["methods"]
+        if PASSES in methods and "exact" in methods:
+            passes, exact = methods[PASSES]["ratio"], methods["exact"]["ratio"]
+            notes.append(f"exact = {passes:.2f}× step in forward/backward passes + {exact - passes:.2f}× in products")
         if notes:
             lines.append(f"- {entry['label']}: " + "; ".join(notes))
     return "\n".join(lines)

@@ -24,7 +24,9 @@ The ``exact``, ``mc`` and ``fisher`` estimators share one machinery: one forward
 and output of every Linear/Conv/BatchNorm layer, then backpropagation of a few vectors per sample from the logits to
 the layer *outputs* only (never to the parameters), and finally per-layer sums of squared per-sample gradients built
 from layer inputs and output gradients (rank-one products for Linear layers, unfolded patches and batched matrix
-products for convolutions, normalised inputs for BatchNorm). To bound memory, the backward passes run in segments
+products for convolutions, normalised inputs for BatchNorm). A first convolution followed only by a ReLU and a
+max-pooling takes its products at the pooled positions instead, from the pooling output's gradient, so that the
+backward passes stop there (see :func:`_link_pools`). To bound memory, the backward passes run in segments
 separated by tensors that all gradients flow through (block inputs), and batches are split into chunks of samples
 that fit a memory budget, by default one training step's (see :class:`SquaredGradientEstimator`).
 """

@@ -1,0 +1,42 @@
+"""The speed benchmark runs end to end on a tiny setting (it is a script, not a test of speed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from lightning_unlearn.curvature import estimators
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_speed_times_every_method_and_the_passes_of_exact(tmp_path, capsys):
+    bench = load_script("profile_speed")
+    out = tmp_path / "speed.json"
+    argv = ["--models", "mnist_cnn", "--batch-size", "8", "--repeats", "1", "--no-memory", "--no-backpack"]
+    bench.main([*argv, "--phases", "--out", str(out)])
+    results = json.loads(out.read_text())
+    methods = results["models"]["mnist_cnn"]["methods"]
+    assert set(methods) == {"fwd+bwd", "exact", "mc", "fisher", "hutchinson", bench.PASSES}
+    assert all(m["ms"] > 0 for m in methods.values())
+    assert "forward/backward passes" in capsys.readouterr().out
+    assert estimators._state_type(torch.nn.Linear(1, 1)) is estimators._LinearState  # restored after the passes
+
+
+def test_exact_passes_compute_nothing_and_leave_the_estimator_intact():
+    bench = load_script("profile_speed")
+    model, x, y = bench.setup("mnist_cnn", torch.device("cpu"), 4)
+    methods = bench.make_methods(model, x, y, ["exact", bench.PASSES])
+    methods[bench.PASSES]()
+    diagonal = methods["exact"]()  # after the passes-only run: real products again
+    assert all(v.abs().sum() > 0 for v in diagonal.values())
