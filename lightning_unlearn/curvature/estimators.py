@@ -624,7 +624,7 @@ class _ConvState(_LayerState):
             self.index = index
             picked = self.pool.relu_output.reshape(self.m, self.cout, -1).gather(2, index)
             self.mask = buffers.take(tuple(index.shape), x)
-            torch.gt(picked, 0, out=self.mask)  # the ReLU's backward rule: pass where its output is positive
+            self.mask.copy_(picked > 0)  # the ReLU's backward rule: pass where its output is positive
             self.stacked = buffers.take((self.m, self.cout, k, index.shape[2]), x)
             return
         self.mode = _conv_mode(k, self.cout, self.length, self.fan_in, self.groups)
