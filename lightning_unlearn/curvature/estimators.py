@@ -604,11 +604,11 @@ class _ConvState(_LayerState):
       the ``Σ_c g g`` part is accumulated per column, and a single matrix product contracts samples and position
       pairs at the end.
 
-    A fourth, ``pooled``, is used whenever the output only flows through a ReLU and a max-pooling (``pool`` link, see
-    :func:`_link_pools`): the output gradient is then zero except at the positions the pooling picked, so each output
-    channel's per-sample gradient is a product over the pooled positions only, ``Σ_p g_{c,o,p} u_{i(o,p)}``, with the
-    patches gathered at the picked positions ``i(o,p)`` (a quarter of them for 2×2 pooling), and the backward passes
-    never go through the ReLU and pooling of a first layer.
+    A fourth, ``pooled``, is used for a first convolution whose output only flows through a ReLU and a max-pooling
+    (``pool`` link, see :func:`_link_pools`): the output gradient is then zero except at the positions the pooling
+    picked, so each output channel's per-sample gradient is a product over the pooled positions only,
+    ``Σ_p g_{c,o,p} u_{i(o,p)}``, with the patches gathered at the picked positions ``i(o,p)`` (a quarter of them for
+    2×2 pooling), and the backward passes stop at the pooling output instead of going through the ReLU and pooling.
     """
 
     def _setup(self, out_shape: torch.Size) -> None:
