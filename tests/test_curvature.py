@@ -115,6 +115,13 @@ def make_case(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
             nn.Linear(3 * 4 * 2 * 4, 3),
         )
         x, classes = torch.randn(5, 2, 4, 5, 3, generator=g), 3
+    elif name == "one_position":
+        # convolutions with a single output position (L = 1), the second on a 1×1 map with padding (mostly zero
+        # patches), as in the last stage of an ImageNet-stem ResNet on 32×32 images
+        model = nn.Sequential(
+            nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(5, 3)
+        )
+        x, classes = torch.randn(6, 2, 3, 3, generator=g), 3
     elif name == "sequence":
         model = Sequence()
         x, classes = torch.randn(6, 5, 3, generator=g), 3
@@ -127,7 +134,7 @@ def make_case(name: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, x.to(DTYPE), y
 
 
-CASES = ["mlp", "cnn", "cnn_bn", "residual", "conv1d", "conv3d", "sequence"]
+CASES = ["mlp", "cnn", "cnn_bn", "residual", "conv1d", "conv3d", "one_position", "sequence"]
 
 
 def full_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.cross_entropy) -> dict:
@@ -208,6 +215,14 @@ def test_exact_equals_hessian_diagonal(case, conv_mode):
         assert ours[name].dtype == DTYPE
         torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-10, msg=f"{case}: {name}")
         assert (ours[name] >= 0).all()
+
+
+def test_a_single_output_position_takes_the_rank_one_gram_form():
+    """L = 1 (ResNet-18's last stage on 32×32 images with the ImageNet stem): the Gram form is one matrix product of
+    ``Σ_c g_c²`` with ``u²``, cheaper than K outer products per sample; larger maps keep the direct products."""
+    assert est_module._conv_mode(9, 512, 1, 4608, 1) == "gram"
+    assert est_module._conv_mode(9, 64, 1024, 576, 1) == "stack"
+    assert est_module._conv_mode(1, 8, 676, 9, 1) == "stream"
 
 
 @pytest.mark.parametrize("case", ["cnn_bn", "residual", "sequence"])

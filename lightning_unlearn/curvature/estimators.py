@@ -460,8 +460,9 @@ class _Buffers:
 
 def _conv_mode(k: int, cout: int, length: int, fan_in: int, groups: int) -> str:
     """How a convolution's squared per-sample gradients are summed (see :class:`_ConvState`)."""
-    if groups == 1 and length > 1:
-        # multiply-adds per sample (memory passes weighted as 4): direct products vs the Gram form
+    if groups == 1:
+        # multiply-adds per sample (memory passes weighted as 4): direct products vs the Gram form. With one output
+        # position (L = 1) the Gram form is the rank-one rule of Linear layers, (Σ_c g_c²)(u²)ᵀ, one matrix product.
         pairs = length * (length + 1) // 2
         direct = k * cout * fan_in * (length + 4)
         gram = cout * fan_in * pairs + cout * length * length * k + 4 * pairs * fan_in
