@@ -61,6 +61,13 @@ MODELS: dict[str, dict[str, Any]] = {
         "batch": 32,
         "label": "ResNet-18 (CIFAR stem)",
     },
+    # the model of configs/cifar10_resnet18_targeted.yaml: torchvision's stem (7x7 stride-2 conv, max-pool)
+    "resnet18_imagenet_stem": {
+        "build": lambda: ResNet18(num_classes=10, in_channels=3, stem="imagenet"),
+        "input": (3, 32, 32),
+        "batch": 32,
+        "label": "ResNet-18 (ImageNet stem)",
+    },
 }
 ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
     "exact": {},
@@ -300,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats after the warm-up (default: 5)")
     parser.add_argument(
-        "--models", default="mnist_cnn,resnet18", help=f"comma-separated, from {list(MODELS)} (default: both)"
+        "--models", default=",".join(MODELS), help=f"comma-separated, from {list(MODELS)} (default: all)"
     )
     parser.add_argument(
         "--estimators", default="exact,mc,fisher,hutchinson", help="comma-separated estimators (default: all four)"

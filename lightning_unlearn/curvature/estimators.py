@@ -458,14 +458,22 @@ class _Buffers:
         self.rewind()
 
 
+#: What one pass over memory costs in multiply-adds, for :func:`_conv_mode`. 16 on a 2-core x86 CPU: with 4, the
+#: direct products were chosen for ResNet-18's 2×2 maps (ImageNet stem, 32×32 images) with one column (``mc``,
+#: ``fisher``), where they are memory-bound; the Gram form made ``mc`` 111 -> 93 ms there. No other choice changes
+#: on the MNIST CNN or either ResNet-18 stem.
+_MEMORY_PASS = 16
+
+
 def _conv_mode(k: int, cout: int, length: int, fan_in: int, groups: int) -> str:
     """How a convolution's squared per-sample gradients are summed (see :class:`_ConvState`)."""
     if groups == 1:
-        # multiply-adds per sample (memory passes weighted as 4): direct products vs the Gram form. With one output
-        # position (L = 1) the Gram form is the rank-one rule of Linear layers, (Σ_c g_c²)(u²)ᵀ, one matrix product.
+        # Multiply-adds per sample, a pass over memory counted as _MEMORY_PASS of them: the direct products (which
+        # write and square K·Cout·fan_in values per sample) vs the Gram form. With one output position (L = 1) the
+        # Gram form is the rank-one rule of Linear layers, (Σ_c g_c²)(u²)ᵀ, one matrix product.
         pairs = length * (length + 1) // 2
-        direct = k * cout * fan_in * (length + 4)
-        gram = cout * fan_in * pairs + cout * length * length * k + 4 * pairs * fan_in
+        direct = k * cout * fan_in * (length + _MEMORY_PASS)
+        gram = cout * fan_in * pairs + cout * length * length * k + _MEMORY_PASS * pairs * fan_in
         if gram < direct:
             return "gram"
     # Stacking the columns first gives one product per sample with K times more rows (faster than K products, and the
@@ -1307,12 +1315,19 @@ class SquaredGradientEstimator(CurvatureEstimator):
         ]
         first_pooled = len(targets)
         targets += [captures[i].pool.edge for i in pooled]
+        # A segment below a cut at a pooling output, holding only that pooling's first layer, needs no backward pass:
+        # the gradient it asks for is the one handed down, ``grads_in`` (the MNIST CNN's conv1 segment).
+        own = bottom is None and source.grad_fn is not None and bool(targets)
+        own = own and all(target == get_gradient_edge(source) for target in targets)
         try:
             for j in range(k):
                 column[0] = j
-                grads = torch.autograd.grad(
-                    source, targets, grad_outputs=grads_in[:, j], retain_graph=j < k - 1, allow_unused=True
-                )
+                if own:
+                    grads: tuple[Tensor | None, ...] = (grads_in[:, j],) * len(targets)
+                else:
+                    grads = torch.autograd.grad(
+                        source, targets, grad_outputs=grads_in[:, j], retain_graph=j < k - 1, allow_unused=True
+                    )
                 for i, grad in zip(pooled, grads[first_pooled:], strict=True):
                     if grad is not None:
                         states[i].consume(j, grad)
