@@ -107,14 +107,14 @@ class _NoProducts(estimators._LayerState):
         pass
 
 
-def without_products(run: Callable[[], Any]) -> Callable[[], None]:
+def without_products(run: Callable[[], Any]) -> Callable[[], Any]:
     """``run`` with every layer state replaced by :class:`_NoProducts` while it runs."""
 
-    def wrapped() -> None:
+    def wrapped() -> Any:
         original = estimators._state_type
         estimators._state_type = lambda module: _NoProducts
         try:
-            run()
+            return run()
         finally:
             estimators._state_type = original
 
@@ -137,12 +137,13 @@ def make_methods(
 
     methods["fwd+bwd"] = step
     for name in names:
-        if name in ("backpack", PASSES):
+        if name == "backpack":
             continue
-        options = dict(ESTIMATOR_OPTIONS[name])
-        if max_memory_mb is not None and name in BUDGETED:
+        kind = "exact" if name == PASSES else name
+        options = dict(ESTIMATOR_OPTIONS[kind])
+        if max_memory_mb is not None and kind in BUDGETED:
             options["max_memory_mb"] = max_memory_mb
-        estimator = get_estimator(name, **options)
+        estimator = get_estimator(kind, **options)
 
         def run(estimator: Any = estimator) -> dict[str, torch.Tensor]:
             sums = init_sums(model)
@@ -151,10 +152,7 @@ def make_methods(
                 value.div_(count)
             return sums
 
-        methods[name] = run
-    if PASSES in names:
-        passes = get_estimator("exact", **({} if max_memory_mb is None else {"max_memory_mb": max_memory_mb}))
-        methods[PASSES] = without_products(lambda: passes.accumulate(model, x, y, init_sums(model)))
+        methods[name] = without_products(run) if name == PASSES else run
     if "backpack" in names and have_backpack():
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact

@@ -939,9 +939,9 @@ def _link_pools(live: list[_Capture], logits: Tensor) -> None:
     """
     for capture in live:
         capture.pool = None
-    candidates = [
-        c for c in _first_layers(live) if type(c.module) is nn.Conv2d and c.module.groups == 1 and _POOLING_ENABLED
-    ]
+    if not _POOLING_ENABLED:
+        return
+    candidates = [c for c in _first_layers(live) if type(c.module) is nn.Conv2d and c.module.groups == 1]
     if not candidates or logits.grad_fn is None:
         return
     users = _consumers(logits.grad_fn)
@@ -1318,7 +1318,9 @@ class SquaredGradientEstimator(CurvatureEstimator):
         # A segment below a cut at a pooling output, holding only that pooling's first layer, needs no backward pass:
         # the gradient it asks for is the one handed down, ``grads_in`` (the MNIST CNN's conv1 segment).
         own = bottom is None and source.grad_fn is not None and bool(targets)
-        own = own and all(target == get_gradient_edge(source) for target in targets)
+        if own:
+            source_edge = get_gradient_edge(source)
+            own = all(target == source_edge for target in targets)
         try:
             for j in range(k):
                 column[0] = j
