@@ -205,7 +205,7 @@ def test_sharp_minmax_changes_both_parts(poisoned_run):
     trainer.fit(module)
     moved = {name for name, value in params_of(module).items() if not torch.equal(value, before[name])}
     assert moved & module.selected_names and moved - module.selected_names
-    assert trainer.global_step == 3
+    assert trainer.global_step == 6  # two optimizer steps per batch: retain branch, then forget branch
 
 
 def test_sam_keeps_batchnorm_statistics_and_counts_steps(bn_run):
@@ -242,7 +242,7 @@ def test_one_step_search_uses_validation_and_never_worsens_it(poisoned_run):
         (lambda: FirstOrder(steps=[1e-3, 1e-2], criterion="fixed"), "exactly one step"),
         (lambda: SecondOrder(solver="qr"), "`solver`"),
         (lambda: SamForget(rho=-1), "`rho`"),
-        (lambda: NegGradPlus(beta=2), "`beta`"),
+        (lambda: NegGradPlus(alpha=2), "`alpha`"),
         (lambda: Finetune(epochs=0), "`epochs`"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Iterative baselines: fine-tuning on the retain set and NegGrad+.
+"""Iterative baselines: fine-tuning on the retain set and NegGrad+ (and the loaders the SAM-style methods share).
 
 Both run under manual optimization; every step zeroes the gradient of frozen entries before ``optimizer.step()`` and
 restores them after it (:class:`~lightning_unlearn.unlearn.freeze.FreezeGuard`), so the hard freeze holds with any
@@ -44,6 +44,10 @@ def optimizer_step(module: UnlearnModule, loss: torch.Tensor) -> None:
     module.guard.restore()
 
 
+#: What one epoch of a method that pairs forget and retain batches passes over (see :class:`PairedMethod`).
+EPOCH_OVER = ("forget", "retain")
+
+
 class IterativeMethod(UnlearnMethod):
     """Base of methods that train for ``epochs`` passes over their data.
 
@@ -58,16 +62,47 @@ class IterativeMethod(UnlearnMethod):
         self.epochs = epochs
         self.batch_size = batch_size
 
+    def report(self) -> dict[str, Any]:
+        return {"method": self.name, "epochs": self.epochs, "batch_size": self.batch_size}
+
+
+class PairedMethod(IterativeMethod):
+    """Base of methods whose every step sees a forget batch and a retain batch (NegGrad+, SAM-forget, Sharp MinMax).
+
+    Args:
+        epochs: Passes over the data (see ``epoch_over``).
+        batch_size: Batch size of the forget and of the retain loader.
+        epoch_over: What one epoch passes over: ``"forget"`` — the forget set once, a retain batch alongside each
+            forget batch (the epoch ends with the shorter loader); ``"retain"`` — the retain set once, the forget
+            batches cycled (the official Sharp MinMax / NegGrad+ code's ``zip(retain, cycle(forget))``: about
+            ``|D_r| / |D_f|`` times more steps per epoch).
+    """
+
+    def __init__(self, epochs: int = 1, batch_size: int = 128, epoch_over: str = "forget") -> None:
+        super().__init__(epochs, batch_size)
+        if epoch_over not in EPOCH_OVER:
+            raise ValueError(f"`epoch_over` must be one of {EPOCH_OVER}, got {epoch_over!r}.")
+        self.epoch_over = epoch_over
+
+    def train_dataloader(self, module: UnlearnModule) -> Any:
+        return self.forget_and_retain(module)
+
     def forget_and_retain(self, module: UnlearnModule) -> CombinedLoader:
-        """Forget pairs ``(x, y_poisoned, y_true, idx, weight)`` with retain batches ``(x, y, idx, weight)``
-        alongside; one epoch: one pass over D_f."""
+        """Forget pairs ``(x, y_poisoned, y_true, idx, weight)`` under ``"forget"`` and retain batches
+        ``(x, y, idx, weight)`` under ``"retain"``, as many batches per epoch as ``epoch_over`` says.
+
+        Under ``epoch_over="retain"`` a forget loader shorter than the retain loader restarts when it runs out (in
+        the same order within an epoch, as ``itertools.cycle`` replays it); every rank runs the same number of
+        batches (both loaders are padded per rank, see ``ShardSampler``).
+        """
         dm = module.datamodule
         forget = module.loader(dm.forget_pairs_dataloader().dataset, shuffle=True, batch_size=self.batch_size)
         retain = module.loader(dm.retain_dataloader().dataset, shuffle=True, batch_size=self.batch_size)
-        return CombinedLoader({"forget": forget, "retain": retain}, mode="min_size")
+        mode = "max_size_cycle" if self.epoch_over == "retain" and len(forget) < len(retain) else "min_size"
+        return CombinedLoader({"forget": forget, "retain": retain}, mode=mode)
 
     def report(self) -> dict[str, Any]:
-        return {"method": self.name, "epochs": self.epochs, "batch_size": self.batch_size}
+        return {**super().report(), "epoch_over": self.epoch_over}
 
 
 class Finetune(IterativeMethod):
@@ -87,37 +122,54 @@ class Finetune(IterativeMethod):
         return loss
 
 
-class NegGradPlus(IterativeMethod):
-    """NegGrad+: ``β (L_retain + L_corrected) − (1 − β) L_forget``.
+class NegGradPlus(PairedMethod):
+    """NegGrad+ as Tang & Khanna's code (and Kurmanji et al.) define it: ``α L_retain − (1 − α) L_forget``.
 
-    Descent on the retain set and on the corrected forget set (true labels), ascent on the forget set with its
-    poisoned labels.
+    ``L_retain`` is the cross-entropy on the retain set, ``L_forget`` the cross-entropy of the forget set with the
+    labels the model was trained on (the poisoned ones): descent on D_r, ascent on D_f, one optimizer step on the
+    weighted sum. ``corrected_weight`` adds ``c · L_corrected``, the cross-entropy of the forget set with its true
+    labels (off by default: it is not part of NegGrad+; with it the method also fine-tunes on the corrected forget
+    set — this project's earlier variant was ``alpha=β, corrected_weight=β`` with ``β = 0.9``).
 
     Args:
-        beta: Weight of the descent terms in [0, 1].
+        epochs: Passes over the data (see ``epoch_over``).
+        batch_size: Batch size of the forget and retain loaders.
+        alpha: Weight ``α`` in [0, 1] of the retain term; the forget term gets ``1 − α`` (official default 0.99).
+        corrected_weight: Weight ``c >= 0`` of the corrected-label forget term (0 = NegGrad+ proper).
+        epoch_over: ``"forget"`` or ``"retain"`` (the official recipe), see :class:`PairedMethod`.
     """
 
     name = "neggrad_plus"
 
-    def __init__(self, epochs: int = 1, batch_size: int = 128, beta: float = 0.9) -> None:
-        super().__init__(epochs, batch_size)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"`beta` must lie in [0, 1], got {beta}.")
-        self.beta = beta
-
-    def train_dataloader(self, module: UnlearnModule) -> Any:
-        return self.forget_and_retain(module)
+    def __init__(
+        self,
+        epochs: int = 1,
+        batch_size: int = 128,
+        alpha: float = 0.99,
+        corrected_weight: float = 0.0,
+        epoch_over: str = "forget",
+    ) -> None:
+        super().__init__(epochs, batch_size, epoch_over)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"`alpha` must lie in [0, 1], got {alpha}.")
+        if corrected_weight < 0:
+            raise ValueError(f"`corrected_weight` must be >= 0 (0 = NegGrad+ proper), got {corrected_weight}.")
+        self.alpha = alpha
+        self.corrected_weight = corrected_weight
 
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
         nf, nr = rank_count(module, wf), rank_count(module, wr)
         logits_f = module.net(xf)
-        descent = cross_entropy(module.net(xr), yr, wr, nr) + cross_entropy(logits_f, yt, wf, nf)
-        loss = self.beta * descent - (1 - self.beta) * cross_entropy(logits_f, yp, wf, nf)
+        loss = self.alpha * cross_entropy(module.net(xr), yr, wr, nr) - (1 - self.alpha) * cross_entropy(
+            logits_f, yp, wf, nf
+        )
+        if self.corrected_weight:
+            loss = loss + self.corrected_weight * cross_entropy(logits_f, yt, wf, nf)
         optimizer_step(module, loss)
         module.log("unlearn/loss", loss, prog_bar=True)
         return loss
 
     def report(self) -> dict[str, Any]:
-        return {**super().report(), "beta": self.beta}
+        return {**super().report(), "alpha": self.alpha, "corrected_weight": self.corrected_weight}
