@@ -41,12 +41,16 @@ class Batches:
         return len(self.batches)
 
 
-class TinyModule(UnlearnModule):
-    """The real ``UnlearnModule`` hooks around a 2-layer float64 network and fixed batches (no run, no profile).
+class TinyModule(LightningModule):
+    """What a method may use of ``UnlearnModule`` (``net``, ``mask``, ``selected_names``, ``guard``,
+    ``build_optimizer``, ``all_reduce_sum``, ``world_size``; see ``unlearn/base.py``), around a 2-layer float64 network
+    and fixed batches, under Lightning's real manual optimization.
 
-    ``selected`` is the selection (parameter name → boolean mask); the hard freeze is built from it as ``prepare``
-    does. ``step_fn``, if given, replaces the method's ``training_step`` (for the quadratic toys).
+    ``selected`` is the selection (parameter name → boolean mask); the hard freeze is built from it as
+    ``UnlearnModule.prepare`` does. ``step_fn``, if given, replaces the method's ``training_step`` (quadratic toys).
     """
+
+    world_size = 1
 
     def __init__(
         self,
@@ -58,29 +62,38 @@ class TinyModule(UnlearnModule):
         weight_decay: float = 0.0,
         step_fn: Callable[[TinyModule], torch.Tensor] | None = None,
     ) -> None:
-        LightningModule.__init__(self)
+        super().__init__()
         self.automatic_optimization = False
         self.method = method
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
-        self.optimizer_factory = lambda params: torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
+        self.optimizer_kwargs = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         self.mask = ParameterMask(dict(selected), "hand")
         self.selected_names = set(self.mask.trainable)
         everything = ParameterMask({n: torch.ones_like(p, dtype=torch.bool) for n, p in self.named_parameters()}, "all")
         self.guard = FreezeGuard(self, self.mask if method.freezes_unselected else everything)
-        self.timings = {}
         self.batches = Batches(batches)
         self.step_fn = step_fn
 
-    def train_dataloader(self):
+    def net_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return list(self.named_parameters())
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, **self.optimizer_kwargs)
+
+    def all_reduce_sum(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors  # one process
+
+    def train_dataloader(self) -> Batches:
         return self.batches
+
+    def configure_optimizers(self):
+        return self.method.configure_optimizers(self)
 
     def training_step(self, batch, batch_idx):
         if self.step_fn is not None:
             return self.step_fn(self)
-        return super().training_step(batch, batch_idx)
+        return self.method.training_step(self, batch, batch_idx)
 
 
 def fit(module: TinyModule) -> int:
