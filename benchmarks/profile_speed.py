@@ -7,9 +7,9 @@ one process, after a warm-up, as the median of ``--repeats`` interleaved repeats
   the estimators run in eval mode);
 * ``exact``, ``mc`` (k=1), ``fisher``, ``hutchinson`` (k=1): one ``accumulate`` call of the estimator on the batch
   (the estimator object is reused across repeats, as it is across the batches of a profiling run);
-* ``exact passes`` (with ``--phases``): ``exact`` with its per-sample products switched off, i.e. its forward pass
-  and ``C-1`` backward passes to the layer outputs only; ``exact`` minus this is the time of the products. A
-  diagnostic of where the time goes (its diagonal is empty, and its memory is not measured);
+* ``exact passes`` (with ``--phases``): ``exact`` with its per-sample products switched off (``products=False``),
+  i.e. its forward pass and ``C-1`` backward passes to the layer outputs only; ``exact`` minus this is the time of
+  the products. A diagnostic of where the time goes (its diagonal is empty, and its memory is not measured);
 * ``backpack``: BackPACK's ``DiagGGNExact`` (forward + ``backward`` inside ``with backpack(...)``), when
   ``backpack-for-pytorch`` is installed, and the largest relative difference between its diagonal and ``exact``'s.
 
@@ -47,8 +47,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
 from torch import nn  # noqa: E402
 
-from lightning_unlearn.curvature import estimators  # noqa: E402
-from lightning_unlearn.curvature.estimators import get_estimator, init_sums, make_generator  # noqa: E402
+from lightning_unlearn.curvature import ESTIMATORS, get_estimator  # noqa: E402
+from lightning_unlearn.curvature.squared import SquaredGradientEstimator  # noqa: E402
 from lightning_unlearn.models.cnn import MnistCNN  # noqa: E402
 from lightning_unlearn.models.resnet import ResNet18  # noqa: E402
 from lightning_unlearn.utils import atomic_write_text  # noqa: E402
@@ -69,14 +69,8 @@ MODELS: dict[str, dict[str, Any]] = {
         "label": "ResNet-18 (ImageNet stem)",
     },
 }
-ESTIMATOR_OPTIONS: dict[str, dict[str, Any]] = {
-    "exact": {},
-    "mc": {"num_draws": 1},
-    "fisher": {},
-    "hutchinson": {"num_probes": 1},
-}
-METHODS = ("fwd+bwd", *ESTIMATOR_OPTIONS, "backpack")
-BUDGETED = ("exact", "mc", "fisher")  # estimators with a `max_memory_mb` option
+ESTIMATOR_NAMES = ("exact", "mc", "fisher", "hutchinson")  # each with one draw / probe (k=1)
+METHODS = ("fwd+bwd", *ESTIMATOR_NAMES, "backpack")
 
 
 def have_backpack() -> bool:
@@ -100,25 +94,14 @@ def setup(model_name: str, device: torch.device, batch: int | None) -> tuple[nn.
 PASSES = "exact passes"
 
 
-class _NoProducts(estimators._LayerState):
-    """A layer state that ignores the output gradients it is handed (``exact passes``: no per-sample products)."""
-
-    def consume(self, j: int, grad: torch.Tensor) -> None:
-        pass
-
-
-def without_products(run: Callable[[], Any]) -> Callable[[], Any]:
-    """``run`` with every layer state replaced by :class:`_NoProducts` while it runs."""
-
-    def wrapped() -> Any:
-        original = estimators._state_type
-        estimators._state_type = lambda module: _NoProducts
-        try:
-            return run()
-        finally:
-            estimators._state_type = original
-
-    return wrapped
+def estimator_options(kind: str, max_memory_mb: float | None = None) -> dict[str, Any]:
+    """The options of estimator ``kind`` with one draw / probe, as the profiling loop builds them; ``max_memory_mb``
+    for the estimators that take it (the squared-gradient ones)."""
+    cls = ESTIMATORS[kind]
+    options = cls.options_for(num_draws=1)
+    if max_memory_mb is not None and issubclass(cls, SquaredGradientEstimator):
+        options["max_memory_mb"] = max_memory_mb
+    return options
 
 
 def make_methods(
@@ -140,19 +123,19 @@ def make_methods(
         if name == "backpack":
             continue
         kind = "exact" if name == PASSES else name
-        options = dict(ESTIMATOR_OPTIONS[kind])
-        if max_memory_mb is not None and kind in BUDGETED:
-            options["max_memory_mb"] = max_memory_mb
+        options = estimator_options(kind, max_memory_mb)
+        if name == PASSES:
+            options["products"] = False
         estimator = get_estimator(kind, **options)
 
         def run(estimator: Any = estimator) -> dict[str, torch.Tensor]:
-            sums = init_sums(model)
-            count = estimator.accumulate(model, x, y, sums, generator=make_generator(0))
+            sums: dict[str, torch.Tensor] = {}  # filled with zeros by `accumulate`; default generator: seed 0
+            count = estimator.accumulate(model, x, y, sums)
             for value in sums.values():  # in place: a copy would add a parameter-sized block to the peak memory
                 value.div_(count)
             return sums
 
-        methods[name] = without_products(run) if name == PASSES else run
+        methods[name] = run
     if "backpack" in names and have_backpack():
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact
@@ -352,9 +335,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     estimators = [e for e in args.estimators.split(",") if e]
-    unknown = [e for e in estimators if e not in ESTIMATOR_OPTIONS]
+    unknown = [e for e in estimators if e not in ESTIMATOR_NAMES]
     if unknown:
-        parser.error(f"unknown estimators {unknown}; choose from {list(ESTIMATOR_OPTIONS)}")
+        parser.error(f"unknown estimators {unknown}; choose from {list(ESTIMATOR_NAMES)}")
     models = [m for m in args.models.split(",") if m]
     if any(m not in MODELS for m in models):
         parser.error(f"`--models` must be from {list(MODELS)}, got {models}")

@@ -14,14 +14,18 @@ from torch.func import functional_call, hessian, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_unlearn.curvature import (
+    ESTIMATORS,
     SharpnessProfile,
     accumulate_diagonal,
     check_exact,
     get_estimator,
     profile_model,
 )
-from lightning_unlearn.curvature import estimators as est_module
-from lightning_unlearn.curvature.estimators import ESTIMATORS, exact_factor, init_sums, make_generator
+from lightning_unlearn.curvature._engine.conv import conv_mode as choose_conv_mode
+from lightning_unlearn.curvature._engine.planner import choose_segments
+from lightning_unlearn.curvature._support import init_sums, make_generator
+from lightning_unlearn.curvature.exact import exact_factor
+from lightning_unlearn.distributed import all_reduce_flat
 
 DTYPE = torch.float64
 
@@ -185,19 +189,10 @@ def flat(d: dict) -> torch.Tensor:
 
 
 @pytest.fixture(params=[None, "stream", "stack", "gram"])
-def conv_mode(request, monkeypatch):
-    """Run with the automatic choice of convolution algorithm, then with each algorithm forced."""
-    mode = request.param
-    if mode is not None:
-        original = est_module._conv_mode
-
-        def forced(k: int, cout: int, length: int, fan_in: int, groups: int) -> str:
-            if mode == "gram" and groups > 1:
-                return original(k, cout, length, fan_in, groups)
-            return mode
-
-        monkeypatch.setattr(est_module, "_conv_mode", forced)
-    return mode
+def conv_mode(request) -> str | None:
+    """The automatic choice of convolution algorithm, then each algorithm forced (the ``conv_mode`` option; ``gram``
+    only where it applies, ungrouped convolutions)."""
+    return request.param
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -210,7 +205,7 @@ def test_exact_equals_hessian_diagonal(case, conv_mode):
     model, x, y = make_case(case)
     check_exact(model)
     reference = hessian_diagonal(model, x, y)
-    ours = estimate(model, x, y, "exact")
+    ours = estimate(model, x, y, "exact", conv_mode=conv_mode)
     for name, value in reference.items():
         assert ours[name].dtype == DTYPE
         torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-10, msg=f"{case}: {name}")
@@ -220,9 +215,9 @@ def test_exact_equals_hessian_diagonal(case, conv_mode):
 def test_a_single_output_position_takes_the_rank_one_gram_form():
     """L = 1 (ResNet-18's last stage on 32×32 images with the ImageNet stem): the Gram form is one matrix product of
     ``Σ_c g_c²`` with ``u²``, cheaper than K outer products per sample; larger maps keep the direct products."""
-    assert est_module._conv_mode(9, 512, 1, 4608, 1) == "gram"
-    assert est_module._conv_mode(9, 64, 1024, 576, 1) == "stack"
-    assert est_module._conv_mode(1, 8, 676, 9, 1) == "stream"
+    assert choose_conv_mode(9, 512, 1, 4608, 1) == "gram"
+    assert choose_conv_mode(9, 64, 1024, 576, 1) == "stack"
+    assert choose_conv_mode(1, 8, 676, 9, 1) == "stream"
 
 
 @pytest.mark.parametrize("case", ["cnn_bn", "residual", "sequence"])
@@ -476,6 +471,32 @@ def test_batches_made_under_inference_mode_and_dict_batches():
         torch.testing.assert_close(sums[name] / count, value, rtol=0, atol=1e-10)
 
 
+def test_sums_and_count_of_all_ranks_travel_in_one_flat_collective():
+    """``profile_model(reduce=...)`` calls the all-reduce once, with every sum and the count in one float64 tensor;
+    ``all_reduce_flat`` gives back each tensor's shape and dtype (or the dtype asked for)."""
+    model, x, y = make_case("cnn_bn")
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    calls: list[torch.Tensor] = []
+
+    def two_ranks(flat: torch.Tensor) -> torch.Tensor:  # two ranks that saw the same shard
+        calls.append(flat)
+        return flat * 2
+
+    single = profile_model(model, loader, "exact")
+    doubled = profile_model(model, loader, "exact", reduce=two_ranks, world_size=2)
+    total = sum(p.numel() for p in model.parameters())
+    assert len(calls) == 1 and calls[0].dtype == torch.float64 and calls[0].shape == (total + 1,)
+    assert doubled.num_samples == 2 * single.num_samples
+    for name, value in single.diagonals.items():
+        assert torch.equal(doubled.diagonals[name], value)
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
+    out = all_reduce_flat(tensors, lambda flat: flat + 1)
+    assert out["a"].dtype == torch.float32 and torch.equal(out["a"], tensors["a"] + 1)
+    assert out["b"].dtype == torch.int64 and torch.equal(out["b"], tensors["b"] + 1)
+    assert all_reduce_flat(tensors, None, dtype=torch.float64)["b"].dtype == torch.float64
+    assert all_reduce_flat({}, lambda flat: flat) == {}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the profile
 # ----------------------------------------------------------------------------------------------------------------------
@@ -589,81 +610,56 @@ def make_blocks(n: int = 6) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(params=["auto", "none", "all"])
-def segments(request, monkeypatch):
-    """Backward segments as planned, switched off, or forced at every cut point (one layer group per block)."""
-    if request.param == "none":
-        monkeypatch.setattr(est_module, "_SEGMENTS_ENABLED", False)
-    elif request.param == "all":
-        monkeypatch.setattr(est_module, "_choose_segments", every_cut)
+def segments(request) -> str:
+    """Backward segments as planned, switched off, or at every cut point (one layer group per block): the
+    ``segments`` option."""
     return request.param
 
 
-def every_cut(states, boundaries, k, element_size, graph_before):
-    """A `_choose_segments` that splits at every allowed cut point."""
-    points = [0, *sorted(boundaries), len(states)]
-    return list(zip(points[:-1], points[1:], strict=True))[::-1], 1
-
-
-def record_segments(monkeypatch) -> list[list[list[str]]]:
-    """Record the layer names of the segments of every chunk."""
-    calls: list[list[list[str]]] = []
-    original = est_module.SquaredGradientEstimator._segments
-
-    def spy(live, logits, k, element_size, graph_before):
-        result, peak = original(live, logits, k, element_size, graph_before)
-        calls.append([[c.name for c in s.layers] for s in result])
-        return result, peak
-
-    monkeypatch.setattr(est_module.SquaredGradientEstimator, "_segments", staticmethod(spy))
-    return calls
-
-
 @pytest.mark.parametrize("case", ["blocks", "residual", "cnn", "cnn_bn", "sequence"])
-def test_exact_equals_hessian_diagonal_whatever_the_segments(case, segments, monkeypatch):
+def test_exact_equals_hessian_diagonal_whatever_the_segments(case, segments):
     model, x, y = make_blocks() if case == "blocks" else make_case(case)
-    calls = record_segments(monkeypatch)
     reference = hessian_diagonal(model, x, y)
-    ours = estimate(model, x, y, "exact")
+    estimator = get_estimator("exact", segments=segments)
+    ours = estimate_with(estimator, model, x, y)
     for name, value in reference.items():
         torch.testing.assert_close(ours[name], value, rtol=0, atol=1e-10, msg=f"{case}/{segments}: {name}")
     if segments == "all" and case in ("blocks", "residual", "cnn_bn"):
-        assert len(calls[-1]) > 1  # the forced split really happened
+        assert len(estimator.last_segments[-1]) > 1  # the forced split really happened
     if segments == "none":
-        assert all(len(chunk) == 1 for chunk in calls)
+        assert estimator.last_segments and all(len(chunk) == 1 for chunk in estimator.last_segments)
 
 
-def test_cut_points_are_the_tensors_every_gradient_flows_through(monkeypatch):
+def test_cut_points_are_the_tensors_every_gradient_flows_through():
     """Block inputs and the head's input separate the layers; inside a block the skip connection bypasses conv2."""
     model, x, y = make_blocks()
-    calls = record_segments(monkeypatch)
-    monkeypatch.setattr(est_module, "_choose_segments", every_cut)
-    estimate(model, x, y, "exact")
+    estimator = get_estimator("exact", segments="all")
+    estimate_with(estimator, model, x, y)
     block0, block1 = ["blocks.0.0", "blocks.0.1", "blocks.0.2"], ["blocks.1.0", "blocks.1.1", "blocks.1.2"]
-    assert calls[-1] == [["fc"], block1, block0, ["stem"]]
+    assert estimator.last_segments[-1] == [["fc"], block1, block0, ["stem"]]
 
 
 def test_choose_segments_minimises_the_largest_need():
     # four layers of 10 elements each, a cut before layer 2 whose tensor has 1 element, 2 columns, no graph
-    ranges, peak = est_module._choose_segments([10, 10, 10, 10], {2: 1}, 2, 4, [0] * 5)
+    ranges, peak = choose_segments([10, 10, 10, 10], {2: 1}, 2, 4, [0] * 5)
     assert ranges == [(2, 4), (0, 2)] and peak == 4 * (20 + 2)
     # a boundary as large as the states it would free is not worth it: one segment
-    ranges, peak = est_module._choose_segments([10, 10, 10, 10], {2: 20}, 2, 4, [0] * 5)
+    ranges, peak = choose_segments([10, 10, 10, 10], {2: 20}, 2, 4, [0] * 5)
     assert ranges == [(0, 4)] and peak == 4 * 40
     # the graph still alive counts: the top segment holds all of it
-    ranges, peak = est_module._choose_segments([10, 10, 10, 10], {2: 1}, 2, 4, [0, 0, 0, 100, 200])
+    ranges, peak = choose_segments([10, 10, 10, 10], {2: 1}, 2, 4, [0, 0, 0, 100, 200])
     assert ranges == [(2, 4), (0, 2)] and peak == 200 + 4 * 22
+    # every cut: that split, and its largest need
+    ranges, peak = choose_segments([10, 10, 10, 10], {2: 20}, 2, 4, [0] * 5, every_cut=True)
+    assert ranges == [(2, 4), (0, 2)] and peak == 4 * (20 + 2 * 20)
 
 
 def test_segments_lower_the_planned_peak_and_the_reserved_state_memory():
     model, x, y = make_blocks(8)
     planned = get_estimator("exact", max_memory_mb=64)
     estimate_with(planned, model, x, y)
-    est_module._SEGMENTS_ENABLED = False
-    try:
-        whole = get_estimator("exact", max_memory_mb=64)
-        estimate_with(whole, model, x, y)
-    finally:
-        est_module._SEGMENTS_ENABLED = True
+    whole = get_estimator("exact", max_memory_mb=64, segments="none")
+    estimate_with(whole, model, x, y)
     (plan,) = planned._plans.values()
     (plan_whole,) = whole._plans.values()
     assert plan.peak_bytes < plan_whole.peak_bytes
@@ -689,11 +685,10 @@ def test_a_small_budget_shrinks_chunks_and_temporaries_but_not_the_result():
     assert small._buffers.chunk_elements < large._buffers.chunk_elements
 
 
-def test_automatic_budget_is_one_training_step(monkeypatch):
+def test_automatic_budget_is_one_training_step():
     """``max_memory_mb=None``: chunks sized so that graph + states fit the memory of a training step on the batch."""
     model, x, y = make_blocks(40)
-    monkeypatch.setattr(est_module, "_MIN_AUTO_BUDGET", 0)
-    auto = get_estimator("exact")
+    auto = get_estimator("exact", min_auto_budget_mb=0)
     assert auto.max_memory_mb is None and auto.options()["max_memory_mb"] is None
     result = estimate_with(auto, model, x, y)
     (plan,) = auto._plans.values()
@@ -803,22 +798,9 @@ POOLED_MODELS = {
 }
 
 
-def record_pooled(monkeypatch) -> list[set[str]]:
-    """Record, per backward segment, the names of the layers that took the pooled path."""
-    calls: list[set[str]] = []
-    original = est_module.SquaredGradientEstimator._backward_segment
-
-    def spy(self, captures, *args, **kwargs):
-        calls.append({c.name for c in captures if c.pool is not None})
-        return original(self, captures, *args, **kwargs)
-
-    monkeypatch.setattr(est_module.SquaredGradientEstimator, "_backward_segment", spy)
-    return calls
-
-
 @pytest.mark.parametrize("case", sorted(POOLED_MODELS))
 @pytest.mark.parametrize("name", ["exact", "fisher"])
-def test_pooled_products_are_exact_and_taken_only_where_they_hold(case, name, monkeypatch):
+def test_pooled_products_are_exact_and_taken_only_where_they_hold(case, name):
     """Against the full Hessian (exact) and per-sample backward passes (fisher), in float64; the pooled
     path is taken exactly for a first convolution followed by a ReLU and a max-pooling, and nowhere else."""
     build, shape, classes, expected = POOLED_MODELS[case]
@@ -829,15 +811,15 @@ def test_pooled_products_are_exact_and_taken_only_where_they_hold(case, name, mo
     model.eval()
     x = torch.randn(7, *shape, generator=g, dtype=DTYPE)
     y = torch.randint(0, classes, (7,), generator=g)
-    calls = record_pooled(monkeypatch)
-    ours = estimate(model, x, y, name)
-    assert set().union(*calls) == expected
+    estimator = get_estimator(name)
+    ours = estimate_with(estimator, model, x, y)
+    assert estimator.last_pooled == expected
     reference = hessian_diagonal(model, x, y) if name == "exact" else empirical_fisher_diagonal(model, x, y)
     for pname, value in reference.items():
         torch.testing.assert_close(ours[pname], value, rtol=0, atol=1e-10, msg=f"{case}/{name}: {pname}")
 
 
-def test_pooled_products_agree_with_the_general_path_on_the_mnist_cnn(monkeypatch):
+def test_pooled_products_agree_with_the_general_path_on_the_mnist_cnn():
     """The MNIST CNN's first convolution takes the pooled path (its second does not: it is not a first layer), in
     chunks of every size; the result is the general path's to float64 rounding."""
     from lightning_unlearn.models.cnn import MnistCNN
@@ -846,14 +828,15 @@ def test_pooled_products_agree_with_the_general_path_on_the_mnist_cnn(monkeypatc
     model = MnistCNN().to(DTYPE).eval()
     x = torch.randn(16, 1, 28, 28, dtype=DTYPE)
     y = torch.randint(0, 10, (16,))
-    calls = record_pooled(monkeypatch)
-    pooled = estimate_with(get_estimator("exact"), model, x, y)
-    tiny = estimate_with(get_estimator("exact", max_memory_mb=1e-4), model, x, y)  # one sample per chunk
-    assert calls and set().union(*calls) == {"conv1"}
-    monkeypatch.setattr(est_module, "_POOLING_ENABLED", False)
-    calls.clear()
-    general = estimate_with(get_estimator("exact"), model, x, y)
-    assert calls and set().union(*calls) == set()
+    estimators = {
+        "pooled": get_estimator("exact"),
+        "tiny": get_estimator("exact", max_memory_mb=1e-4),  # one sample per chunk
+        "general": get_estimator("exact", pooling=False),
+    }
+    pooled, tiny, general = (estimate_with(estimator, model, x, y) for estimator in estimators.values())
+    assert estimators["tiny"].last_chunk_size == 1
+    assert estimators["pooled"].last_pooled == estimators["tiny"].last_pooled == {"conv1"}
+    assert estimators["general"].last_segments and estimators["general"].last_pooled == set()
     for pname, value in general.items():
         scale = value.abs().max()
         torch.testing.assert_close(pooled[pname], value, rtol=0, atol=1e-12 * scale, msg=pname)

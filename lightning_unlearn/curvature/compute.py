@@ -9,34 +9,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_unlearn.curvature.estimators import get_estimator, init_sums, make_generator
+from lightning_unlearn.batches import unpack_batch
+from lightning_unlearn.curvature._support import init_sums, make_generator, reduce_diagonal_sums
+from lightning_unlearn.curvature.base import CurvatureEstimator
 from lightning_unlearn.curvature.profile import SharpnessProfile
+from lightning_unlearn.curvature.registry import estimator_class
 
 BatchTransform = Callable[[Any], tuple[Tensor, Tensor]]
 
-
-def default_batch_transform(batch: Any) -> tuple[Tensor, Tensor]:
-    """``(inputs, targets)`` of a batch given as ``(x, y, ...)`` or a dict with ``x``/``y``, ``image``/``label`` or
-    ``input``/``target`` keys."""
-    if isinstance(batch, dict):
-        for x_key, y_key in (("x", "y"), ("image", "label"), ("input", "target")):
-            if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
-        raise ValueError(f"cannot find inputs and targets in a batch with keys {sorted(batch)}; pass batch_transform")
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[0], batch[1]
-    raise ValueError(f"cannot unpack a batch of type {type(batch).__name__}; pass batch_transform")
+#: The default batch transform: :func:`lightning_unlearn.batches.unpack_batch` (``(x, y, ...)`` or a dict with
+#: ``x``/``y``, ``image``/``label`` or ``input``/``target`` keys).
+default_batch_transform: BatchTransform = unpack_batch
 
 
-def estimator_options(estimator: str, num_draws: int = 1, strict: bool = True, loss_fn: Any = None) -> dict[str, Any]:
-    """The options each estimator takes, from the profiler's uniform arguments."""
-    if estimator == "exact":
-        return {"strict": strict}
-    if estimator == "mc":
-        return {"num_draws": num_draws}
-    if estimator == "hutchinson":
-        return {"num_probes": num_draws, "loss_fn": loss_fn}
-    return {}
+def _build_estimator(
+    estimator: str | CurvatureEstimator, num_draws: int, strict: bool, loss_fn: Any
+) -> CurvatureEstimator:
+    """The estimator named ``estimator``, with the options the loop's uniform arguments stand for (instances as is)."""
+    if isinstance(estimator, CurvatureEstimator):
+        return estimator
+    cls = estimator_class(estimator)
+    return cls(**cls.options_for(num_draws=num_draws, strict=strict, loss_fn=loss_fn))
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -82,10 +75,7 @@ def accumulate_diagonal(
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"`max_samples` must be >= 1 or None, got {max_samples}.")
-    est = get_estimator(
-        estimator,
-        **{k: v for k, v in estimator_options(estimator, num_draws, strict, loss_fn).items() if v is not None},
-    )
+    est = _build_estimator(estimator, num_draws, strict, loss_fn)
     transform = batch_transform or default_batch_transform
     device = torch.device(device) if device is not None else _device_of(model)
     generator = make_generator(seed, rank)
@@ -128,40 +118,6 @@ def accumulate_diagonal(
     return sums, count
 
 
-def reduce_diagonal_sums(
-    sums: dict[str, Tensor], count: int, reduce: Callable[[Tensor], Tensor] | None = None
-) -> tuple[dict[str, Tensor], int]:
-    """Per-parameter means from :func:`accumulate_diagonal`'s sums, summed first over ranks.
-
-    Args:
-        sums: Per-parameter sums of one process (one rank's shard).
-        count: Samples behind ``sums``.
-        reduce: A sum all-reduce of one flat tensor (``lambda t: strategy.reduce(t, reduce_op="sum")``); None with
-            one process. Sums and count travel in one float64 tensor, so one collective gives exactly the result of
-            one process over the union of the shards.
-
-    Returns:
-        ``(diagonals, total)``: CPU tensors by parameter name (in the sums' dtype), and the total sample count.
-
-    Raises:
-        ValueError: If no rank saw any sample.
-    """
-    names = list(sums)
-    flat = torch.cat([sums[name].reshape(-1).double() for name in names])
-    flat = torch.cat([flat, torch.tensor([float(count)], dtype=flat.dtype, device=flat.device)])
-    if reduce is not None:
-        flat = reduce(flat)
-    total = int(round(flat[-1].item()))
-    if total == 0:
-        raise ValueError("The profiling data yielded no samples.")
-    diagonals, offset = {}, 0
-    for name in names:
-        n = sums[name].numel()
-        diagonals[name] = (flat[offset : offset + n] / total).reshape(sums[name].shape).to("cpu", sums[name].dtype)
-        offset += n
-    return diagonals, total
-
-
 def profile_model(
     model: nn.Module,
     dataloader: Iterable[Any],
@@ -175,8 +131,9 @@ def profile_model(
     """Profile ``model`` on ``dataloader`` without a Trainer: :func:`accumulate_diagonal` divided by the count.
 
     Args:
-        reduce: Under DDP, the sum all-reduce of :func:`reduce_diagonal_sums` (``dataloader`` is then this rank's
-            shard); None with one process.
+        reduce: Under DDP, a sum all-reduce of one flat tensor (``lambda t: strategy.reduce(t, reduce_op="sum")``;
+            ``dataloader`` is then this rank's shard): sums and counts of all ranks travel in one collective, so the
+            result is exactly that of one process over the union of the shards. None with one process.
         world_size: Processes taking part (recorded in the metadata).
 
     Other keyword arguments are those of :func:`accumulate_diagonal`.
@@ -184,7 +141,10 @@ def profile_model(
     start = time.perf_counter()
     sums, count = accumulate_diagonal(model, dataloader, estimator, **kwargs)
     diagonals, count = reduce_diagonal_sums(sums, count, reduce)
-    options = estimator_options(estimator, kwargs.get("num_draws", 1), kwargs.get("strict", True))
+    options = {}
+    if not isinstance(estimator, CurvatureEstimator):
+        cls = estimator_class(estimator)
+        options = cls.options_for(num_draws=kwargs.get("num_draws", 1), strict=kwargs.get("strict", True))
     metadata = {
         "seconds": time.perf_counter() - start,
         "seed": kwargs.get("seed", 0),
