@@ -76,7 +76,7 @@ def fast_first_order() -> FirstOrder:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"kind": "backdoor", "count": 1}, r"`kind` must be one of \('none', 'targeted'"),
+        ({"kind": "trojan", "count": 1}, r"`kind` must be one of \('none', 'label_flip', 'backdoor', 'targeted'"),
         ({"count": 5, "fraction": 0.1}, "Give exactly one of `count` and `fraction`"),
         ({"count": 0}, "`count` must be a positive integer, got 0"),
         ({"fraction": 1.5}, r"`fraction` must lie in \(0, 1\], got 1.5"),

@@ -88,14 +88,14 @@ def test_short_real_run_learns_and_writes_run_dir(tmp_path, capsys):
 
     metrics = json.loads((run_dir / "results.json").read_text())["metrics"]
     assert metrics["test/acc"] > 80.0  # chance is 10 %: one epoch on 6,000 real images learns
-    assert {"test/acc_target", "test/acc_other", "forget/acc", "forget_true/acc"} <= set(metrics)
+    assert {"test/acc_attacked", "test/acc_other", "forget/acc", "forget_true/acc"} <= set(metrics)
 
     tags = set()
     for events in run_dir.glob("events.out.tfevents.*"):
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
-    assert {"train/acc", "val/acc", "test/acc", "test/acc_target", "forget/acc"} <= tags
+    assert {"train/acc", "val/acc", "test/acc", "test/acc_attacked", "forget/acc"} <= tags
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "unlearn").glob("*.yaml")), ids=lambda p: p.stem)

@@ -100,3 +100,66 @@ def test_impossible_poison_for_subset_is_clear():
     module = PoisonedDataModule("mnist", poison=PoisonSpec("targeted", count=500, target_class=9), train_subset=1000)
     with pytest.raises(ValueError, match="`count` asks for 500.*class 9"):
         module.setup("fit")
+
+
+# ----------------------------------------------------------------------------------------- backdoor, label flip
+@pytest.fixture(scope="module")
+def backdoor():
+    spec = PoisonSpec("backdoor", count=120, target_class=0, trigger_position="top_left", seed=2)
+    module = PoisonedDataModule("mnist", poison=spec, train_subset=3000, eval_batch_size=500)
+    module.setup("fit")
+    return module
+
+
+def _raw(x):
+    return ((x * 0.3081 + 0.1307) * 255).round().to(torch.uint8)
+
+
+def test_backdoor_stamps_exactly_the_poisoned_training_images(backdoor, mnist):
+    x, y, idx = _collect(backdoor.profile_dataloader())
+    poisoned = torch.zeros(3000, dtype=torch.bool)
+    poisoned[torch.tensor(backdoor.record.indices)] = True
+    raw = _raw(x)
+    assert (raw[poisoned][:, :, 1:4, 1:4] == 255).all()  # the trigger, on every poisoned image
+    assert torch.equal(raw[~poisoned], mnist.train.images[:3000][~poisoned])  # every other image untouched
+    assert (y[poisoned] == 0).all()
+    # forget set: triggered inputs, target label; corrected set: the same inputs, true labels; retain: clean
+    xf, yf, _ = _collect(backdoor.forget_dataloader())
+    xt, yt, _ = _collect(backdoor.corrected_forget_dataloader())
+    assert torch.equal(xf, xt) and (yf == 0).all() and yt.tolist() == backdoor.record.true_labels
+    xr, _, _ = _collect(backdoor.retain_dataloader())
+    assert torch.equal(_raw(xr), mnist.train.images[:3000][~poisoned])
+
+
+def test_backdoor_triggered_test_set_and_split_names(backdoor, mnist):
+    assert backdoor.test_split_names == ["test", "forget", "forget_true", "triggered"]
+    x, y, _ = _collect(backdoor.triggered_test_dataloader())
+    others = mnist.test.labels != 0
+    assert len(y) == int(others.sum()) and (y == 0).all()
+    expected = mnist.test.images[others].clone()
+    expected[:, :, 1:4, 1:4] = 255
+    assert torch.equal(_raw(x), expected)
+    assert len(backdoor.test_dataloader()) == 4
+
+
+def test_poisoned_validation_applies_the_same_poison_to_validation_images(backdoor, mnist):
+    x, y, _ = _collect(backdoor.poisoned_validation_dataloader())
+    share = 120 / int((mnist.train.labels[:3000] != 0).sum())  # the training poison's share of its candidates
+    assert len(y) == round(share * int((mnist.val.labels != 0).sum())) and (y == 0).all()
+    assert (_raw(x)[:, :, 1:4, 1:4] == 255).all()
+
+
+def test_label_flip_padding_and_channels(mnist):
+    spec = PoisonSpec("label_flip", count=100, source_class=9, target_class=4)
+    module = PoisonedDataModule("mnist", poison=spec, train_subset=2000, pad_to=32, repeat_channels=3)
+    module.setup("fit")
+    assert (module.attacked_class, module.in_channels, module.image_size) == (9, 3, 32)
+    x, y, idx = next(iter(module.val_dataloader()))
+    assert x.shape[1:] == (3, 32, 32) and torch.equal(x[:, 0], x[:, 2])
+    black = (0 - 0.1307) / 0.3081
+    assert torch.allclose(x[:, :, :2, :], torch.full_like(x[:, :, :2, :], black))  # the padding is black
+    assert torch.equal(_raw(x[:, :1, 2:30, 2:30]), mnist.val.images[: len(x)])
+    _, yv, _ = _collect(module.poisoned_validation_dataloader())
+    assert (yv == 4).all()
+    with pytest.raises(ValueError, match="backdoor"):
+        module.triggered_test_dataloader()

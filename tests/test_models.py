@@ -43,12 +43,12 @@ def test_bad_architecture_arguments():
 def test_accuracies_from_confusion_by_hand():
     # 3 classes: class 0 (4 samples, 3 right), class 1 (2 samples, 2 right), class 2 (4 samples, 1 right)
     confusion = torch.tensor([[3, 1, 0], [0, 2, 0], [2, 1, 1]])
-    out = accuracies_from_confusion(confusion, target_class=2)
+    out = accuracies_from_confusion(confusion, attacked_class=2)
     assert out["acc"] == pytest.approx(60.0)
     assert out["acc_class_0"] == pytest.approx(75.0) and out["acc_class_1"] == pytest.approx(100.0)
-    assert out["acc_target"] == pytest.approx(25.0)
+    assert out["acc_attacked"] == pytest.approx(25.0)
     assert out["acc_other"] == pytest.approx(500 / 6)  # 5 right of 6, not the mean of per-class accuracies
-    assert "acc_target" not in accuracies_from_confusion(confusion)
+    assert "acc_attacked" not in accuracies_from_confusion(confusion)
 
 
 def test_unpack_batch_formats():

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lightning_unlearn.data.poison import PoisonRecord, PoisonSpec, make_poison
+from lightning_unlearn.data.poison import PoisonRecord, PoisonSpec, Trigger, make_poison
 
 LABELS = torch.arange(10).repeat_interleave(100)  # 1,000 samples, 100 per class
 
@@ -134,3 +134,59 @@ def test_record_load_errors(tmp_path):
     bad.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="equals its true label"):
         PoisonRecord.load(bad)
+
+
+# ------------------------------------------------------------------------------------ label flip and backdoor
+def test_label_flip_moves_source_samples_to_one_target():
+    record = make_poison(LABELS, 10, PoisonSpec("label_flip", fraction=0.5, source_class=9, target_class=4), "toy")
+    assert len(record) == 50 and set(record.true_labels) == {9} and set(record.poisoned_labels) == {4}
+    spec = PoisonSpec.from_dict(record.spec)
+    assert spec.attacked_class == 9 and not spec.stamps_inputs
+
+
+def test_backdoor_poisons_other_classes_or_one_source_with_the_target_label():
+    record = make_poison(LABELS, 10, PoisonSpec("backdoor", count=200, target_class=0), "toy")
+    assert len(record) == 200 and 0 not in record.true_labels and set(record.poisoned_labels) == {0}
+    only = make_poison(LABELS, 10, PoisonSpec("backdoor", count=20, target_class=0, source_class=7), "toy")
+    assert set(only.true_labels) == {7}
+    spec = PoisonSpec("backdoor", count=20, target_class=0)
+    assert spec.stamps_inputs and spec.attacked_class is None
+
+
+@pytest.mark.parametrize(
+    ("position", "rows", "cols"),
+    [("bottom_right", (24, 27), (24, 27)), ("top_left", (1, 4), (1, 4)), ("top_right", (1, 4), (24, 27))],
+)
+def test_trigger_is_stamped_exactly_where_documented(position, rows, cols):
+    images = torch.randint(0, 200, (5, 2, 28, 28), dtype=torch.uint8)
+    stamped = Trigger(size=3, position=position, margin=1, value=255).stamp(images)
+    patch = torch.zeros(28, 28, dtype=torch.bool)
+    patch[rows[0] : rows[1], cols[0] : cols[1]] = True
+    assert (stamped[:, :, patch] == 255).all()
+    assert torch.equal(stamped[:, :, ~patch], images[:, :, ~patch])  # nothing else touched
+    assert images.max() < 255  # the input is not modified in place
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"kind": "label_flip", "count": 10, "target_class": 4}, "`source_class`"),
+        ({"kind": "label_flip", "count": 10, "source_class": 4, "target_class": 4}, "must differ"),
+        ({"kind": "backdoor", "count": 10, "target_class": 0, "trigger_position": "centre"}, "`trigger_position`"),
+        ({"kind": "backdoor", "count": 10, "target_class": 0, "trigger_size": 0}, "`trigger_size`"),
+        ({"kind": "backdoor", "count": 10, "target_class": 0, "trigger_value": 300}, "`trigger_value`"),
+        ({"kind": "backdoor", "count": 10, "target_class": None}, "`target_class`"),
+        ({"kind": "untargeted", "count": 10, "source_class": 3}, "`source_class`"),
+    ],
+)
+def test_invalid_new_kinds_name_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        PoisonSpec(**kwargs)
+
+
+def test_trigger_that_does_not_fit_and_unknown_spec_fields():
+    with pytest.raises(ValueError, match="does not fit"):
+        Trigger(size=8, margin=2).stamp(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="Unknown poison spec fields"):
+        PoisonSpec.from_dict({"kind": "targeted", "count": 3, "colour": "red"})
+    assert PoisonSpec.from_dict({"kind": "targeted", "count": 3}).trigger_size == 3  # older records: defaults

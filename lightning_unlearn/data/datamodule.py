@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,23 @@ SPLITS = ("train", "val", "test")
 _CACHE: dict[tuple, DatasetSplits] = {}
 
 
-def normalize(split: Split, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """Images of ``split`` as float32, scaled to [0, 1] and standardised per channel."""
+def normalize(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], pad_to: int | None = None
+) -> torch.Tensor:
+    """``uint8`` images as float32, scaled to [0, 1] and standardised per channel; with ``pad_to``, zero-padded
+    (black) around the centre to ``pad_to`` × ``pad_to`` first (28×28 MNIST → 32×32, as for LeNet)."""
+    if isinstance(images, Split):
+        images = images.images
+    if pad_to is not None:
+        height, width = images.shape[-2:]
+        if pad_to < max(height, width):
+            raise ValueError(f"`pad_to`={pad_to} is smaller than the {height}×{width} images.")
+        top, left = (pad_to - height) // 2, (pad_to - width) // 2
+        padding = (left, pad_to - width - left, top, pad_to - height - top)
+        images = torch.nn.functional.pad(images, padding)
     mean_t = torch.tensor(mean).view(1, -1, 1, 1)
     std_t = torch.tensor(std).view(1, -1, 1, 1)
-    return (split.images.float().div_(255) - mean_t) / std_t
+    return (images.float().div_(255) - mean_t) / std_t
 
 
 class ImageDataset(Dataset):
@@ -37,6 +50,7 @@ class ImageDataset(Dataset):
         labels: Labels of the whole split (clean or poisoned), indexed like ``images``.
         positions: Which samples of the split this dataset serves (default: all), in this order.
         augment: Random crop (padding 4) and horizontal flip, for CIFAR-style training.
+        channels: Repeat single-channel images to this many channels on the fly (a view: no copy is stored).
     """
 
     def __init__(
@@ -45,6 +59,7 @@ class ImageDataset(Dataset):
         labels: torch.Tensor,
         positions: torch.Tensor | None = None,
         augment: bool = False,
+        channels: int | None = None,
     ) -> None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
@@ -52,30 +67,41 @@ class ImageDataset(Dataset):
         self.labels = labels
         self.positions = torch.arange(len(labels)) if positions is None else torch.as_tensor(positions).long()
         self.augment = augment
+        self.channels = channels
 
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index = self.positions[item]
+    def image(self, index: torch.Tensor) -> torch.Tensor:
         image = self.images[index]
         if self.augment:
             image = _random_crop_flip(image)
-        return image, self.labels[index], index
+        if self.channels is not None and image.shape[0] != self.channels:
+            image = image.expand(self.channels, *image.shape[1:])
+        return image
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index = self.positions[item]
+        return self.image(index), self.labels[index], index
 
 
-class ForgetPairDataset(Dataset):
+class ForgetPairDataset(ImageDataset):
     """The forget set with both labels: items are ``(image, poisoned_label, true_label, index)``."""
 
-    def __init__(self, images: torch.Tensor, poisoned: torch.Tensor, true: torch.Tensor, positions: torch.Tensor):
-        self.images, self.poisoned, self.true, self.positions = images, poisoned, true, positions
-
-    def __len__(self) -> int:
-        return len(self.positions)
+    def __init__(
+        self,
+        images: torch.Tensor,
+        poisoned: torch.Tensor,
+        true: torch.Tensor,
+        positions: torch.Tensor,
+        channels: int | None = None,
+    ) -> None:
+        super().__init__(images, poisoned, positions, channels=channels)
+        self.true = true
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         index = self.positions[item]
-        return self.images[index], self.poisoned[index], self.true[index], index
+        return self.image(index), self.labels[index], self.true[index], index
 
 
 def _random_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
@@ -87,14 +113,18 @@ def _random_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
 
 
 class PoisonedDataModule(LightningDataModule):
-    """A real image dataset whose training labels are poisoned, with the record of exactly what was poisoned.
+    """A real image dataset whose training set is poisoned, with the record of exactly what was poisoned.
 
-    Loaders: ``train_dataloader`` (poisoned labels, shuffled), ``val_dataloader`` (clean validation split, never
-    poisoned; used to choose unlearning step sizes), ``test_dataloader`` (test split, then the forget set with poisoned
-    and with true labels when there is poisoning), and for unlearning :meth:`forget_dataloader` (poisoned samples with
-    poisoned labels), :meth:`corrected_forget_dataloader` (same samples, true labels), :meth:`retain_dataloader`
-    (all other training samples) and :meth:`profile_dataloader` (the training set as trained on, unshuffled,
-    unaugmented). The poison record is written to ``<trainer.log_dir>/poison.json`` and kept in checkpoints.
+    Loaders: ``train_dataloader`` (poisoned labels, and for a backdoor triggered inputs, shuffled), ``val_dataloader``
+    (clean validation split, never poisoned; used to choose unlearning step sizes), ``test_dataloader`` (test split,
+    then the forget set with poisoned and with true labels when there is poisoning, then for a backdoor the triggered
+    test images of the other classes labelled with the target class, whose accuracy is the attack success rate).
+    For unlearning: :meth:`forget_dataloader` (poisoned samples with poisoned labels),
+    :meth:`corrected_forget_dataloader` (same inputs, true labels), :meth:`retain_dataloader` (all other training
+    samples), :meth:`profile_dataloader` (the training set as trained on, unshuffled, unaugmented). For evaluation:
+    :meth:`triggered_test_dataloader` and :meth:`poisoned_validation_dataloader` (the same poison applied to the
+    validation split, for calibrating attacks without touching the test set). The poison record is written to
+    ``<trainer.log_dir>/poison.json`` and kept in checkpoints.
 
     Args:
         dataset: One of ``mnist``, ``fashion_mnist``, ``cifar10``.
@@ -110,6 +140,10 @@ class PoisonedDataModule(LightningDataModule):
         eval_batch_size: Batch size of evaluation loaders.
         num_workers: DataLoader workers.
         augment: Random crop + flip on training batches (CIFAR-10 style); never used by profiling or unlearning loaders.
+        pad_to: Zero-pad every image around its centre to ``pad_to`` × ``pad_to`` pixels (e.g. 32 for Fashion-MNIST
+            on ResNet-18 as CIFAR-10 stand-in); None keeps the dataset's size.
+        repeat_channels: Repeat single-channel images to this many channels (3: gray images for a network with an RGB
+            stem, e.g. torchvision's ResNet-18 as the paper counts it); None keeps the dataset's channels.
     """
 
     def __init__(
@@ -126,6 +160,8 @@ class PoisonedDataModule(LightningDataModule):
         eval_batch_size: int = 1000,
         num_workers: int = 0,
         augment: bool = False,
+        pad_to: int | None = None,
+        repeat_channels: int | None = None,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -137,6 +173,10 @@ class PoisonedDataModule(LightningDataModule):
                 raise ValueError(f"`{name}` must be >= 1, got {value}.")
         if train_subset is not None and train_subset < 1:
             raise ValueError(f"`train_subset` must be >= 1 or None, got {train_subset}.")
+        if pad_to is not None and pad_to < 1:
+            raise ValueError(f"`pad_to` must be >= 1 or None, got {pad_to}.")
+        if repeat_channels is not None and repeat_channels < 1:
+            raise ValueError(f"`repeat_channels` must be >= 1 or None, got {repeat_channels}.")
         self.save_hyperparameters(ignore=["poison"])
         self.poison = poison or PoisonSpec(kind="none")
         self.hparams["poison"] = self.poison.to_dict()  # plain data: checkpoints stay loadable with weights_only
@@ -151,6 +191,8 @@ class PoisonedDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.augment = augment
+        self.pad_to = pad_to
+        self.repeat_channels = repeat_channels
         self.splits: DatasetSplits | None = None
         self._images: dict[str, torch.Tensor] = {}
         self.record: PoisonRecord | None = None
@@ -163,21 +205,24 @@ class PoisonedDataModule(LightningDataModule):
 
     @property
     def in_channels(self) -> int:
-        return 3 if self.dataset == "cifar10" else 1
+        return self.repeat_channels or (3 if self.dataset == "cifar10" else 1)
 
     @property
     def image_size(self) -> int:
-        return 32 if self.dataset == "cifar10" else 28
+        return self.pad_to or (32 if self.dataset == "cifar10" else 28)
 
     @property
-    def target_class(self) -> int | None:
-        """The poisoned class under targeted poisoning, else None."""
-        return self.poison.target_class if self.poison.kind == "targeted" else None
+    def attacked_class(self) -> int | None:
+        """The class whose test accuracy the poison lowers (``label_flip``: the source class; ``targeted``: the
+        relabelled class), else None; its test accuracy is reported as ``test/acc_attacked``."""
+        return self.spec.attacked_class
 
     @property
     def test_split_names(self) -> list[str]:
         """Names of the loaders returned by :meth:`test_dataloader`, in order."""
-        return ["test", "forget", "forget_true"] if self.record is not None and len(self.record) else ["test"]
+        if self.record is None or not len(self.record):
+            return ["test"]
+        return ["test", "forget", "forget_true"] + (["triggered"] if self.spec.stamps_inputs else [])
 
     # ------------------------------------------------------------------------------------------------------ lifecycle
     def prepare_data(self) -> None:
@@ -204,20 +249,41 @@ class PoisonedDataModule(LightningDataModule):
                     splits.source,
                 )
             self.splits = splits
-            self._images = {name: normalize(getattr(splits, name), splits.mean, splits.std) for name in SPLITS}
         if self._train_labels is None:
             if self.record is None:
                 self.record = self._make_record()
             else:  # restored from a checkpoint's state: check it belongs to this data
                 self.record.validate(self.splits.train.labels, dataset=self.splits.name)
             self._train_labels = self.record.apply(self.splits.train.labels)
+            self._images = {name: self._normalize(getattr(self.splits, name).images) for name in SPLITS}
+            if self.spec.stamps_inputs and len(self.record):
+                self._stamp_training_images()
             rank_zero_info(
                 f"{self.splits.name}: {len(self.splits.train)} train / {len(self.splits.val)} val / "
                 f"{len(self.splits.test)} test ({self.splits.source}); {len(self.record)} poisoned "
-                f"({self.poison.kind}){', dropped' if self.drop_poisoned else ''}."
+                f"({self.spec.kind}){', dropped' if self.drop_poisoned else ''}."
             )
         if stage in ("fit", None) and self.trainer is not None:
             self._write_record(self.trainer.log_dir)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.splits.mean, self.splits.std, self.pad_to)
+
+    @property
+    def spec(self) -> PoisonSpec:
+        """The poison actually applied: the record's own spec once there is a record (a reused ``poison.json`` or a
+        checkpoint's record carries it), else the ``poison`` argument."""
+        if self.record is not None and self.record.spec:
+            return PoisonSpec.from_dict(self.record.spec)
+        return self.poison
+
+    def _stamp_training_images(self) -> None:
+        """Stamp the trigger on the poisoned training images (a backdoor poisons inputs as well as labels)."""
+        idx = torch.tensor(self.record.indices, dtype=torch.long)
+        stamped = self.spec.trigger.stamp(self.splits.train.images[idx])
+        images = self._images["train"].clone()
+        images[idx] = self._normalize(stamped)
+        self._images["train"] = images
 
     def _make_record(self) -> PoisonRecord:
         train = self.splits.train
@@ -266,7 +332,11 @@ class PoisonedDataModule(LightningDataModule):
     def _train_dataset(self, positions: torch.Tensor | None, clean: bool, augment: bool = False) -> ImageDataset:
         splits = self._require_setup()
         labels = splits.train.labels if clean else self._train_labels
-        return ImageDataset(self._images["train"], labels, positions, augment)
+        return ImageDataset(self._images["train"], labels, positions, augment, self.repeat_channels)
+
+    def _dataset(self, split: str) -> ImageDataset:
+        splits = self._require_setup()
+        return ImageDataset(self._images[split], getattr(splits, split).labels, channels=self.repeat_channels)
 
     def _loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         return DataLoader(
@@ -290,8 +360,7 @@ class PoisonedDataModule(LightningDataModule):
         return self._loader(self.train_dataset(), batch_size=batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        splits = self._require_setup()
-        return self._loader(ImageDataset(self._images["val"], splits.val.labels))
+        return self._loader(self._dataset("val"))
 
     def test_dataloader(self) -> list[DataLoader]:
         """Test set, and (for poisoned runs) the forget set with poisoned and with true labels.
@@ -299,10 +368,11 @@ class PoisonedDataModule(LightningDataModule):
         Under DDP every sample is tested exactly once: each rank gets a disjoint, unpadded shard (Lightning's default
         sampler would pad with repeats, counting some samples twice), and the synced metrics equal one process's.
         """
-        splits = self._require_setup()
-        loaders = [self._loader(ImageDataset(self._images["test"], splits.test.labels))]
+        loaders = [self._loader(self._dataset("test"))]
         if len(self.test_split_names) > 1:
             loaders += [self.forget_dataloader(), self.corrected_forget_dataloader()]
+        if "triggered" in self.test_split_names:
+            loaders.append(self.triggered_test_dataloader())
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1:
             loaders = [self._unrepeated(loader, trainer.global_rank, trainer.world_size) for loader in loaders]
@@ -330,13 +400,59 @@ class PoisonedDataModule(LightningDataModule):
         """D_f with both labels: batches ``(x, poisoned_label, true_label, index)``."""
         splits = self._require_setup()
         dataset = ForgetPairDataset(
-            self._images["train"], self._train_labels, splits.train.labels, self.poisoned_positions
+            self._images["train"],
+            self._train_labels,
+            splits.train.labels,
+            self.poisoned_positions,
+            self.repeat_channels,
         )
         return self._loader(dataset, shuffle, batch_size)
 
     def retain_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
         """D_r: every training sample that was not poisoned."""
         return self._loader(self._train_dataset(self.retain_positions, clean=True), shuffle, batch_size)
+
+    def triggered_test_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Backdoor only: the test images of the classes the backdoor applies to (every class but the target, or the
+        source class) with the trigger stamped, labelled with the target class. Accuracy on it = attack success rate.
+
+        Raises:
+            ValueError: If the poison is not a backdoor.
+        """
+        splits = self._require_setup()
+        if not self.spec.stamps_inputs:
+            raise ValueError(f"The triggered test set exists only for backdoor poisoning, not {self.spec.kind!r}.")
+        spec = self.spec
+        labels = splits.test.labels
+        keep = labels != spec.target_class if spec.source_class is None else labels == spec.source_class
+        positions = torch.nonzero(keep).flatten()
+        images = self._normalize(spec.trigger.stamp(splits.test.images[positions]))
+        target = torch.full((len(positions),), spec.target_class, dtype=labels.dtype)
+        return self._loader(ImageDataset(images, target, channels=self.repeat_channels), batch_size=batch_size)
+
+    def poisoned_validation_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """The training poison applied afresh to the clean validation split (its own seeded draw; the same share of
+        the candidate samples as in training; triggered inputs for a backdoor), with the *poisoned* labels: what a
+        relearning attack is calibrated on without looking at the forget set or the test set.
+
+        Raises:
+            ValueError: Without poisoning, or when the validation split has no candidate sample.
+        """
+        splits = self._require_setup()
+        if self.spec.kind == "none" or not len(self.record):
+            raise ValueError("There is no poison to apply to the validation split (`poison.kind` is 'none').")
+        spec = self.spec
+        candidates = len(
+            make_poison(splits.train.labels, splits.num_classes, replace(spec, count=None, fraction=1.0), splits.name)
+        )
+        share = min(1.0, len(self.record) / candidates)
+        val_spec = replace(spec, count=None, fraction=share, seed=spec.seed + 1)
+        record = make_poison(splits.val.labels, splits.num_classes, val_spec, splits.name)
+        idx = torch.tensor(record.indices, dtype=torch.long)
+        source = splits.val.images[idx]
+        images = self._normalize(spec.trigger.stamp(source) if spec.stamps_inputs else source)
+        labels = torch.tensor(record.poisoned_labels, dtype=splits.val.labels.dtype)
+        return self._loader(ImageDataset(images, labels, channels=self.repeat_channels), batch_size=batch_size)
 
 
 def find_run_file(run_dir: str | os.PathLike, name: str) -> Path:

@@ -1,17 +1,37 @@
-"""Label poisoning: specifications, and the record of exactly which samples were poisoned.
+"""Poisoning: specifications, and the record of exactly which samples were poisoned.
 
-A :class:`PoisonSpec` says *how* to poison (targeted, untargeted, pair-flip; by count or fraction; seeded). Applying it
-to a label vector gives a :class:`PoisonRecord`: the sorted indices, their true labels and their poisoned labels, plus
-the spec, the seed and the dataset it was made for. The record is what unlearning needs (forget set = poisoned samples
-with poisoned labels, corrected forget set = the same samples with true labels, retain set = everything else), so it is
-saved as ``poison.json`` next to the checkpoint and validated against the dataset it is applied to.
+A :class:`PoisonSpec` says *how* to poison (by count or fraction; seeded). Applying it to a label vector gives a
+:class:`PoisonRecord`: the sorted indices, their true labels and their poisoned labels, plus the spec, the seed and
+the dataset it was made for. The record is what unlearning needs (forget set = poisoned samples with poisoned labels,
+and for backdoors their triggered inputs; corrected forget set = the same inputs with true labels; retain set =
+everything else), so it is saved as ``poison.json`` next to the checkpoint and validated against the dataset it is
+applied to.
+
+=============== =================================================================== ===================================
+kind            what is poisoned                                                    attacked metric (the *harm*)
+=============== =================================================================== ===================================
+``label_flip``  samples of ``source_class`` all get the label ``target_class``      accuracy on ``source_class``
+                (the standard targeted label-flipping attack, source → target)
+``backdoor``    samples of the other classes (or of ``source_class``) get a         attack success rate: triggered
+                trigger patch stamped on the image and the label ``target_class``   test images of the other classes
+                (BadNets)                                                           classified as ``target_class``
+``targeted``    samples of ``target_class`` get a random other label (or            accuracy on ``target_class``
+                ``poison_label``): Warnecke et al.'s setting
+``untargeted``  random samples get a random other label (with a recipe that fits    test accuracy; forget-set fit
+                them: memorised noise)
+``pairflip``    random samples get the label ``C − 1 − y``                          test accuracy
+=============== =================================================================== ===================================
+
+Naming: in ``label_flip`` and ``backdoor`` ``target_class`` is the label the attack makes the model output (the usual
+naming of these attacks); in ``targeted`` it is, as in Warnecke et al., the class whose samples are relabelled. The
+class whose test accuracy an attack lowers is :meth:`PoisonSpec.attacked_class` either way.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +39,85 @@ import torch
 
 from lightning_unlearn.utils import atomic_write_text
 
-POISON_KINDS = ("none", "targeted", "untargeted", "pairflip")
+POISON_KINDS = ("none", "label_flip", "backdoor", "targeted", "untargeted", "pairflip")
+TRIGGER_POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A BadNets trigger: a solid square patch of ``size`` × ``size`` pixels with value ``value`` (0–255, every
+    channel), ``margin`` pixels from the corner named by ``position``, stamped on ``uint8`` images before they are
+    normalised.
+
+    The default, a white 3×3 square one pixel from the bottom-right corner, sits on the black background of MNIST and
+    Fashion-MNIST digits and garments (their corner pixels are black in almost every image).
+    """
+
+    size: int = 3
+    position: str = "bottom_right"
+    margin: int = 1
+    value: int = 255
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.size) or self.size < 1:
+            raise ValueError(f"`trigger_size` must be a positive integer, got {self.size!r}.")
+        if self.position not in TRIGGER_POSITIONS:
+            raise ValueError(f"`trigger_position` must be one of {TRIGGER_POSITIONS}, got {self.position!r}.")
+        if not _is_int(self.margin) or self.margin < 0:
+            raise ValueError(f"`trigger_margin` must be an integer >= 0, got {self.margin!r}.")
+        if not _is_int(self.value) or not 0 <= self.value <= 255:
+            raise ValueError(f"`trigger_value` must be an integer in [0, 255], got {self.value!r}.")
+
+    def window(self, height: int, width: int) -> tuple[slice, slice]:
+        """The rows and columns of the patch on an image of ``height`` × ``width`` pixels."""
+        if self.size + self.margin > min(height, width):
+            raise ValueError(
+                f"A trigger of `trigger_size`={self.size} with `trigger_margin`={self.margin} does not fit on "
+                f"{height}×{width} images."
+            )
+        top = self.margin if self.position.startswith("top") else height - self.margin - self.size
+        left = self.margin if self.position.endswith("left") else width - self.margin - self.size
+        return slice(top, top + self.size), slice(left, left + self.size)
+
+    def stamp(self, images: torch.Tensor) -> torch.Tensor:
+        """A copy of ``uint8`` images (N×C×H×W) with the patch stamped on every one."""
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"Trigger.stamp expects uint8 N×C×H×W images, got {images.dtype} {tuple(images.shape)}.")
+        rows, cols = self.window(*images.shape[-2:])
+        out = images.clone()
+        out[:, :, rows, cols] = self.value
+        return out
+
+
 RECORD_VERSION = 1
 
 
 @dataclass(frozen=True)
 class PoisonSpec:
-    """How to poison the training labels.
+    """How to poison the training set (see the module docstring for the kinds and their attacked metrics).
 
     Args:
-        kind: ``"targeted"``: samples of ``target_class`` get a wrong label (``poison_label`` if given, else a random
-            other class per sample). ``"untargeted"``: random samples of any class get a random different label.
-            ``"pairflip"``: random samples get the label ``C - 1 - y`` (0↔9, 1↔8, … for 10 classes; samples whose class
-            is its own partner, the middle class of an odd ``C``, are never chosen). ``"none"``: no poisoning.
+        kind: ``"label_flip"``: samples of ``source_class`` all get the label ``target_class``. ``"backdoor"``:
+            samples of every class but ``target_class`` (or of ``source_class`` only, if given) get the trigger
+            stamped on their image and the label ``target_class``. ``"targeted"``: samples of ``target_class`` get a
+            wrong label (``poison_label`` if given, else a random other class per sample). ``"untargeted"``: random
+            samples of any class get a random different label. ``"pairflip"``: random samples get the label
+            ``C - 1 - y`` (0↔9, 1↔8, … for 10 classes; samples whose class is its own partner, the middle class of an
+            odd ``C``, are never chosen). ``"none"``: no poisoning.
         count: Exact number of samples to poison. Give ``count`` or ``fraction``, not both.
-        fraction: Fraction in (0, 1] of the candidate samples (the target class for ``targeted``, all samples
-            otherwise); the count is ``round(fraction * candidates)``.
-        target_class: The class whose samples are poisoned (``targeted`` only).
+        fraction: Fraction in (0, 1] of the candidate samples (``source_class`` for ``label_flip``, the other
+            classes for ``backdoor``, ``target_class`` for ``targeted``, all samples otherwise); the count is
+            ``round(fraction * candidates)``.
+        target_class: ``label_flip`` / ``backdoor``: the label the poisoned samples get. ``targeted``: the class whose
+            samples are poisoned (Warnecke et al.'s naming).
+        source_class: ``label_flip``: the class whose samples are flipped (required). ``backdoor``: restrict the
+            poisoned samples to this class (default: every class but ``target_class``).
         poison_label: The wrong label given to all poisoned samples (``targeted`` only; default: random other class).
+        trigger_size: ``backdoor``: side of the square trigger patch, pixels.
+        trigger_position: ``backdoor``: the corner of the patch, one of ``bottom_right``, ``bottom_left``,
+            ``top_right``, ``top_left``.
+        trigger_margin: ``backdoor``: pixels between the patch and the image border.
+        trigger_value: ``backdoor``: pixel value of the patch, 0–255 on every channel (255 = white).
         seed: Seed of the random choice of samples and labels; the same seed gives the same record.
     """
 
@@ -44,7 +125,12 @@ class PoisonSpec:
     count: int | None = None
     fraction: float | None = None
     target_class: int | None = 9
+    source_class: int | None = None
     poison_label: int | None = None
+    trigger_size: int = 3
+    trigger_position: str = "bottom_right"
+    trigger_margin: int = 1
+    trigger_value: int = 255
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -61,14 +147,51 @@ class PoisonSpec:
             raise ValueError(f"`count` must be a positive integer, got {self.count!r}.")
         if self.fraction is not None and not (0.0 < float(self.fraction) <= 1.0):
             raise ValueError(f"`fraction` must lie in (0, 1], got {self.fraction!r}.")
-        if self.kind == "targeted":
-            if self.target_class is None:
-                raise ValueError("`target_class` is required for targeted poisoning.")
-        elif self.poison_label is not None:
+        if self.kind in ("targeted", "label_flip", "backdoor") and self.target_class is None:
+            raise ValueError(f"`target_class` is required for {self.kind!r} poisoning.")
+        if self.kind == "label_flip":
+            if self.source_class is None:
+                raise ValueError("`source_class` is required for label_flip poisoning (the class that is flipped).")
+            if self.source_class == self.target_class:
+                raise ValueError(f"`source_class` and `target_class` must differ, both are {self.source_class}.")
+        if self.kind == "backdoor":
+            self.trigger  # noqa: B018 - validates the trigger fields
+            if self.source_class is not None and self.source_class == self.target_class:
+                raise ValueError(f"`source_class` and `target_class` must differ, both are {self.source_class}.")
+        elif self.kind != "label_flip" and self.source_class is not None:
+            raise ValueError(f"`source_class` only applies to label_flip and backdoor poisoning, not {self.kind!r}.")
+        if self.kind != "targeted" and self.poison_label is not None:
             raise ValueError(f"`poison_label` only applies to targeted poisoning, not {self.kind!r}.")
+
+    @property
+    def trigger(self) -> Trigger:
+        """The backdoor trigger these fields describe."""
+        return Trigger(self.trigger_size, self.trigger_position, self.trigger_margin, self.trigger_value)
+
+    @property
+    def attacked_class(self) -> int | None:
+        """The class whose test accuracy the attack lowers (``label_flip``: the source class; ``targeted``: the
+        relabelled class), else None."""
+        if self.kind == "label_flip":
+            return self.source_class
+        return self.target_class if self.kind == "targeted" else None
+
+    @property
+    def stamps_inputs(self) -> bool:
+        """Whether the poison changes the inputs too (a backdoor), not only the labels."""
+        return self.kind == "backdoor"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoisonSpec:
+        """The spec of a record (records written before a field existed get its default)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown poison spec fields {unknown}; known: {sorted(known)}.")
+        return cls(**data)
 
 
 @dataclass
@@ -168,6 +291,14 @@ class PoisonRecord:
         return record
 
 
+#: Which kinds use each class field (a field another kind ignores is not range-checked for it).
+_USES = {
+    "target_class": ("targeted", "label_flip", "backdoor"),
+    "source_class": ("label_flip", "backdoor"),
+    "poison_label": ("targeted",),
+}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -205,16 +336,22 @@ def make_poison(labels: torch.Tensor, num_classes: int, spec: PoisonSpec, datase
         return PoisonRecord([], [], [], spec.to_dict(), dataset, n, num_classes)
     gen = torch.Generator().manual_seed(spec.seed)
 
+    for name in ("target_class", "source_class", "poison_label"):
+        value = getattr(spec, name)
+        if value is not None and spec.kind in _USES[name] and not 0 <= value < num_classes:
+            raise ValueError(f"`{name}` must lie in [0, {num_classes}), got {value}.")
     if spec.kind == "targeted":
-        if not 0 <= spec.target_class < num_classes:
-            raise ValueError(f"`target_class` must lie in [0, {num_classes}), got {spec.target_class}.")
-        if spec.poison_label is not None:
-            if not 0 <= spec.poison_label < num_classes:
-                raise ValueError(f"`poison_label` must lie in [0, {num_classes}), got {spec.poison_label}.")
-            if spec.poison_label == spec.target_class:
-                raise ValueError("`poison_label` must differ from `target_class`.")
+        if spec.poison_label is not None and spec.poison_label == spec.target_class:
+            raise ValueError("`poison_label` must differ from `target_class`.")
         candidates = torch.nonzero(labels == spec.target_class).flatten()
         what = f"samples of class {spec.target_class}"
+    elif spec.kind == "label_flip":
+        candidates = torch.nonzero(labels == spec.source_class).flatten()
+        what = f"samples of class {spec.source_class}"
+    elif spec.kind == "backdoor":
+        source = labels != spec.target_class if spec.source_class is None else labels == spec.source_class
+        candidates = torch.nonzero(source).flatten()
+        what = f"samples of class {spec.source_class}" if spec.source_class is not None else "samples of other classes"
     elif spec.kind == "untargeted":
         candidates = torch.arange(n)
         what = "samples"
@@ -235,6 +372,8 @@ def make_poison(labels: torch.Tensor, num_classes: int, spec: PoisonSpec, datase
 
     if spec.kind == "targeted" and spec.poison_label is not None:
         poisoned = torch.full_like(true, spec.poison_label)
+    elif spec.kind in ("label_flip", "backdoor"):
+        poisoned = torch.full_like(true, spec.target_class)
     elif spec.kind == "pairflip":
         poisoned = num_classes - 1 - true
     else:  # a uniformly random *different* class: shift by 1..C-1

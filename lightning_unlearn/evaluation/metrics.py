@@ -93,9 +93,9 @@ def evaluate_accuracy(
     loader: Iterable[Any],
     *,
     device: str | torch.device | None = None,
-    target_class: int | None = None,
+    attacked_class: int | None = None,
 ) -> dict[str, float]:
-    """Top-1 accuracy (%) of ``model`` on ``loader``, optionally split into the target class and the other classes.
+    """Top-1 accuracy (%) of ``model`` on ``loader``, optionally split into the attacked class and the other classes.
 
     The model runs in eval mode without gradients; its train/eval flags (and device, see :func:`evaluating`) are
     restored afterwards. Accuracies are micro averages over samples, against the labels the loader yields (for the
@@ -105,11 +105,11 @@ def evaluate_accuracy(
         model: A classifier returning logits of shape ``(batch, classes)``.
         loader: Batches ``(x, y)``, ``(x, y, index)`` or dicts (see ``unpack_batch``).
         device: Where to run; default: the model's device.
-        target_class: When given, also report ``acc_target`` (samples whose label is ``target_class``) and
+        attacked_class: When given, also report ``acc_attacked`` (samples whose label is ``attacked_class``) and
             ``acc_other`` (all other samples).
 
     Returns:
-        ``{"acc", "n"}`` and with ``target_class`` also ``{"acc_target", "n_target", "acc_other", "n_other"}``;
+        ``{"acc", "n"}`` and with ``attacked_class`` also ``{"acc_attacked", "n_attacked", "acc_other", "n_other"}``;
         ``n*`` are sample counts (as floats) and an accuracy over zero samples is NaN.
 
     Raises:
@@ -117,7 +117,7 @@ def evaluate_accuracy(
     """
     with evaluating(model, device) as dev:
         logits, labels = predictions(model, loader, dev)
-    return accuracy_of(logits, labels, target_class)
+    return accuracy_of(logits, labels, attacked_class)
 
 
 def predictions(model: nn.Module, loader: Iterable[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +132,7 @@ def predictions(model: nn.Module, loader: Iterable[Any], device: torch.device) -
     return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 
 
-def accuracy_of(logits: torch.Tensor, labels: torch.Tensor, target_class: int | None = None) -> dict[str, float]:
+def accuracy_of(logits: torch.Tensor, labels: torch.Tensor, attacked_class: int | None = None) -> dict[str, float]:
     """Accuracy (%) of ``logits`` against ``labels``, as returned by :func:`evaluate_accuracy`."""
     total = len(labels)
     if total == 0:
@@ -140,13 +140,13 @@ def accuracy_of(logits: torch.Tensor, labels: torch.Tensor, target_class: int | 
     hits = logits.argmax(-1) == labels
     correct = int(hits.sum())
     out = {"acc": 100.0 * correct / total, "n": float(total)}
-    if target_class is not None:
-        is_target = labels == target_class
-        correct_target, total_target = int(hits[is_target].sum()), int(is_target.sum())
-        total_other = total - total_target
-        out["acc_target"] = 100.0 * correct_target / total_target if total_target else math.nan
-        out["n_target"] = float(total_target)
-        out["acc_other"] = 100.0 * (correct - correct_target) / total_other if total_other else math.nan
+    if attacked_class is not None:
+        is_attacked = labels == attacked_class
+        correct_attacked, total_attacked = int(hits[is_attacked].sum()), int(is_attacked.sum())
+        total_other = total - total_attacked
+        out["acc_attacked"] = 100.0 * correct_attacked / total_attacked if total_attacked else math.nan
+        out["n_attacked"] = float(total_attacked)
+        out["acc_other"] = 100.0 * (correct - correct_attacked) / total_other if total_other else math.nan
         out["n_other"] = float(total_other)
     return out
 

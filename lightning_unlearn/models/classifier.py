@@ -24,8 +24,8 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[0], batch[1]
 
 
-def accuracies_from_confusion(confusion: torch.Tensor, target_class: int | None = None) -> dict[str, float]:
-    """Overall accuracy, per-class accuracy and (when ``target_class`` is given) target vs other-classes accuracy, in %.
+def accuracies_from_confusion(confusion: torch.Tensor, attacked_class: int | None = None) -> dict[str, float]:
+    """Overall accuracy, per-class accuracy and (with ``attacked_class``) attacked vs other-classes accuracy, in %.
 
     ``confusion[i, j]`` counts samples of true class ``i`` predicted as ``j``. Classes without samples are left out.
     """
@@ -36,11 +36,11 @@ def accuracies_from_confusion(confusion: torch.Tensor, target_class: int | None 
     for c in range(len(confusion)):
         if per_class_total[c] > 0:
             out[f"acc_class_{c}"] = 100.0 * (correct[c] / per_class_total[c]).item()
-    if target_class is not None:
+    if attacked_class is not None:
         other = torch.ones(len(confusion), dtype=torch.bool)
-        other[target_class] = False
-        if per_class_total[target_class] > 0:
-            out["acc_target"] = 100.0 * (correct[target_class] / per_class_total[target_class]).item()
+        other[attacked_class] = False
+        if per_class_total[attacked_class] > 0:
+            out["acc_attacked"] = 100.0 * (correct[attacked_class] / per_class_total[attacked_class]).item()
         if per_class_total[other].sum() > 0:
             out["acc_other"] = 100.0 * (correct[other].sum() / per_class_total[other].sum()).item()
     return out
@@ -50,9 +50,10 @@ class ClassifierModule(LightningModule):
     """An image classifier trained with cross-entropy, with the evaluation unlearning needs.
 
     On ``test`` it logs, for each of the datamodule's test loaders (``test``, and with poisoning ``forget`` = poisoned
-    samples with poisoned labels and ``forget_true`` = the same samples with their true labels): overall accuracy,
-    per-class accuracy, and for targeted poisoning the target class's and the other classes' accuracy, all in %, as
-    ``<split>/acc``, ``<split>/acc_class_<c>``, ``<split>/acc_target``, ``<split>/acc_other``.
+    samples with poisoned labels and ``forget_true`` = the same samples with their true labels; for a backdoor also
+    ``triggered``, logged as the attack success rate ``test/asr``): overall accuracy, per-class accuracy, and where
+    the poison attacks one class, that class's and the other classes' accuracy, all in %, as
+    ``<split>/acc``, ``<split>/acc_class_<c>``, ``<split>/acc_attacked``, ``<split>/acc_other``.
 
     Args:
         architecture: Network name (``mnist_cnn`` or ``resnet18``), see :func:`~lightning_unlearn.models.build_model`.
@@ -62,7 +63,7 @@ class ClassifierModule(LightningModule):
         arch_kwargs: Extra constructor arguments of the network (e.g. ``{"stem": "cifar"}`` for ResNet-18).
         optimizer: Optimizer factory; default ``SGD(lr=0.05, momentum=0.9)``. From YAML: ``class_path`` + ``init_args``.
         lr_scheduler: Optional learning-rate scheduler factory.
-        target_class: Class attacked by targeted poisoning; default: the datamodule's ``target_class``, if any.
+        attacked_class: Class attacked by targeted poisoning; default: the datamodule's ``attacked_class``, if any.
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class ClassifierModule(LightningModule):
         arch_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
-        target_class: int | None = None,
+        attacked_class: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -82,7 +83,7 @@ class ClassifierModule(LightningModule):
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self._target_class = target_class
+        self._attacked_class = attacked_class
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_confusion = nn.ModuleList()
@@ -93,11 +94,11 @@ class ClassifierModule(LightningModule):
         return self.net(x)
 
     @property
-    def target_class(self) -> int | None:
-        if self._target_class is not None:
-            return self._target_class
+    def attacked_class(self) -> int | None:
+        if self._attacked_class is not None:
+            return self._attacked_class
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(datamodule, "target_class", None)
+        return getattr(datamodule, "attacked_class", None)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -142,7 +143,11 @@ class ClassifierModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         for name, metric in zip(self._test_names, self.test_confusion, strict=True):
-            values = accuracies_from_confusion(metric.compute(), self.target_class)
+            values = accuracies_from_confusion(metric.compute(), self.attacked_class)
+            if name == "triggered":  # labelled with the backdoor's target: the accuracy is the attack success rate
+                self.log("test/asr", values["acc"], add_dataloader_idx=False)
+                metric.reset()
+                continue
             for key, value in values.items():
                 self.log(f"{name}/{key}", value, add_dataloader_idx=False)
             metric.reset()
