@@ -78,15 +78,19 @@ def unlearn(
     reference: dict[str, float] | None = None,
     before: dict[str, float] | None = None,
     evaluation: EvaluationOptions | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One unlearning request with ``configs/unlearn/<config>.yaml`` on ``run_dir``; returns the report.
 
     ``reference`` / ``before``: metrics of the retrained and the poisoned model (computed once per run by the caller,
-    with the same ``evaluation`` options).
+    with the same ``evaluation`` options); ``calibration``: the relearning attack's calibration record
+    (:func:`~lightning_unlearn.pipeline.evaluate_reference`).
     """
     args = ["-c", str(config_path(f"unlearn/{config}")), "--model.run", str(run_dir), "--name", config, *QUIET, *extra]
     cli = UnlearnCLI(args=args)
-    return run_unlearning(cli.trainer, cli.model, reference, evaluation=evaluation, before=before)
+    return run_unlearning(
+        cli.trainer, cli.model, reference, evaluation=evaluation, before=before, calibration=calibration
+    )
 
 
 __all__ = ["CONFIGS", "QUIET", "config_path", "train", "unlearn"]

@@ -16,10 +16,13 @@ from lightning.pytorch import Trainer
 
 from lightning_unlearn.data.datamodule import PoisonedDataModule
 from lightning_unlearn.evaluation.cost import measure
+from lightning_unlearn.evaluation.figures import curve_of, log_figure, relearn_figure
 from lightning_unlearn.evaluation.suite import (
     EvaluationOptions,
+    calibrated_options,
     compare,
     evaluate_model,
+    poison_effect,
 )
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.utils import atomic_write_text
@@ -37,6 +40,21 @@ def reference_metrics(
     return evaluate_model(classifier.net, datamodule, options)
 
 
+def evaluate_reference(
+    reference_run: str | Path, datamodule: PoisonedDataModule, options: EvaluationOptions | None = None
+) -> tuple[EvaluationOptions, dict[str, float], dict[str, Any] | None]:
+    """Calibrate the relearning attack with the reference model on the validation split (see
+    :func:`~lightning_unlearn.evaluation.suite.calibrated_options`), then evaluate the reference with it.
+
+    Returns:
+        ``(options, metrics, calibration)``: the options every model of the request must be evaluated with (the
+        calibrated attack), the reference's metrics, and the calibration's record (None when it is off).
+    """
+    net = TrainingRun.from_path(reference_run).load_classifier().net
+    options, calibration = calibrated_options(net, datamodule, options)
+    return options, evaluate_model(net, datamodule, options), calibration
+
+
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
@@ -49,6 +67,7 @@ def run_unlearning(
     evaluation: EvaluationOptions | None = None,
     before: dict[str, float] | None = None,
     overwrite: bool = False,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate, unlearn with ``trainer.fit(module)``, evaluate again, write ``report.json`` + TensorBoard scalars.
 
@@ -63,6 +82,7 @@ def run_unlearning(
             on one run); default: computed here.
         overwrite: Replace the results of an earlier request in the output folder; by default a folder that already
             holds ``report.json`` is refused before any work.
+        calibration: The relearning attack's calibration record (:func:`evaluate_reference`), stored in the report.
 
     Returns:
         The report (also written to ``report.json`` on global rank zero). ``before``/``after``/``reference`` hold the
@@ -98,9 +118,9 @@ def run_unlearning(
     report: dict[str, Any] = {
         "run": str(module.training_run.directory),
         "checkpoint": str(module.training_run.checkpoint),
-        "poison": module.datamodule.poison.to_dict(),
+        "poison": module.datamodule.spec.to_dict(),
         "selection": module.mask.summary(total),
-        "method": module.method.report(),
+        "method": module.method.report() | _lr_search(module),
         "profile": {
             "estimator": module.profile.estimator,
             "num_samples": module.profile.num_samples,
@@ -122,21 +142,53 @@ def run_unlearning(
     }
     if reference is not None:
         report["reference"] = reference
+        report["poison_effect"] = _finite(poison_effect(before, reference, module.datamodule.spec.kind))
         report["comparison"] = _finite(compare(before, after, reference))
         report["restored"] = {k: v for k, v in report["comparison"].items() if "_restored/" in k}
+    if calibration is not None:
+        report["relearn_calibration"] = calibration
     if trainer.is_global_zero:
         report["output_dir"] = str(folder)
         save_unlearned(module, folder / UNLEARNED_FILENAME)
         atomic_write_text(folder / REPORT_FILENAME, json.dumps(_jsonable(report), indent=1))
         for logger in trainer.loggers:
-            scalars = {f"before/{k}": v for k, v in before.items()} | {f"after/{k}": v for k, v in after.items()}
-            if reference is not None:
-                scalars |= {f"reference/{k}": v for k, v in reference.items()}
+            models = {"before": before, "after": after} | ({"reference": reference} if reference is not None else {})
+            # the recovery curves (`relearn/curve@<step>`) go out as series over attack steps instead
+            scalars = {f"{m}/{k}": v for m, values in models.items() for k, v in values.items() if "@" not in k}
             scalars |= {f"comparison/{k}": v for k, v in report.get("comparison", {}).items() if v is not None}
             scalars |= {"cost/seconds": report["cost"]["seconds"], "cost/peak_mib": report["cost"]["peak_mib"]}
+            effect = report.get("poison_effect", {})
+            scalars |= {f"poison/{k}": effect[k] for k in ("harm", "fit", "fit_retrained") if effect.get(k) is not None}
             logger.log_metrics(scalars, step=trainer.global_step)
+        log_relearn_curves(trainer.loggers, report)
+        for logger in trainer.loggers:
             logger.save()
     return report
+
+
+def log_relearn_curves(loggers: list[Any], report: dict[str, Any]) -> None:
+    """The relearning attack's recovery curve of every model in ``report`` as scalar series (x = attack step) and as
+    one figure."""
+    curves = {
+        label: curve_of(report[key])
+        for key, label in (("before", "poisoned (before)"), ("after", "unlearned (after)"), ("reference", "retrained"))
+        if key in report
+    }
+    curves = {label: curve for label, curve in curves.items() if curve[0]}
+    if not curves:
+        return
+    for logger in loggers:
+        for label, (steps, values) in curves.items():
+            tag = f"relearn_curve/{label.split(' ')[0]}"
+            for step, value in zip(steps, values, strict=True):
+                logger.log_metrics({tag: value}, step=step)
+    log_figure(loggers, "relearn/recovery_curves", lambda: relearn_figure(curves))
+
+
+def _lr_search(module: Any) -> dict[str, Any]:
+    """The learning-rate search's chosen rate and candidates (``UnlearnModule(lr_grid=...)``), if one ran."""
+    search = getattr(module, "lr_search", None)
+    return {"lr": search["lr"], "lr_search": search["candidates"]} if search else {}
 
 
 def save_unlearned(module: Any, path: Path) -> Path:

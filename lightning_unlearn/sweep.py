@@ -1,9 +1,11 @@
 """The layer sweep (the seed paper's Fig. 1): unlearn with each weight layer alone, relate the gain to its sharpness.
 
 For every Linear/conv layer of a training run, one unlearning request that may change only that layer (same method,
-same validation-based step search), then: mean Hessian diagonal of the layer vs improvement of the target-class test
-accuracy (targeted poisoning) or of the overall test accuracy, Spearman's rank correlation between the two, a scatter
-plot (PNG and TensorBoard) and ``sweep.json``. ``lightning-unlearn sweep RUN_DIR [--reference RETRAIN_DIR]``.
+same validation-based step search), then: mean Hessian diagonal of the layer vs improvement of the poison's attacked
+metric (the attacked class's test accuracy for a label flip or targeted poisoning, the attack success rate for a
+backdoor — improvement = its reduction —, else the overall test accuracy), Spearman's rank correlation between the
+two, a scatter plot (PNG and TensorBoard) and ``sweep.json``. ``lightning-unlearn sweep RUN_DIR [--reference
+RETRAIN_DIR]``.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def layer_sweep(
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
+    from lightning_unlearn.evaluation.suite import ACCURACY_ONLY, ATTACKED_METRICS
     from lightning_unlearn.pipeline import reference_metrics, run_unlearning
     from lightning_unlearn.run import TrainingRun
     from lightning_unlearn.selection import DEFAULT_LAYER_TYPES, NamedLayers
@@ -66,7 +68,7 @@ def layer_sweep(
     profile = probe.require_profile()
     datamodule = probe.datamodule
     ref = reference_metrics(reference, datamodule, ACCURACY_ONLY) if reference else None
-    key = "test/acc_target" if datamodule.target_class is not None else "test/acc"
+    key, direction, _ = ATTACKED_METRICS.get(datamodule.spec.kind, ("test/acc", -1, "test accuracy"))
     rows = []
     for stats in profile.layer_stats():
         if stats.type not in DEFAULT_LAYER_TYPES:
@@ -85,9 +87,10 @@ def layer_sweep(
                 "step": report["method"].get("step"),
                 "before": report["before"][key],
                 "after": report["after"][key],
-                "improvement": report["after"][key] - report["before"][key],
+                "improvement": -direction * (report["after"][key] - report["before"][key]),
                 "test_acc_after": report["after"]["test/acc"],
                 "restored": report.get("restored", {}).get(key.replace("/", "_restored/", 1)),
+                "tow": report.get("comparison", {}).get("tow"),
             }
         )
     rho = spearman([r["mean_diagonal"] for r in rows], [r["improvement"] for r in rows])

@@ -26,6 +26,8 @@ from lightning_unlearn.evaluation import (
     tow,
 )
 from lightning_unlearn.evaluation import cost as cost_module
+from lightning_unlearn.evaluation.relearn import calibrate_relearning, curve_area
+from lightning_unlearn.evaluation.suite import EvaluationOptions, evaluate_model, poison_effect
 from lightning_unlearn.models.cnn import MnistCNN
 
 NUM_CLASSES = 10
@@ -155,12 +157,12 @@ def test_evaluate_accuracy_matches_hand_count():
     out = evaluate_accuracy(model, loader)
     assert out["acc"] == pytest.approx(100 * 6 / 13) and out["n"] == 13
     assert model.training and model.norm.training and not model.frozen.training  # modes restored one by one
-    out = evaluate_accuracy(model, loader, target_class=3)
-    assert out["acc_target"] == 100.0 and out["n_target"] == 6
+    out = evaluate_accuracy(model, loader, attacked_class=3)
+    assert out["acc_attacked"] == 100.0 and out["n_attacked"] == 6
     assert out["acc_other"] == 0.0 and out["n_other"] == 7
-    out = evaluate_accuracy(model, loader, target_class=5)  # micro averages over samples
-    assert out["acc_target"] == 0.0 and out["acc_other"] == pytest.approx(100 * 6 / 11)
-    assert math.isnan(evaluate_accuracy(model, loader, target_class=8)["acc_target"])
+    out = evaluate_accuracy(model, loader, attacked_class=5)  # micro averages over samples
+    assert out["acc_attacked"] == 0.0 and out["acc_other"] == pytest.approx(100 * 6 / 11)
+    assert math.isnan(evaluate_accuracy(model, loader, attacked_class=8)["acc_attacked"])
     dict_loader = [{"x": torch.randn(4, 4), "y": torch.tensor([3, 3, 0, 1])}]
     assert evaluate_accuracy(model, dict_loader)["acc"] == 50.0
     with pytest.raises(ValueError, match="loader"):
@@ -378,3 +380,62 @@ def test_measure_cuda_peak():
         del block
     assert cost.method == "cuda_max_memory_allocated" and cost.device.startswith("cuda")
     assert cost.peak_bytes - cost.baseline_bytes >= size
+
+
+# ----------------------------------------------------------------------------- recovery curve and calibration
+def test_recovery_curve_matches_shorter_attacks_and_its_area():
+    model, forget, test = _toy_problem()
+    kwargs = {"fraction": 0.25, "lr": 0.1, "batch_size": 4, "seed": 3}
+    out = relearning_attack(model, forget, test, steps=15, eval_every=5, **kwargs)
+    assert out["curve_steps"] == [0, 5, 10, 15]
+    assert out["curve"][0] == out["forget_acc_before"] and out["curve"][-1] == out["forget_acc_after"]
+    for step, value in zip(out["curve_steps"][1:], out["curve"][1:], strict=True):  # the same batches, cut short
+        assert relearning_attack(model, forget, test, steps=step, **kwargs)["forget_acc_after"] == value
+    s, v = out["curve_steps"], out["curve"]
+    by_hand = sum((s[i + 1] - s[i]) * (v[i] + v[i + 1]) / 2 for i in range(3)) / 15
+    assert out["auc"] == pytest.approx(by_hand)
+    assert curve_area([0, 10, 20], [0.0, 50.0, 100.0]) == 50.0
+    assert math.isnan(curve_area([0, 10], [math.nan, 1.0]))
+    with pytest.raises(ValueError, match="`eval_every`"):
+        relearning_attack(model, forget, test, eval_every=0)
+
+
+def test_calibration_picks_the_strongest_rate_that_keeps_a_clean_model_below_the_ceiling():
+    model, forget, _ = _toy_problem(n=80)
+    lrs = (0.001, 0.03, 1.0)
+    finals = {lr: relearning_attack(model, forget, forget, steps=20, lr=lr, seed=1)["forget_acc_after"] for lr in lrs}
+    ceiling = sorted(finals.values())[1]  # exactly the middle rate's final accuracy
+    out = calibrate_relearning(model, forget, steps=20, seed=1, ceiling=ceiling, lrs=lrs)
+    assert [c["final"] for c in out["candidates"]] == [finals[lr] for lr in lrs]
+    assert out["lr"] == max(lr for lr in lrs if finals[lr] <= ceiling) and not out["reached_ceiling"]
+    low = calibrate_relearning(model, forget, steps=20, seed=1, ceiling=min(finals.values()) - 1e-9, lrs=lrs)
+    assert low["lr"] == min(lrs) and low["reached_ceiling"]
+    with pytest.raises(ValueError, match="`ceiling`"):
+        calibrate_relearning(model, forget, ceiling=120.0)
+
+
+def test_poison_effect_states_harm_fit_and_noise():
+    flip = poison_effect(
+        {"test/acc_attacked": 10.8, "forget/acc": 89.3}, {"test/acc_attacked": 97.0, "forget/acc": 0.2}, "label_flip"
+    )
+    assert flip["harm"] == pytest.approx(86.2) and flip["plain"] and flip["metric"] == "test/acc_attacked"
+    assert "Harm 86.20 points" in flip["statement"] and "below the noise" not in flip["statement"]
+    backdoor = poison_effect({"test/asr": 98.8, "forget/acc": 100.0}, {"test/asr": 0.1, "forget/acc": 0.0}, "backdoor")
+    assert backdoor["harm"] == pytest.approx(98.7) and backdoor["plain"]  # a success rate: the poison raises it
+    nothing = poison_effect(
+        {"test/acc_attacked": 95.3, "forget/acc": 0.6}, {"test/acc_attacked": 95.9, "forget/acc": 0.2}, "targeted"
+    )
+    assert not nothing["plain"] and "no unlearning result on this run can show" in nothing["statement"]
+    noise = poison_effect({"test/acc": 97.2, "forget/acc": 53.1}, {"test/acc": 98.6, "forget/acc": 1.0}, "untargeted")
+    assert noise["plain"] and noise["memorisation"] == pytest.approx(52.1) and "memorised" in noise["statement"]
+    assert poison_effect({}, {}, "none")["statement"] == "No poison: nothing to unlearn."
+
+
+def test_backdoor_evaluation_reports_the_attack_success_rate():
+    spec = PoisonSpec("backdoor", count=60, target_class=0, trigger_position="top_left", seed=0)
+    dm = PoisonedDataModule("mnist", poison=spec, train_subset=1000, eval_batch_size=1000)
+    torch.manual_seed(0)
+    net = MnistCNN()
+    metrics = evaluate_model(net, dm, EvaluationOptions(mia=False, relearn=False))
+    assert metrics["test/asr"] == pytest.approx(evaluate_accuracy(net, dm.triggered_test_dataloader())["acc"])
+    assert "test/acc_attacked" not in metrics  # a backdoor attacks no single class

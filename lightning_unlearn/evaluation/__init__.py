@@ -12,7 +12,7 @@ from lightning_unlearn.evaluation.metrics import (
     tow,
 )
 from lightning_unlearn.evaluation.mia import SVC_PARAMS, label_probabilities, losses, mia_loss_auc, mia_summary, mia_svc
-from lightning_unlearn.evaluation.relearn import attack_size, relearning_attack
+from lightning_unlearn.evaluation.relearn import attack_size, calibrate_relearning, curve_area, relearning_attack
 
 __all__ = [
     "METHODS",
@@ -20,6 +20,8 @@ __all__ = [
     "TOW_SPLITS",
     "Cost",
     "attack_size",
+    "calibrate_relearning",
+    "curve_area",
     "evaluate_accuracy",
     "evaluating",
     "gap",

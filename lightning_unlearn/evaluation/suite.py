@@ -2,23 +2,29 @@
 
 :func:`evaluate_model` gives one flat dict of metrics for a model on a :class:`PoisonedDataModule`'s exact splits:
 
-* accuracies (%): ``test/acc`` (+ ``test/acc_target``, ``test/acc_other`` for targeted poisoning), ``forget/acc``
-  (forget set w.r.t. its poisoned labels), ``forget_true/acc`` (w.r.t. its true labels), ``retain/acc``, ``val/acc``;
+* accuracies (%): ``test/acc`` (+ ``test/acc_attacked``, ``test/acc_other`` where the poison attacks one class:
+  ``label_flip``, ``targeted``), ``test/asr`` (backdoor: the attack success rate, % of triggered test images of the
+  other classes classified as the target class), ``forget/acc`` (forget set w.r.t. its poisoned labels: the *fit*),
+  ``forget_true/acc`` (w.r.t. its true labels), ``retain/acc``, ``val/acc``;
 * membership inference (with ``EvaluationOptions.mia``): ``mia/svc`` (OPTML's SVC score of the forget set, %),
   ``mia/loss_auc_retain`` and ``mia/loss_auc_forget`` (loss-threshold ROC-AUC against the test set);
 * the relearning attack (with ``EvaluationOptions.relearn``): ``relearn/forget_acc_before``,
   ``relearn/forget_acc_after`` (poisoned-label accuracy on the forget samples the attack did not use),
-  ``relearn/recovery`` (after − before, points) and ``relearn/test_acc_after``.
+  ``relearn/recovery`` (after − before, points), ``relearn/auc`` (the mean of the recovery curve over the attack, %),
+  ``relearn/curve@<k>`` (the curve: held-out forget accuracy after ``k`` attack steps) and ``relearn/test_acc_after``.
 
-:func:`compare` turns the before / after / reference metrics into ToW (absolute and signed), the average accuracy gap
-to the reference and % restored. The same functions evaluate the retrained reference, so every number of a report is
-computed the same way for every model.
+:func:`poison_effect` states what there is to unlearn before any unlearning: the **harm** (the attacked metric of the
+poisoned model against the retrained one) and the **fit** (the poisoned model's forget accuracy w.r.t. the poisoned
+labels). :func:`compare` turns the before / after / reference metrics into ToW (absolute and signed), the average
+accuracy gap to the reference and % restored. :func:`calibrated_options` sets the relearning attack's learning rate
+on the validation split (see :func:`~lightning_unlearn.evaluation.relearn.calibrate_relearning`). The same functions
+evaluate the retrained reference, so every number of a report is computed the same way for every model.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -27,15 +33,27 @@ from torch import nn
 
 from lightning_unlearn.evaluation.metrics import accuracy_of, evaluating, gap, percent_restored, predictions, tow
 from lightning_unlearn.evaluation.mia import loss_auc, svc_score
-from lightning_unlearn.evaluation.relearn import relearning_attack
+from lightning_unlearn.evaluation.relearn import calibrate_relearning, relearning_attack
 
 #: The splits ToW multiplies over (EVALUATION.md): forget (poisoned labels), retain and test accuracy.
 TOW_KEYS = {"forget": "forget/acc", "retain": "retain/acc", "test": "test/acc"}
 #: Below this gap (accuracy points) between the reference and the poisoned model, % restored is not reported: a
 #: share of a gap within test-set noise (0.1 point is one sample of a 1,000-sample class) means nothing.
 MIN_GAP = 0.5
-#: Test metrics % restored is computed for.
-RESTORED_KEYS = ("test/acc", "test/acc_target", "test/acc_other")
+#: Metrics % restored is computed for (test accuracies, the backdoor's success rate, the forget-set fit).
+RESTORED_KEYS = ("test/acc", "test/acc_attacked", "test/acc_other", "test/asr", "forget/acc")
+#: A poison's harm below this many points is within the noise of one training run: two standard deviations of the
+#: seed-to-seed difference between two MNIST CNNs' accuracy on one class (1.1-point std per model over five seeds,
+#: ``docs/results.md``: 2 · √2 · 1.1 ≈ 3).
+HARM_NOISE = 3.0
+#: The metric a poison kind attacks, and whether the poison raises it (+1) or lowers it (−1).
+ATTACKED_METRICS: dict[str, tuple[str, int, str]] = {
+    "label_flip": ("test/acc_attacked", -1, "test accuracy of the attacked class"),
+    "targeted": ("test/acc_attacked", -1, "test accuracy of the attacked class"),
+    "backdoor": ("test/asr", +1, "attack success rate on triggered test images"),
+    "untargeted": ("test/acc", -1, "test accuracy"),
+    "pairflip": ("test/acc", -1, "test accuracy"),
+}
 
 
 @dataclass
@@ -50,14 +68,22 @@ class EvaluationOptions:
         relearn_lr: Learning rate of the attack (> 0).
         relearn_seed: Seed of the attack's split and batch order (the same for every model, so all are attacked
             on the same samples).
+        relearn_eval_every: Points of the recovery curve: the held-out forget accuracy every this many steps.
+        relearn_calibrate: Where a retrained reference is given, replace ``relearn_lr`` by the rate
+            :func:`~lightning_unlearn.evaluation.relearn.calibrate_relearning` picks on the validation split with it.
+        relearn_ceiling: The calibration's ceiling (%): the reference attacked on the poisoned validation images must
+            end at or below it.
     """
 
     mia: bool = True
     relearn: bool = True
     relearn_fraction: float = 0.1
-    relearn_steps: int = 20
+    relearn_steps: int = 50
     relearn_lr: float = 0.01
     relearn_seed: int = 0
+    relearn_eval_every: int = 5
+    relearn_calibrate: bool = True
+    relearn_ceiling: float = 50.0
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.relearn_fraction) <= 1.0:
@@ -66,6 +92,10 @@ class EvaluationOptions:
             raise ValueError(f"`relearn_steps` must be an integer >= 1, got {self.relearn_steps!r}.")
         if not self.relearn_lr > 0:
             raise ValueError(f"`relearn_lr` must be > 0, got {self.relearn_lr!r}.")
+        if int(self.relearn_eval_every) != self.relearn_eval_every or self.relearn_eval_every < 1:
+            raise ValueError(f"`relearn_eval_every` must be an integer >= 1, got {self.relearn_eval_every!r}.")
+        if not 0.0 <= float(self.relearn_ceiling) <= 100.0:
+            raise ValueError(f"`relearn_ceiling` must lie in [0, 100], got {self.relearn_ceiling!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,7 +124,7 @@ def evaluate_model(
     """
     options = options or EvaluationOptions()
     datamodule.setup("fit")
-    target = datamodule.target_class
+    target = datamodule.attacked_class
     loaders = {
         "test": datamodule.test_dataloader()[0],
         "forget": datamodule.forget_dataloader(),
@@ -102,6 +132,8 @@ def evaluate_model(
         "retain": datamodule.retain_dataloader(),
         "val": datamodule.val_dataloader(),
     }
+    if "triggered" in getattr(datamodule, "test_split_names", ()):
+        loaders["triggered"] = datamodule.triggered_test_dataloader()
     outputs = {}
     with evaluating(net, device) as dev:
         for split, loader in loaders.items():
@@ -109,11 +141,14 @@ def evaluate_model(
                 continue
             outputs[split] = predictions(net, loader, dev)
     metrics: dict[str, float] = {}
+    triggered = outputs.pop("triggered", None)
+    if triggered is not None:
+        metrics["test/asr"] = accuracy_of(*triggered)["acc"]
     for split, (logits, labels) in outputs.items():
         values = accuracy_of(logits, labels, target if split == "test" else None)
         metrics[f"{split}/acc"] = values["acc"]
         if split == "test" and target is not None:
-            metrics["test/acc_target"], metrics["test/acc_other"] = values["acc_target"], values["acc_other"]
+            metrics["test/acc_attacked"], metrics["test/acc_other"] = values["acc_attacked"], values["acc_other"]
     if "forget" not in outputs:
         return metrics
     if options.mia:
@@ -132,11 +167,41 @@ def evaluate_model(
             steps=options.relearn_steps,
             lr=options.relearn_lr,
             seed=options.relearn_seed,
+            eval_every=options.relearn_eval_every,
             device=device,
         )
-        for key in ("forget_acc_before", "forget_acc_after", "recovery", "test_acc_after"):
+        for key in ("forget_acc_before", "forget_acc_after", "recovery", "auc", "test_acc_after"):
             metrics[f"relearn/{key}"] = float(attack[key])
+        for step, value in zip(attack["curve_steps"], attack["curve"], strict=True):
+            metrics[f"relearn/curve@{step}"] = float(value)
     return metrics
+
+
+def calibrated_options(
+    reference: nn.Module,
+    datamodule: Any,
+    options: EvaluationOptions | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[EvaluationOptions, dict[str, Any] | None]:
+    """``options`` with the relearning attack's learning rate calibrated on the validation split with ``reference``
+    (a model retrained without the poison), and the calibration's record; unchanged (record None) when the attack or
+    its calibration is off, or there is no poison."""
+    options = options or EvaluationOptions()
+    if not (options.relearn and options.relearn_calibrate):
+        return options, None
+    datamodule.setup("fit")
+    if datamodule.record is None or not len(datamodule.record):
+        return options, None
+    record = calibrate_relearning(
+        reference,
+        datamodule.poisoned_validation_dataloader(),
+        fraction=options.relearn_fraction,
+        steps=options.relearn_steps,
+        seed=options.relearn_seed,
+        ceiling=options.relearn_ceiling,
+        device=device,
+    )
+    return replace(options, relearn_lr=record["lr"], relearn_calibrate=False), record
 
 
 def restored(
@@ -164,19 +229,73 @@ def compare(before: dict[str, float], after: dict[str, float], reference: dict[s
         "tow_signed": tow(unlearned, retrained, splits, signed=True),
         "avg_gap": gap(unlearned, retrained),
     }
-    for key in ("mia/svc", "relearn/forget_acc_after"):
+    for key in ("mia/svc", "relearn/forget_acc_after", "relearn/auc"):
         if key in after and key in reference:
             out[f"gap_{key.replace('/', '_')}"] = abs(after[key] - reference[key])
     return out | restored(before, after, reference)
 
 
+def poison_effect(before: dict[str, float], reference: dict[str, float], kind: str) -> dict[str, Any]:
+    """What there is to unlearn: the poison's **harm** and the poisoned model's **fit**, stated before unlearning.
+
+    Args:
+        before: Metrics of the poisoned model (:func:`evaluate_model`).
+        reference: Metrics of the model retrained without the poison, on the same splits.
+        kind: The poison kind (``PoisonSpec.kind``).
+
+    Returns:
+        ``metric`` (the attacked metric's key) and ``label``; ``poisoned`` and ``retrained`` (its values); ``harm``
+        (points by which the poison worsens it: positive = harmful); ``fit`` and ``fit_retrained`` (forget accuracy
+        w.r.t. the poisoned labels of both models) and ``memorisation`` (their difference); ``plain`` (harm or
+        memorisation ≥ :data:`HARM_NOISE`: there is something to unlearn); ``statement`` (one sentence saying all of
+        it, and saying so when both are within the noise).
+    """
+    fit, fit_retrained = before.get("forget/acc"), reference.get("forget/acc")
+    memorisation = None if fit is None or fit_retrained is None else fit - fit_retrained
+    out: dict[str, Any] = {"fit": fit, "fit_retrained": fit_retrained, "memorisation": memorisation}
+    if kind not in ATTACKED_METRICS:
+        return out | {"metric": None, "harm": None, "plain": False, "statement": "No poison: nothing to unlearn."}
+    key, direction, label = ATTACKED_METRICS[kind]
+    if key not in before or key not in reference:
+        return out | {"metric": key, "harm": None, "plain": False, "statement": f"{key} was not measured."}
+    harm = direction * (before[key] - reference[key])
+    memorised = memorisation is not None and memorisation >= HARM_NOISE
+    plain = harm >= HARM_NOISE or memorised
+    out |= {"metric": key, "label": label, "poisoned": before[key], "retrained": reference[key]}
+    out |= {"harm": harm, "plain": plain, "noise": HARM_NOISE}
+    statement = (
+        f"Harm {harm:.2f} points: {label} {before[key]:.2f} % poisoned vs {reference[key]:.2f} % retrained; "
+        f"fit {_pct(fit)} (forget-set accuracy w.r.t. the poisoned labels; retrained {_pct(fit_retrained)})."
+    )
+    if harm < HARM_NOISE and memorised:
+        statement += (
+            f" The harm is below the noise level ({HARM_NOISE:g} points): what there is to unlearn is the "
+            f"memorised poison ({memorisation:.2f} points of fit above the retrained model)."
+        )
+    elif not plain:
+        statement += (
+            f" Harm and fit are below the noise level ({HARM_NOISE:g} points): no unlearning result on this run can "
+            "show that the poison's effect was removed."
+        )
+    out["statement"] = statement
+    return out
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f} %"
+
+
 __all__ = [
     "ACCURACY_ONLY",
+    "ATTACKED_METRICS",
+    "HARM_NOISE",
     "MIN_GAP",
     "TOW_KEYS",
     "EvaluationOptions",
+    "calibrated_options",
     "compare",
     "evaluate_model",
     "evaluate_splits",
+    "poison_effect",
     "restored",
 ]
