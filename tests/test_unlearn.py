@@ -9,7 +9,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from lightning_unlearn.run import TrainingRun
-from lightning_unlearn.selection import LastLayer, SmallestLayer, TopKParameters
+from lightning_unlearn.selection import AllLayers, LastLayer, NamedLayers, SmallestLayer, TopKParameters, Validated
 from lightning_unlearn.unlearn import (
     Finetune,
     FirstOrder,
@@ -164,7 +164,8 @@ def test_second_order_cg_runs_and_reports(poisoned_run):
     module = UnlearnModule(str(poisoned_run), method, LastLayer())
     make_trainer().fit(module)
     report = method.report()
-    assert report["solver"] == "cg" and report["solve_iterations"] >= 1 and report["solve_residual"] < 1.0
+    (solve,) = report["solves"]
+    assert report["solver"] == "cg" and solve["iterations"] >= 1 and solve["residual"] < 1.0
 
 
 METHODS = [
@@ -220,16 +221,90 @@ def test_sam_keeps_batchnorm_statistics_and_counts_steps(bn_run):
             assert torch.equal(b, stats[name]), name
 
 
-def test_one_step_search_uses_validation_and_never_worsens_it(poisoned_run):
-    method = FirstOrder()
+@pytest.mark.parametrize("criterion", ["loss", "acc"])
+def test_one_step_search_uses_validation_and_never_worsens_it(poisoned_run, criterion):
+    method = FirstOrder(criterion=criterion)
     module = UnlearnModule(str(poisoned_run), method, SmallestLayer())
-    acc_before, _ = module.validate()
+    acc_before, loss_before = module.validate()
     make_trainer().fit(module)
     report = method.report()
     chosen = next(c for c in report["candidates"] if c["step"] == report["step"])
-    assert chosen["val_acc"] >= acc_before
-    assert module.validate()[0] == pytest.approx(chosen["val_acc"])
-    assert {c["step"] for c in report["candidates"]} == {0.0, *method.steps}
+    if criterion == "loss":
+        assert chosen["val_loss"] <= loss_before
+        assert chosen["val_loss"] == min(c["val_loss"] for c in report["candidates"])
+        assert {c["phase"] for c in report["candidates"]} >= {"grid", "refine"}  # a bracket was found and refined
+    else:
+        assert chosen["val_acc"] >= acc_before
+        assert {c["step"] for c in report["candidates"]} == {0.0, *method.steps}  # accuracy: the grid only
+    acc, loss = module.validate()  # the model is left at the chosen step
+    assert acc == pytest.approx(chosen["val_acc"]) and loss == pytest.approx(chosen["val_loss"], rel=1e-6)
+    assert {0.0, *method.steps} <= {c["step"] for c in report["candidates"]}
+    assert report["evaluations"] == len(report["candidates"])
+
+
+def test_second_order_searches_its_damping(poisoned_run):
+    method = SecondOrder(damping=[0.1, 1.0, 10.0])
+    module = UnlearnModule(str(poisoned_run), method, LastLayer())
+    make_trainer().fit(module)
+    report = method.report()
+    assert {c["damping_relative"] for c in report["candidates"]} == {0.1, 1.0, 10.0}
+    best = min(report["candidates"], key=lambda c: (c["val_loss"], c["step"]))
+    assert (report["damping_relative"], report["step"]) == (best["damping_relative"], best["step"])
+    assert module.validate()[1] == pytest.approx(best["val_loss"], rel=1e-6)
+
+
+def test_validated_selection_picks_what_separate_requests_pick(poisoned_run):
+    """Validated = the candidate whose own request (same method, same search) reaches the lowest validation loss,
+    with exactly that request's weights; everything else bit-identical to the trained model."""
+    validated = Validated(k=2, last_layer=True, topk_fraction=0.01)
+    module = UnlearnModule(str(poisoned_run), FirstOrder(), validated)
+    before = params_of(module)
+    make_trainer().fit(module)
+    profile = module.profile
+    separate = {}
+    for label, mask in validated.candidates(profile):
+        strategy = TopKParameters(0.01) if mask.strategy == "topk" else NamedLayers(mask.layers)
+        other = UnlearnModule(str(poisoned_run), FirstOrder(), strategy)
+        make_trainer().fit(other)
+        separate[label] = (other.method.report()["val_loss"], params_of(other))
+    assert len(separate) >= 3
+    chosen = min(separate, key=lambda label: separate[label][0])
+    report = module.method.report()
+    assert report["selection"] == chosen == module.mask.details["chosen"]
+    assert report["val_loss"] == pytest.approx(separate[chosen][0], rel=1e-6)
+    after = params_of(module)
+    for name, value in after.items():
+        torch.testing.assert_close(value, separate[chosen][1][name], rtol=1e-6, atol=1e-7)
+        keep = module.mask.masks.get(name, torch.zeros_like(value, dtype=torch.bool))
+        assert torch.equal(value[~keep], before[name][~keep]), f"entries of {name} outside the chosen candidate moved"
+    assert {row["selection"] for row in module.mask.details["candidates"]} == set(separate)
+
+
+def test_learning_rate_grid_keeps_the_best_rate_on_validation(poisoned_run):
+    """Each rate runs from the original weights on the same data order: the kept weights are exactly those of a
+    separate request with the chosen rate, and the chosen rate has the lowest validation loss ("no change" too)."""
+    grid = [1e-3, 0.1]
+    module = UnlearnModule(str(poisoned_run), Finetune(batch_size=64), AllLayers(), lr_grid=grid)
+    trainer = make_trainer(limit_train_batches=3, max_epochs=module.max_epochs)
+    trainer.fit(module)
+    search = module.lr_search
+    assert [c["lr"] for c in search["candidates"]] == [0.0, *grid]
+    assert trainer.current_epoch == len(grid)
+    best = min(search["candidates"], key=lambda c: c["val_loss"])
+    assert search["lr"] == best["lr"] and module.validate()[1] == pytest.approx(best["val_loss"], rel=1e-6)
+
+    def optimizer(params):
+        return torch.optim.SGD(params, lr=search["lr"], momentum=0.9)
+
+    alone = UnlearnModule(str(poisoned_run), Finetune(batch_size=64), AllLayers(), optimizer=optimizer)
+    make_trainer(limit_train_batches=3).fit(alone)
+    if search["lr"] > 0:
+        for name, value in params_of(module).items():
+            assert torch.equal(value, params_of(alone)[name]), name
+    with pytest.raises(ValueError, match="`lr_grid`"):
+        UnlearnModule(str(poisoned_run), FirstOrder(), AllLayers(), lr_grid=[0.1])
+    with pytest.raises(ValueError, match="`lr_grid`"):
+        UnlearnModule(str(poisoned_run), Finetune(), AllLayers(), lr_grid=[0.1, -1.0])
 
 
 @pytest.mark.parametrize(
@@ -279,7 +354,7 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["selection"]["strategy"] == "smallest" and report["method"]["method"] == "first_order"
     assert report["method"]["step"] > 0 and len(report["method"]["candidates"]) == 10
-    assert report["after"]["test/acc_target"] > report["before"]["test/acc_target"]
+    assert report["after"]["test/acc_attacked"] > report["before"]["test/acc_attacked"]
     assert report["after"]["val/acc"] >= report["before"]["val/acc"]
     assert report["method"]["seconds_update"] < 5 and report["method"]["seconds_search"] < 30
     # the evaluation suite: every model judged on accuracies, MIA and the relearning attack, compared by ToW

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
 from collections.abc import Iterator
@@ -14,14 +15,14 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn.curvature import SharpnessProfile, profile_model, weights_fingerprint
 from lightning_unlearn.run import TrainingRun
-from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer
+from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer, Validated
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted
 from lightning_unlearn.unlearn.freeze import FreezeGuard
 from lightning_unlearn.unlearn.one_step import FirstOrder
@@ -77,6 +78,11 @@ class UnlearnModule(LightningModule):
             the selected parameters is evaluated once on the validation split, see
             :class:`~lightning_unlearn.unlearn.validation.FrozenActivationCache`); 0 disables the cache. Results are
             identical either way.
+        lr_grid: Iterative methods only: learning rates searched on the validation split. The method runs its whole
+            budget (``epochs``) once per rate, each time from the original weights with a fresh optimizer state; the
+            weights with the lowest validation loss are kept, "no change" (the original weights) included, so the
+            model is never left worse on validation than before. Every rate's validation loss and accuracy go to
+            :attr:`lr_search` (and ``report.json``). None: one run with the optimizer's own rate.
     """
 
     def __init__(
@@ -93,6 +99,7 @@ class UnlearnModule(LightningModule):
         num_workers: int = 0,
         seed: int = 0,
         validation_cache_mb: float = 1024.0,
+        lr_grid: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["method", "selection", "optimizer"])
@@ -122,6 +129,19 @@ class UnlearnModule(LightningModule):
             raise ValueError(f"`validation_cache_mb` must be >= 0 (0 disables the cache), got {validation_cache_mb}.")
         self.validation_cache_mb = validation_cache_mb
         self._validation: FrozenActivationCache | None = None
+        if lr_grid is not None:
+            if self.method.one_step:
+                raise ValueError(
+                    f"`lr_grid` applies to iterative methods; {self.method.name!r} searches its step size itself."
+                )
+            if not lr_grid or any(
+                not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)) for lr in lr_grid
+            ):
+                raise ValueError(f"`lr_grid` must be a non-empty list of positive learning rates, got {lr_grid!r}.")
+        self.lr_grid = None if lr_grid is None else [float(lr) for lr in lr_grid]
+        #: The learning-rate search's record (``lr_grid``): candidates with their validation scores, the chosen rate.
+        self.lr_search: dict[str, Any] = {}
+        self._lr_state: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------- preparation
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +152,8 @@ class UnlearnModule(LightningModule):
         return list(self.named_parameters())
 
     @property
-    def target_class(self) -> int | None:
-        return self.datamodule.target_class
+    def attacked_class(self) -> int | None:
+        return self.datamodule.attacked_class
 
     @property
     def num_train_samples(self) -> int:
@@ -150,6 +170,11 @@ class UnlearnModule(LightningModule):
         self.datamodule.setup("fit")
         self.require_profile(device)
         start = time.perf_counter()
+        if isinstance(self.selection, Validated) and not self.method.one_step:
+            raise ValueError(
+                f"The `Validated` selection compares one-step updates on validation; {self.method.name!r} is "
+                "iterative. Use it with FirstOrder or SecondOrder."
+            )
         self.mask = self.selection(self.profile)
         self.timings["selection_seconds"] = time.perf_counter() - start
         self.selected_names = set(self.mask.trainable)
@@ -274,14 +299,15 @@ class UnlearnModule(LightningModule):
         return out
 
     @contextlib.contextmanager
-    def validation_cache(self) -> Iterator[FrozenActivationCache | None]:
-        """Within this block :meth:`validate` evaluates only what depends on the trainable parameters (the frozen
-        part's activations are computed once on entry); the frozen parameters must not change inside it."""
+    def validation_cache(self, trainable: list[nn.Parameter] | None = None) -> Iterator[FrozenActivationCache | None]:
+        """Within this block :meth:`validate` evaluates only what depends on ``trainable`` (default: the selection's
+        parameters; the frozen part's activations are computed once on entry); nothing else may change inside it."""
         if self.validation_cache_mb == 0:
             yield None
             return
         self.net.eval()
-        trainable = list(self.guard.trainable.values()) if self.guard is not None else list(self.net.parameters())
+        if trainable is None:
+            trainable = list(self.guard.trainable.values()) if self.guard is not None else list(self.net.parameters())
         loader = self.datamodule.val_dataloader()
         self._validation = FrozenActivationCache(self.net, trainable, loader, self.device, self.validation_cache_mb)
         try:
@@ -338,13 +364,14 @@ class UnlearnModule(LightningModule):
         self.prepare(strategy.root_device)
 
     def get_extra_state(self) -> dict[str, Any]:
-        """What a run measured and chose besides weights (timings, the method's results), so that it survives the
-        trip from the spawned rank zero back to the main process under ``ddp_spawn``."""
-        return {"timings": dict(self.timings), "method": self.method.state_dict()}
+        """What a run measured and chose besides weights (timings, the method's results, the learning-rate search),
+        so that it survives the trip from the spawned rank zero back to the main process under ``ddp_spawn``."""
+        return {"timings": dict(self.timings), "method": self.method.state_dict(), "lr_search": dict(self.lr_search)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.timings.update(state.get("timings", {}))
         self.method.load_state_dict(state.get("method", {}))
+        self.lr_search = dict(state.get("lr_search", {}))
 
     def train_dataloader(self) -> Any:
         self.prepare()
@@ -357,23 +384,83 @@ class UnlearnModule(LightningModule):
     def on_train_epoch_start(self) -> None:
         self._fit_start = getattr(self, "_fit_start", time.perf_counter())
         loaders = self.trainer.train_dataloader
+        # with `lr_grid` every rate sees the data in the same order (epoch k of its block shuffles like epoch k)
+        epoch = self.current_epoch % int(getattr(self.method, "epochs", 1)) if self.lr_grid else self.current_epoch
         for loader in _flatten_loaders(loaders):
             if isinstance(getattr(loader, "sampler", None), ShardSampler):
-                loader.sampler.set_epoch(self.current_epoch)
+                loader.sampler.set_epoch(epoch)
+        if self.lr_grid is not None:
+            self._start_lr_candidate()
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         return self.method.training_step(self, batch, batch_idx)
 
     def on_train_epoch_end(self) -> None:
         self.method.on_train_epoch_end(self)
+        if self.lr_grid is not None:
+            self._finish_lr_candidate()
+
+    # ------------------------------------------------------------------------------------ learning-rate search
+    def _start_lr_candidate(self) -> None:
+        """At the first epoch of each rate's block: the original weights, this rate, a fresh optimizer state."""
+        block, within = divmod(self.current_epoch, int(getattr(self.method, "epochs", 1)))
+        if within != 0:
+            return
+        params = dict(self.net.named_parameters())
+        if block == 0:
+            acc, loss = self.validate()
+            self._lr_state = {
+                "original": {n: p.detach().clone() for n, p in params.items()},
+                "best": {"lr": 0.0, "val_loss": loss, "val_acc": acc},
+                "best_weights": None,
+            }
+            self.lr_search = {"candidates": [{"lr": 0.0, "val_loss": loss, "val_acc": acc}], "lr": None}
+        else:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(self._lr_state["original"][name])
+        lr = self.lr_grid[block]
+        optimizers = self.optimizers(use_pl_optimizer=False)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            optimizer.state.clear()  # momentum / Adam moments of the previous rate
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def _finish_lr_candidate(self) -> None:
+        """At the last epoch of each rate's block: score it on validation; after the last block keep the best."""
+        epochs = int(getattr(self.method, "epochs", 1))
+        block, within = divmod(self.current_epoch, epochs)
+        if within != epochs - 1:
+            return
+        acc, loss = self.validate()
+        lr = self.lr_grid[block]
+        self.lr_search["candidates"].append({"lr": lr, "val_loss": loss, "val_acc": acc})
+        best = self._lr_state["best"]
+        if math.isfinite(loss) and loss < best["val_loss"]:
+            self._lr_state["best"] = {"lr": lr, "val_loss": loss, "val_acc": acc}
+            self._lr_state["best_weights"] = {n: p.detach().clone() for n, p in self.net.named_parameters()}
+        if block == len(self.lr_grid) - 1:
+            chosen = self._lr_state["best"]
+            weights = self._lr_state["best_weights"] or self._lr_state["original"]
+            with torch.no_grad():
+                for name, p in self.net.named_parameters():
+                    p.copy_(weights[name])
+            self.lr_search.update(lr=chosen["lr"], val_loss=chosen["val_loss"], val_acc=chosen["val_acc"])
+            if chosen["lr"] == 0.0:
+                rank_zero_warn("lr_grid: no learning rate improved the validation loss; the model is unchanged.")
+            self.log_dict({"unlearn/lr": chosen["lr"], "unlearn/lr_val_loss": chosen["val_loss"]})
+            self._lr_state = {}
 
     def on_train_end(self) -> None:
         self.timings["unlearn_seconds"] = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
 
     @property
     def max_epochs(self) -> int:
-        """Epochs the Trainer should run for this method (1 for one-step methods)."""
-        return 1 if self.method.one_step else int(getattr(self.method, "epochs", 1))
+        """Epochs the Trainer should run for this method (1 for one-step methods; the method's epochs once per rate
+        of ``lr_grid``)."""
+        if self.method.one_step:
+            return 1
+        return int(getattr(self.method, "epochs", 1)) * (len(self.lr_grid) if self.lr_grid is not None else 1)
 
 
 def _flatten_loaders(loaders: Any) -> list[Any]:

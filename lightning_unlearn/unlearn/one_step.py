@@ -8,9 +8,13 @@ all ranks), the update is ``θ_S ← θ_S − τ · d`` with
   (``N ×`` the profiled mean-loss Hessian): ``solver="diag"`` uses the profile's diagonal, ``"cg"`` / ``"lissa"``
   solve with Hessian-vector products on ``hvp_samples`` training samples.
 
-The step size ``τ`` is chosen from ``steps`` on the clean validation split (one forward pass per candidate; ``τ = 0``,
-"no change", is always a candidate, so the model is never left worse on validation than before). The test set is
-never looked at.
+The step size ``τ`` is chosen on the clean validation split by
+:func:`~lightning_unlearn.unlearn.step_search.search_step`: ``steps`` is a coarse log grid that brackets the minimum
+of the validation loss, and a golden-section search on ``log τ`` refines it (``criterion="loss"``, the default);
+``τ = 0``, "no change", is always a candidate, so the model is never left worse on validation than before. The
+second-order update searches its damping λ the same way (every λ of ``damping`` gets its own step search; the pair
+with the lowest validation loss wins). Each candidate costs one forward pass over the validation split, most of it
+served from the frozen-activation cache. The test set is never looked at.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_unlearn.selection import ParameterMask, Validated
 from lightning_unlearn.unlearn.base import UnlearnMethod
 from lightning_unlearn.unlearn.inverse_hvp import conjugate_gradient, lissa
+from lightning_unlearn.unlearn.step_search import DEFAULT_TOL, search_step
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearn.module import UnlearnModule
@@ -66,20 +72,84 @@ def _require_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
         )
 
 
+def _selection_candidates(module: UnlearnModule) -> list[tuple[str | None, ParameterMask | None]]:
+    """The candidates of a :class:`~lightning_unlearn.selection.Validated` selection, else one: the selection."""
+    if isinstance(module.selection, Validated):
+        return list(module.selection.candidates(module.profile))
+    return [(None, None)]
+
+
+def _restrict(tensor: torch.Tensor, mask: ParameterMask, name: str) -> torch.Tensor:
+    """``tensor`` (of parameter ``name``) with the entries outside a candidate selection set to zero."""
+    if name not in mask.masks:
+        return torch.zeros_like(tensor)
+    return tensor if mask.is_full(name) else tensor * mask.masks[name].to(tensor.device, tensor.dtype)
+
+
+def _chosen_mask(mask: ParameterMask, label: str, candidates: list[dict[str, Any]]) -> ParameterMask:
+    """The chosen candidate's mask, with what the validated choice saw in its details."""
+    scores = {}
+    for c in candidates:  # each candidate's best evaluation
+        key = c.get("selection")
+        if key not in scores or (c["score"], c["step"]) < (scores[key]["score"], scores[key]["step"]):
+            scores[key] = c
+    table = [
+        {"selection": k, "step": c["step"], "val_loss": c["val_loss"], "val_acc": c["val_acc"]}
+        for k, c in scores.items()
+    ]
+    details = {**mask.details, "validated": True, "chosen": label, "candidates": table}
+    return ParameterMask(mask.masks, f"validated:{mask.strategy}", list(mask.layers), details)
+
+
+@torch.no_grad()
+def _apply(
+    params: dict[str, torch.nn.Parameter],
+    original: dict[str, torch.Tensor],
+    direction: dict[str, torch.Tensor] | None,
+    step: float,
+) -> None:
+    """``θ = θ₀ − step · d``; step 0 writes the original values back exactly."""
+    for name, p in params.items():
+        p.copy_(original[name] - step * direction[name].to(p.dtype) if step else original[name])
+
+
+def _log_search(module: UnlearnModule, method: OneStepMethod) -> None:
+    """The chosen step's validation scores as scalars, and every evaluated step as a figure, to the loggers."""
+    result = method.result
+    scalars = {f"unlearn/{k}": float(result[k]) for k in ("step", "val_loss", "val_acc") if k in result}
+    if scalars and module._trainer is not None:
+        module.log_dict(scalars)
+    if method._candidates and method.criterion != "fixed":
+        from lightning_unlearn.evaluation.figures import log_figure, step_search_figure
+
+        if module._trainer is not None and module.trainer.is_global_zero:
+            draw = lambda: step_search_figure(method._candidates, result, method.name)  # noqa: E731
+            log_figure(module.trainer.loggers, "unlearn/step_search", draw, module.global_step)
+
+
 class OneStepMethod(UnlearnMethod):
     """Shared machinery: accumulate ``g`` over the forget set, turn it into a direction, search the step on validation.
 
     Args:
-        steps: Candidate step sizes ``τ`` (positive); ``0`` is always added.
-        criterion: ``"acc"`` (highest validation accuracy; ties → lower loss, then the smaller step), ``"loss"``
-            (lowest validation loss) or ``"fixed"`` (apply the single step in ``steps``, no search).
+        steps: The coarse grid of step sizes ``τ`` (positive) that brackets the search; ``0`` is always added. With
+            ``criterion="fixed"``: the single step to apply.
+        criterion: ``"loss"`` (lowest validation cross-entropy: grid, then extension beyond the grid's ends and
+            golden-section refinement on ``log τ``), ``"acc"`` (highest validation accuracy on the grid only; ties →
+            lower loss, then the smaller step) or ``"fixed"`` (apply the single step in ``steps``, no search).
         batch_size: Batch size over the forget set.
+        tol: Tolerance of the refinement, in decades of ``τ`` (``criterion="loss"``).
     """
 
     one_step = True
     default_steps: tuple[float, ...] = ()
 
-    def __init__(self, steps: list[float] | None = None, criterion: str = "acc", batch_size: int = 512) -> None:
+    def __init__(
+        self,
+        steps: list[float] | None = None,
+        criterion: str = "loss",
+        batch_size: int = 512,
+        tol: float = DEFAULT_TOL,
+    ) -> None:
         steps = list(self.default_steps if steps is None else steps)
         if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):
             raise ValueError(f"`steps` must be a non-empty list of positive step sizes, got {steps}.")
@@ -87,9 +157,12 @@ class OneStepMethod(UnlearnMethod):
             raise ValueError(f"`criterion` must be one of {CRITERIA}, got {criterion!r}.")
         if criterion == "fixed" and len(steps) != 1:
             raise ValueError(f"`criterion='fixed'` needs exactly one step in `steps`, got {steps}.")
+        if not tol > 0:
+            raise ValueError(f"`tol` must be > 0 (decades of the step size), got {tol}.")
         self.steps = sorted(steps)
         self.criterion = criterion
         self.batch_size = batch_size
+        self.tol = tol
         self._grad: dict[str, torch.Tensor] = {}
         self._count = 0
         self._seconds_grad = 0.0
@@ -120,63 +193,103 @@ class OneStepMethod(UnlearnMethod):
         grad = {name: module.guard.mask_update(name, g) for name, g in grad.items()}
         _require_finite("forget gradient", grad)
         seconds_reduce = time.perf_counter() - start
-        start = time.perf_counter()
-        direction = self.direction(module, grad)
-        direction = {name: module.guard.mask_update(name, d) for name, d in direction.items()}
-        _require_finite("update direction", direction)
-        seconds_direction = time.perf_counter() - start
-        start = time.perf_counter()
-        best = self._search(module, direction)
-        seconds_search = time.perf_counter() - start
+        seconds_direction = seconds_search = 0.0
+        params = module.guard.trainable
+        original = {name: p.detach().clone() for name, p in params.items()}
+        self._candidates, best, cached = [], None, []
+        for label, mask in _selection_candidates(module):
+            names = [n for n in params if mask is None or (n in mask.masks and bool(mask.masks[n].any()))]
+            part = {n: params[n] for n in names}
+            sub_grad = {n: grad[n] if mask is None else _restrict(grad[n], mask, n) for n in names}
+            with module.validation_cache(list(part.values())) as cache:
+                for setting in self.settings():
+                    start = time.perf_counter()
+                    direction = self.direction(module, sub_grad, **setting)
+                    direction = {n: module.guard.mask_update(n, d) for n, d in direction.items()}
+                    if mask is not None:
+                        direction = {n: _restrict(d, mask, n) for n, d in direction.items()}
+                    _require_finite("update direction", direction)
+                    seconds_direction += time.perf_counter() - start
+                    start = time.perf_counter()
+                    labels = setting | ({"selection": label} if label is not None else {})
+                    chosen = self._search(module, part, direction, original, labels)
+                    seconds_search += time.perf_counter() - start
+                    if best is None or (chosen["score"], chosen["step"]) < (best["score"], best["step"]):
+                        best = chosen | {"_direction": direction, "_params": part, "_mask": mask}
+            cached.append(bool(cache is not None and cache.cached))
+        self.result["validation_cached"] = all(cached)
+        _apply(best["_params"], original, best["_direction"], best["step"])
+        if best["_mask"] is not None:  # Validated: the chosen candidate is the request's selection
+            module.mask = _chosen_mask(best["_mask"], best["selection"], self._candidates)
+            module.selected_names = set(module.mask.trainable)
+        best = {k: v for k, v in best.items() if not k.startswith("_")}
+        self._warn_about(best)
         self.result.update(
             forget_samples=count,
             step=best["step"],
+            **{k: best[k] for k in ("val_loss", "val_acc", "selection") if k in best},
+            **{k: v for k, v in best.items() if k in self.setting_keys},
             candidates=self._candidates,
+            evaluations=len(self._candidates),
             grad_norm=float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values())).item()),
             seconds_update=self._seconds_grad + seconds_reduce + seconds_direction,
             seconds_search=seconds_search,
         )
+        _log_search(module, self)
 
     # ------------------------------------------------------------------------------------------------- direction
-    def direction(self, module: UnlearnModule, grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    #: Keys of :meth:`settings` (hyper-parameters searched besides the step, e.g. ``damping``).
+    setting_keys: tuple[str, ...] = ()
+
+    def settings(self) -> list[dict[str, Any]]:
+        """The settings of the direction searched besides the step (one empty setting: nothing else is searched)."""
+        return [{}]
+
+    def direction(
+        self, module: UnlearnModule, grad: dict[str, torch.Tensor], **setting: Any
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------------- search
     @torch.no_grad()
-    def _search(self, module: UnlearnModule, direction: dict[str, torch.Tensor]) -> dict[str, float]:
-        params = module.guard.trainable
-        original = {name: p.detach().clone() for name, p in params.items()}
-        self._candidates = []
-
-        def apply(step: float) -> None:  # step 0: the original values exactly (also where the direction is not finite)
-            for name, p in params.items():
-                p.copy_(original[name] - step * direction[name].to(p.dtype) if step else original[name])
-
+    def _search(
+        self,
+        module: UnlearnModule,
+        params: dict[str, torch.nn.Parameter],
+        direction: dict[str, torch.Tensor],
+        original: dict[str, torch.Tensor],
+        setting: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Search the step along ``direction`` for ``params`` (left at ``original`` afterwards); returns the best
+        evaluation with its ``score``."""
         if self.criterion == "fixed":
-            apply(self.steps[0])
-            return {"step": self.steps[0]}
-        with module.validation_cache() as cache:
-            for step in [0.0, *self.steps]:
-                apply(step)
-                acc, loss = module.validate()
-                self._candidates.append({"step": step, "val_acc": acc, "val_loss": loss})
-        self.result["validation_cached"] = bool(cache is not None and cache.cached)
-        if self.criterion == "acc":
-            key = lambda c: (-c["val_acc"], c["val_loss"], c["step"])  # noqa: E731
-        else:
-            key = lambda c: (c["val_loss"] if math.isfinite(c["val_loss"]) else math.inf, c["step"])  # noqa: E731
-        best = min(self._candidates, key=key)
-        if best["step"] == self.steps[-1]:
-            rank_zero_warn(f"{self.name}: the largest step {best['step']} was chosen; consider extending `steps`.")
-        elif best["step"] == self.steps[0] and len(self.steps) > 1:
-            rank_zero_warn(f"{self.name}: the smallest step {best['step']} was chosen; consider smaller `steps`.")
+            return {"step": self.steps[0], "score": 0.0, "phase": "fixed", **setting}
+
+        def evaluate(step: float) -> tuple[float, dict[str, Any]]:
+            _apply(params, original, direction, step)
+            acc, loss = module.validate()
+            loss_score = loss if math.isfinite(loss) else math.inf
+            # accuracy moves in steps of 1/|val|; the loss (scaled far below that) only breaks its ties
+            score = loss_score if self.criterion == "loss" else -acc + 1e-6 * min(loss_score, 1e4)
+            return score, {"val_acc": acc, "val_loss": loss, **setting}
+
+        search = search_step(evaluate, self.steps, refine=self.criterion == "loss", tol=self.tol)
+        _apply(params, original, direction, 0.0)
+        self._candidates.extend(search.evaluations)
+        return search.best
+
+    def _warn_about(self, best: dict[str, Any]) -> None:
+        if self.criterion == "fixed":
+            return
         if best["step"] == 0.0:
             rank_zero_warn(f"{self.name}: no step improved the validation {self.criterion}; the model is unchanged.")
-        apply(best["step"])
-        return best
+        elif best["step"] >= max(c["step"] for c in self._candidates):
+            rank_zero_warn(f"{self.name}: the largest step {best['step']:.3g} was chosen; consider extending `steps`.")
+        elif best["step"] <= min(c["step"] for c in self._candidates if c["step"] > 0):
+            rank_zero_warn(f"{self.name}: the smallest step {best['step']:.3g} was chosen; consider smaller `steps`.")
 
     def report(self) -> dict[str, Any]:
-        return {"method": self.name, "criterion": self.criterion, **self.result}
+        return {"method": self.name, "criterion": self.criterion, "tol": self.tol, **self.result}
 
     def state_dict(self) -> dict[str, Any]:
         return {"result": self.result}
@@ -194,8 +307,14 @@ class FirstOrder(OneStepMethod):
     name = "first_order"
     default_steps = tuple(round(10 ** (e / 2), 10) for e in range(-12, -3))
 
-    def direction(self, module: UnlearnModule, grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def direction(
+        self, module: UnlearnModule, grad: dict[str, torch.Tensor], **setting: Any
+    ) -> dict[str, torch.Tensor]:
         return grad
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class SecondOrder(OneStepMethod):
@@ -204,8 +323,12 @@ class SecondOrder(OneStepMethod):
     Args:
         solver: ``"diag"`` (``H_SS ≈ N · diag(profile)``, free given the profile), ``"cg"`` or ``"lissa"``
             (Hessian-vector products of the summed training loss on ``hvp_samples`` training samples).
-        damping: λ, relative to the mean of ``N · diag(profile)`` over the selection (so it is scale free).
-        steps: Multipliers ``τ`` of the Newton direction.
+        damping: λ, relative to the mean of ``N · diag(profile)`` over the selection (so it is scale free); a list is
+            searched on validation (one solve and one step search per value, the best pair wins). Default
+            ``(0.01, 0.1, 1.0, 10.0)`` (``1.0`` with ``criterion="fixed"``).
+        steps: Multipliers ``τ`` of the Newton direction (the coarse grid of the step search).
+        criterion: See :class:`OneStepMethod`.
+        batch_size: Batch size over the forget set.
         max_iter: CG iterations / LiSSA depth.
         hvp_samples: Training samples (the first ones, fixed) used by the HVPs of ``cg`` / ``lissa``.
         lissa_scale: LiSSA scale, relative to the same mean as ``damping`` (must exceed the largest eigenvalue).
@@ -213,27 +336,40 @@ class SecondOrder(OneStepMethod):
 
     name = "second_order"
     default_steps = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+    default_damping = (0.01, 0.1, 1.0, 10.0)
+    setting_keys = ("damping_relative",)
 
     def __init__(
         self,
         solver: str = "diag",
-        damping: float = 1.0,
+        damping: float | list[float] | None = None,
         steps: list[float] | None = None,
-        criterion: str = "acc",
+        criterion: str = "loss",
         batch_size: int = 512,
+        tol: float = DEFAULT_TOL,
         max_iter: int = 100,
         hvp_samples: int = 2048,
         lissa_scale: float = 1000.0,
     ) -> None:
-        super().__init__(steps, criterion, batch_size)
+        super().__init__(steps, criterion, batch_size, tol)
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
-        if damping < 0:
-            raise ValueError(f"`damping` must be >= 0, got {damping}.")
-        self.solver, self.damping, self.max_iter = solver, damping, max_iter
+        if damping is None:  # searched by default; one value when nothing is searched
+            damping = 1.0 if criterion == "fixed" else list(self.default_damping)
+        dampings = [damping] if _is_number(damping) else damping
+        if not dampings or any(not _is_number(d) or not math.isfinite(d) or d < 0 for d in dampings):
+            raise ValueError(f"`damping` must be a number >= 0 or a non-empty list of them, got {damping!r}.")
+        if criterion == "fixed" and len(dampings) != 1:
+            raise ValueError(f"`criterion='fixed'` needs exactly one `damping`, got {dampings}.")
+        self.solver, self.dampings, self.max_iter = solver, sorted(float(d) for d in dampings), max_iter
         self.hvp_samples, self.lissa_scale = hvp_samples, lissa_scale
 
-    def direction(self, module: UnlearnModule, grad: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def settings(self) -> list[dict[str, Any]]:
+        return [{"damping_relative": d} for d in self.dampings]
+
+    def direction(
+        self, module: UnlearnModule, grad: dict[str, torch.Tensor], damping_relative: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         profile = module.require_profile()
         n_train = module.num_train_samples  # H of the summed loss = N · (profiled mean-loss Hessian)
         diag = {name: n_train * profile.diagonals[name].to(g.device, g.dtype) for name, g in grad.items()}
@@ -242,8 +378,8 @@ class SecondOrder(OneStepMethod):
         level = float(selected.mean()) if selected.numel() else 0.0
         if not math.isfinite(level) or level <= 0:
             raise ValueError(f"second_order: the profile's diagonal over the selection has mean {level}; cannot damp.")
-        damping = self.damping * level
-        self.result.update(solver=self.solver, damping=damping, damping_relative=self.damping, curvature_mean=level)
+        damping = damping_relative * level
+        self.result.update(solver=self.solver, curvature_mean=level, dampings=self.dampings)
         if self.solver == "diag":
             return {name: g / (diag[name] + damping) for name, g in grad.items()}
         names = list(grad)
@@ -253,7 +389,8 @@ class SecondOrder(OneStepMethod):
             flat_d, info = conjugate_gradient(hvp, flat_g, damping, self.max_iter, tol=1e-6)
         else:
             flat_d, info = lissa(hvp, flat_g, damping, scale=self.lissa_scale * level, depth=self.max_iter)
-        self.result.update(solve_iterations=info.iterations, solve_residual=info.residual, solve_status=info.status)
+        solve = {"damping_relative": damping_relative, "damping": damping, "iterations": info.iterations}
+        self.result.setdefault("solves", []).append(solve | {"residual": info.residual, "status": info.status})
         if info.status in ("diverged", "negative_curvature"):
             rank_zero_warn(f"second_order ({self.solver}) stopped: {info.status}; increase `damping`.")
         if not torch.isfinite(flat_d).all():
