@@ -439,3 +439,17 @@ def test_backdoor_evaluation_reports_the_attack_success_rate():
     metrics = evaluate_model(net, dm, EvaluationOptions(mia=False, relearn=False))
     assert metrics["test/asr"] == pytest.approx(evaluate_accuracy(net, dm.triggered_test_dataloader())["acc"])
     assert "test/acc_attacked" not in metrics  # a backdoor attacks no single class
+
+
+def test_retain_samples_evaluates_the_first_retain_samples_only():
+    spec = PoisonSpec("targeted", count=50, target_class=9, seed=0)
+    dm = PoisonedDataModule("mnist", poison=spec, train_subset=1000, eval_batch_size=1000)
+    torch.manual_seed(0)
+    net = MnistCNN()
+    part = evaluate_model(net, dm, EvaluationOptions(mia=False, relearn=False, retain_samples=300))
+    first = DataLoader(Subset(dm.retain_dataloader().dataset, range(300)), batch_size=300)
+    assert part["retain/acc"] == pytest.approx(evaluate_accuracy(net, first)["acc"])
+    full = evaluate_model(net, dm, EvaluationOptions(mia=False, relearn=False, retain_samples=10**6))
+    assert full["retain/acc"] == pytest.approx(evaluate_accuracy(net, dm.retain_dataloader())["acc"])
+    with pytest.raises(ValueError, match="`retain_samples`"):
+        EvaluationOptions(retain_samples=0)
