@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lightning_unlearn.batches import unpack_batch
 from lightning_unlearn.curvature._support import init_sums, make_generator, reduce_diagonal_sums
 from lightning_unlearn.curvature.base import CurvatureEstimator
+from lightning_unlearn.curvature.precision import float32_inputs, full_precision
 from lightning_unlearn.curvature.profile import SharpnessProfile
 from lightning_unlearn.curvature.registry import estimator_class
 
@@ -38,6 +39,12 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor`` on ``device``; asynchronously only from pinned memory (from pageable memory a "non-blocking" copy to
+    a GPU is a synchronous one anyway, and a non-blocking copy *to* the host could be read before it lands)."""
+    return tensor.to(device, non_blocking=tensor.device.type == "cpu" and device.type == "cuda" and tensor.is_pinned())
+
+
 def accumulate_diagonal(
     model: nn.Module,
     batches: Iterable[Any],
@@ -58,6 +65,11 @@ def accumulate_diagonal(
     The model is put in ``eval()`` (its previous modes are restored afterwards), run with gradients enabled and
     inference mode off, never modified (parameters and ``.grad`` fields are left as they were). Divide the sums by the
     count for the mean-loss Hessian diagonal; under DDP all-reduce sums and counts first.
+
+    The block runs in IEEE float32 whatever the caller's settings (:func:`~lightning_unlearn.curvature.precision.
+    full_precision`): TF32 off (cuDNN convolutions use it by default on Ampere and later GPUs: ~1e-3 relative
+    error), autocast off, and float16/bfloat16 weights promoted to float32 for the block (``precision="16-true"``:
+    squares of per-sample gradients overflow float16), then restored bit for bit.
 
     Args:
         model: The network (logits out).
@@ -93,7 +105,7 @@ def accumulate_diagonal(
         bar = tqdm(total=total, desc=f"Hessian diagonal ({estimator})", unit="sample", leave=False)
     model.eval()
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), full_precision(model, device) as promoted:
             for batch in batches:
                 x, y = transform(batch)
                 if max_samples is not None and count + len(x) > max_samples:
@@ -102,8 +114,10 @@ def accumulate_diagonal(
                     x = x.clone()
                 if isinstance(y, Tensor) and y.is_inference():
                     y = y.clone()
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True) if isinstance(y, Tensor) else y
+                x = _to_device(x, device)
+                y = _to_device(y, device) if isinstance(y, Tensor) else y
+                if promoted:
+                    x = float32_inputs(x)
                 seen = est.accumulate(model, x, y, sums, generator=generator)
                 count += seen
                 if bar is not None:

@@ -73,14 +73,14 @@ class HutchinsonDiagonal(CurvatureEstimator):
         if not live:
             return n
         weight = n / self.num_probes
+        draws = _draw_signs(self.num_probes, sum(leaves[i].numel() for i in live), generator, leaves[live[0]].device)
         for probe in range(self.num_probes):
-            probes = [
-                torch.randint(0, 2, leaves[i].shape, generator=generator, dtype=torch.int8)
-                .to(device=leaves[i].device, dtype=leaves[i].dtype)
-                .mul_(2)
-                .sub_(1)
-                for i in live
-            ]
+            probes, offset = [], 0
+            for i in live:
+                size = leaves[i].numel()
+                bits = draws[probe, offset : offset + size].view(leaves[i].shape)
+                probes.append(bits.to(device=leaves[i].device, dtype=leaves[i].dtype).mul_(2).sub_(1))
+                offset += size
             hvps = torch.autograd.grad(
                 [grads[i] for i in live],
                 [leaves[i] for i in live],
@@ -93,3 +93,16 @@ class HutchinsonDiagonal(CurvatureEstimator):
                     sums[names[i]] += (v * hv).to(sums[names[i]].dtype) * weight
         return n
 
+
+def _draw_signs(num_probes: int, size: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    """``num_probes × size`` random bits (int8, 0 or 1) from the CPU ``generator``, moved to ``device`` in one copy.
+
+    The bits are drawn on the host, so a profile on a GPU uses the very probes of the same profile on the CPU (same
+    seed); one draw and one copy per batch (pinned memory, asynchronous, on CUDA) instead of one per parameter and
+    probe. CPU random draws are sequential, so one draw of ``num_probes × size`` bits equals the per-probe,
+    per-parameter draws it replaces, bit for bit.
+    """
+    bits = torch.randint(0, 2, (num_probes, size), generator=generator, dtype=torch.int8)
+    if device.type == "cuda":
+        return bits.pin_memory().to(device, non_blocking=True)
+    return bits.to(device)

@@ -62,7 +62,9 @@ class SquaredGradientEstimator(CurvatureEstimator):
             grouped ones keep the automatic choice).
         min_auto_budget_mb: Smallest automatic budget (``max_memory_mb=None``), in MiB; default 32. Below it,
             splitting a batch into more chunks costs more time (every chunk pays the fixed cost of ``K`` backward
-            passes) than the memory it saves is worth next to a process's fixed overheads.
+            passes) than the memory it saves is worth next to a process's fixed overheads. On an accelerator (CUDA,
+            ...) the automatic budget is at least 1 GiB and the product temporaries may take up to 256 MiB (32 MiB on
+            the CPU), so that the work comes in few large kernels rather than thousands of small ones.
         products: ``False`` skips the per-sample products: only the forward pass and the backward passes to the layer
             outputs run, and the sums stay zero (a timing diagnostic). Default ``True``.
 
@@ -165,7 +167,7 @@ class SquaredGradientEstimator(CurvatureEstimator):
                 f"the '{self.name}' estimator needs logits of shape (batch, classes) with at least 2 classes "
                 "(cross-entropy); use estimator='hutchinson' with a custom loss_fn otherwise."
             )
-        step, chunk_elements = chunking(n, plan, model, self.max_memory_mb, self.settings)
+        step, chunk_elements = chunking(n, plan, model, self.max_memory_mb, self.settings, inputs.device)
         self.last_chunk_size = step
         self.last_segments = []
         self.last_pooled = set()

@@ -213,7 +213,6 @@ def choose_segments(
     return ranges, best[count][0]
 
 
-
 def segments(
     live: list[Capture], logits: Tensor, k: int, element_size: int, graph_before: list[int], settings: Settings
 ) -> tuple[list[Segment], int]:
@@ -282,22 +281,44 @@ def measure(
     return Plan(num_classes, graph_before[-1], graph_before, max(1, peak), element_size)
 
 
+#: The workspace cap and the smallest automatic budget on the CPU (bytes): the CPU's caches favour small temporaries.
+CPU_WORKSPACE = 2**25
+#: The same on an accelerator (CUDA, XPU, MPS, ...): every piece of work is a kernel launch, so pieces must be large
+#: (with the CPU's 32 MiB a ResNet-18 profile ran as thousands of tiny kernels); its memory is rarely that tight.
+ACCELERATOR_WORKSPACE = 2**28
+ACCELERATOR_MIN_BUDGET = 2**30
+
+
+def is_accelerator(device: torch.device | str | None) -> bool:
+    """Whether ``device`` is an accelerator with its own kernel queue (not the CPU, not ``meta``)."""
+    return device is not None and torch.device(device).type not in ("cpu", "meta")
+
+
 def chunking(
-    n: int, plan: Plan, model: nn.Module, max_memory_mb: float | None, settings: Settings
+    n: int,
+    plan: Plan,
+    model: nn.Module,
+    max_memory_mb: float | None,
+    settings: Settings,
+    device: torch.device | str | None = None,
 ) -> tuple[int, int]:
     """Samples per chunk of a batch of ``n``, and the target size of the product temporaries (``chunk_elements``).
 
     The budget is ``max_memory_mb``, or by default one training step on the batch: its saved activations and a
-    gradient per parameter, at least ``settings.min_auto_budget``. An eighth of it (at most 32 MiB) goes to the
-    temporaries of the per-sample products, which come in up to three pieces of ``chunk_elements`` (products,
-    unfolded patches, copies); the rest to chunks of samples, of equal size.
+    gradient per parameter, at least ``settings.min_auto_budget`` (on an accelerator at least
+    :data:`ACCELERATOR_MIN_BUDGET`). An eighth of it (at most :data:`CPU_WORKSPACE`, on an accelerator
+    :data:`ACCELERATOR_WORKSPACE`) goes to the temporaries of the per-sample products, which come in up to three
+    pieces of ``chunk_elements`` (products, unfolded patches, copies); the rest to chunks of samples, of equal size.
+    ``device`` is where the work runs (default: the CPU's settings).
     """
+    accelerator = is_accelerator(device)
     if max_memory_mb is not None:
         budget = max_memory_mb * 2**20
     else:  # one training step: the batch's saved activations and a gradient per parameter
         step_bytes = n * plan.graph_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
-        budget = max(step_bytes, settings.min_auto_budget)
-    workspace = min(budget / 8, 2**25)
+        floor = max(settings.min_auto_budget, ACCELERATOR_MIN_BUDGET) if accelerator else settings.min_auto_budget
+        budget = max(step_bytes, floor)
+    workspace = min(budget / 8, ACCELERATOR_WORKSPACE if accelerator else CPU_WORKSPACE)
     step = int(max(1, min(n, (budget - workspace) // plan.peak_bytes)))
     step = -(-n // -(-n // step))  # equal chunks
     chunk_elements = max(1 << 12, int(workspace // (3 * plan.element_size)))

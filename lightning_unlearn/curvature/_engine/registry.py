@@ -24,6 +24,9 @@ RULES: dict[type[nn.Module], type[LayerRule]] = {
     nn.BatchNorm1d: BatchNormRule,
     nn.BatchNorm2d: BatchNormRule,
     nn.BatchNorm3d: BatchNormRule,
+    # what `Trainer(sync_batchnorm=True)` turns every BatchNorm into (not a BatchNormNd subclass); in eval mode it
+    # normalises with its running statistics like any BatchNorm, without synchronising anything
+    nn.SyncBatchNorm: BatchNormRule,
 }
 
 
