@@ -13,6 +13,14 @@
   ``/proc`` is missing (macOS, Windows), ``resource.getrusage`` is used instead: the increase of the process's
   lifetime maximum RSS, which is only non-zero when the block sets a new process-wide high-water mark (a lower
   bound). ``Cost.method`` says which was used.
+
+Timings of work queued on an accelerator need the device synchronised before the clock is read (CUDA kernels run
+asynchronously: without it a timer measures kernel launches): :func:`synchronize` and :func:`device_clock`.
+
+Under ``ddp_spawn`` / ``ddp_fork`` the ranks are other processes than the one that calls ``trainer.fit``, so a block
+measured around ``fit`` in the main process sees none of their memory: ``UnlearnModule`` therefore measures its fit in
+every rank (``timings["fit_peak_bytes"]``, the largest over ranks) and :func:`main_process_device` says where the main
+process may work without breaking a fork.
 """
 
 from __future__ import annotations
@@ -160,4 +168,120 @@ def measure(device: str | torch.device | None = None, interval: float = 0.002) -
             cost.peak_bytes = max(0, _maxrss_bytes() - cost.baseline_bytes)
 
 
-__all__ = ["Cost", "METHODS", "measure"]
+def synchronize(device: str | torch.device | None) -> None:
+    """Wait until the work queued on ``device`` is done (CUDA, XPU, MPS); a no-op on the CPU and other devices.
+
+    Args:
+        device: The device whose queue to wait for (``None``: nothing to wait for).
+    """
+    if device is None:
+        return
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    elif dev.type == "xpu" and hasattr(torch, "xpu"):
+        torch.xpu.synchronize(dev)
+    elif dev.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.synchronize()
+
+
+def device_clock(device: str | torch.device | None) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done (see :func:`synchronize`).
+
+    Differences of two readings time what ran on the device between them, not only the launches of its kernels.
+    """
+    synchronize(device)
+    return time.perf_counter()
+
+
+def main_process_device(trainer: Any) -> torch.device:
+    """Where the process that calls ``trainer.fit`` may compute before and after the fit (a profile, evaluations).
+
+    The strategy's root device, except when the Trainer will *fork* its ranks onto CUDA devices (``ddp_fork``,
+    ``ddp_notebook``): a process that has initialised CUDA cannot fork CUDA ranks ("Cannot re-initialize CUDA in
+    forked subprocess"), so that process stays on the CPU and only the ranks use the GPUs. (Refusing ``ddp_fork``
+    with CUDA would be the other choice; keeping the main process on the CPU lets it work, at the price of CPU time
+    for what that process computes itself.)
+
+    Args:
+        trainer: A Lightning ``Trainer``.
+    """
+    strategy = trainer.strategy
+    device = strategy.root_device
+    if device.type == "cuda" and _forks_ranks(getattr(strategy, "launcher", None)):
+        return torch.device("cpu")
+    return device
+
+
+def _forks_ranks(launcher: Any) -> bool:
+    """Whether ``launcher`` starts its ranks by forking the calling process (Lightning then refuses an initialised
+    CUDA context: ``fork`` and ``forkserver`` start methods)."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    if not isinstance(launcher, _MultiProcessingLauncher):
+        return False
+    method = getattr(launcher, "_start_method", "fork" if launcher.is_interactive_compatible else "spawn")
+    return method in ("fork", "forkserver")
+
+
+def fit_memory(timings: dict[str, Any], cost: Cost) -> dict[str, Any]:
+    """The peak memory of a fit for a report: what the ranks measured themselves when they did
+    (``UnlearnModule.timings``: ``fit_peak_bytes``, the largest over ranks, with its method and device), else
+    ``cost``, the measurement around ``fit`` in the calling process (right only when that process is the rank).
+
+    Returns:
+        ``{"peak_mib", "memory_method", "memory_device"}``.
+    """
+    if timings.get("fit_peak_bytes") is not None:
+        return {
+            "peak_mib": timings["fit_peak_bytes"] / 2**20,
+            "memory_method": timings.get("fit_memory_method"),
+            "memory_device": timings.get("fit_memory_device"),
+        }
+    return {"peak_mib": cost.peak_bytes / 2**20, "memory_method": cost.method, "memory_device": cost.device}
+
+
+def accelerator_device(accelerator: str = "auto") -> torch.device:
+    """The device a Trainer with ``accelerator`` (and the default ``devices``) computes on in its first process, for
+    work done outside the Trainer that must run where the Trainer runs (evaluations compared with a request's)."""
+    name = str(accelerator).lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    if name in ("gpu", "cuda"):
+        return torch.device("cuda", 0)
+    if name == "mps":
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"`accelerator` must be one of 'auto', 'cpu', 'gpu', 'cuda', 'mps', got {accelerator!r}.")
+
+
+def device_label(device: str | torch.device) -> str:
+    """What to call ``device`` in a results file: ``"cuda:0 (NVIDIA H200)"``, ``"cpu (x86_64, 2 threads)"``."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = torch.cuda.current_device() if dev.index is None else dev.index
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    if dev.type == "cpu":
+        import platform
+
+        return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return str(dev)
+
+
+__all__ = [
+    "Cost",
+    "METHODS",
+    "accelerator_device",
+    "device_clock",
+    "device_label",
+    "fit_memory",
+    "main_process_device",
+    "measure",
+    "synchronize",
+]

@@ -61,7 +61,8 @@ class FreezeGuard:
         return self.mask.num_selected
 
     def _follow_devices(self) -> None:
-        """Keep the saved masks and values on their parameter's device (Lightning moves modules after __init__)."""
+        """Keep the saved masks and values on their parameter's device (Lightning moves modules after __init__, e.g.
+        onto the GPU after ``prepare()`` built the masks on the CPU)."""
         for name, (p, keep, original) in self._partial.items():
             if keep.device != p.device:
                 self._partial[name] = (p, keep.to(p.device), original.to(p.device))
@@ -81,7 +82,10 @@ class FreezeGuard:
             p.copy_(torch.where(keep, p, original))
 
     def mask_update(self, name: str, update: torch.Tensor) -> torch.Tensor:
-        """``update`` with unselected entries of parameter ``name`` set to zero."""
-        if name in self._partial:
-            return update * self._partial[name][1].to(update.dtype)
-        return update
+        """``update`` with unselected entries of parameter ``name`` set to zero, on ``update``'s device (the mask
+        follows the parameter, and is moved to ``update``'s device should that differ)."""
+        if name not in self._partial:
+            return update
+        self._follow_devices()
+        keep = self._partial[name][1]
+        return update * keep.to(device=update.device, dtype=update.dtype)

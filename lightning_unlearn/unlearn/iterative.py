@@ -23,7 +23,14 @@ if TYPE_CHECKING:
 def rank_count(module: UnlearnModule, weight: torch.Tensor) -> torch.Tensor:
     """The real samples of all ranks' batches divided by the number of ranks, ``Σ_ranks Σ w / world`` (one scalar
     all-reduce; padding has weight 0, see ``ShardSampler``). With one process: the batch's sample count."""
-    return module.all_reduce_sum({"n": weight.sum()})["n"] / module.world_size
+    return rank_counts(module, weight)[0]
+
+
+def rank_counts(module: UnlearnModule, *weights: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`rank_count` of several batches' weights with one all-reduce for all of them (a step that pairs a forget
+    and a retain batch needs both counts: one collective instead of two)."""
+    total = module.all_reduce_sum({str(i): w.sum() for i, w in enumerate(weights)})
+    return [total[str(i)] / module.world_size for i in range(len(weights))]
 
 
 def cross_entropy(
@@ -160,7 +167,7 @@ class NegGradPlus(PairedMethod):
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
-        nf, nr = rank_count(module, wf), rank_count(module, wr)
+        nf, nr = rank_counts(module, wf, wr)
         logits_f = module.net(xf)
         loss = self.alpha * cross_entropy(module.net(xr), yr, wr, nr) - (1 - self.alpha) * cross_entropy(
             logits_f, yp, wf, nf

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn.curvature import SharpnessProfile, profile_model, weights_fingerprint
+from lightning_unlearn.evaluation.cost import Cost, main_process_device, measure
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer, Validated
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted
@@ -29,8 +30,11 @@ from lightning_unlearn.unlearn.one_step import FirstOrder
 from lightning_unlearn.unlearn.validation import FrozenActivationCache, accuracy_and_loss
 
 #: Trainer settings every unlearning run needs: ``UnlearnModule`` shards its data exactly itself (no distributed
-#: sampler), the unlearned checkpoint is written atomically by the pipeline (no checkpointing), no sanity validation.
+#: sampler), the unlearned checkpoint is written atomically by the pipeline (no checkpointing), no sanity validation;
+#: deterministic algorithms (on a GPU cuDNN and cuBLAS would otherwise pick kernels whose sums vary from run to run,
+#: and the same request would not give the same weights twice).
 TRAINER_DEFAULTS: dict[str, Any] = {
+    "deterministic": True,
     "use_distributed_sampler": False,
     "enable_checkpointing": False,
     "enable_model_summary": False,
@@ -124,7 +128,7 @@ class UnlearnModule(LightningModule):
         self.mask: ParameterMask | None = None
         self.guard: FreezeGuard | None = None
         self.selected_names: set[str] = set()
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, Any] = {}
         if validation_cache_mb < 0:
             raise ValueError(f"`validation_cache_mb` must be >= 0 (0 disables the cache), got {validation_cache_mb}.")
         self.validation_cache_mb = validation_cache_mb
@@ -189,9 +193,22 @@ class UnlearnModule(LightningModule):
     def prepare_before_fit(self, trainer: Trainer) -> None:
         """Prepare now when this process alone has to: one process, or the parent of spawned ranks (``ddp_spawn``,
         ``ddp_fork``: they inherit the prepared module, so a missing profile is computed once). Ranks that run as
-        separate processes from the start (``strategy="ddp"``, torchrun, SLURM) prepare in ``setup``, together."""
+        separate processes from the start (``strategy="ddp"``, torchrun, SLURM) prepare in ``setup``, together.
+
+        A parent that will *fork* CUDA ranks (``ddp_fork``) must not initialise CUDA, so it prepares on the CPU
+        (:func:`~lightning_unlearn.evaluation.cost.main_process_device`): loading a profile costs nothing there, but
+        a missing profile is then computed on the CPU (a warning says so).
+        """
         if trainer.world_size == 1 or isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-            self.prepare(trainer.strategy.root_device)
+            device = main_process_device(trainer)
+            if device != trainer.strategy.root_device and self.profile is None and not self._profile_exists:
+                rank_zero_warn(
+                    f"The ranks will be forked onto {trainer.strategy.root_device.type} devices, so the main process "
+                    "stays on the CPU (a process that has initialised CUDA cannot fork CUDA ranks) and the missing "
+                    "profile is computed there, on the CPU. Compute it first (`lightning-unlearn profile RUN_DIR`) "
+                    "or use strategy='ddp' or 'ddp_spawn' to profile on the GPUs."
+                )
+            self.prepare(device)
 
     def require_profile(self, device: torch.device | str | None = None) -> SharpnessProfile:
         """The curvature profile: loaded from ``profile`` / the run directory, or computed now and saved there.
@@ -203,7 +220,7 @@ class UnlearnModule(LightningModule):
             return self.profile
         path = self.profile_path or self.training_run.profile_path
         start = time.perf_counter()
-        if self.profile_path is not None or self.training_run.profile_path.is_file():
+        if self._profile_exists:
             profile = SharpnessProfile.load(path)
             source = f"loaded from {path}"
         else:
@@ -226,9 +243,14 @@ class UnlearnModule(LightningModule):
                 "Recompute it, or pass `allow_stale_profile=True`."
             )
         self.timings["profile_seconds"] = time.perf_counter() - start
-        self.timings["profile_source"] = source  # type: ignore[assignment]
+        self.timings["profile_source"] = source
         self.profile = profile
         return profile
+
+    @property
+    def _profile_exists(self) -> bool:
+        """Whether a profile is given or saved in the run directory (else :meth:`require_profile` computes one)."""
+        return self.profile_path is not None or self.training_run.profile_path.is_file()
 
     @property
     def _distributed(self) -> bool:
@@ -247,7 +269,8 @@ class UnlearnModule(LightningModule):
         self.datamodule.setup("fit")
         dataset = self.datamodule.train_dataset()
         total = len(dataset) if self.profile_max_samples is None else min(self.profile_max_samples, len(dataset))
-        shard = DataLoader(Subset(dataset, range(rank, total, world)), batch_size=256)
+        pin = torch.device(device or self.device).type == "cuda"  # pinned batches make the copies asynchronous
+        shard = DataLoader(Subset(dataset, range(rank, total, world)), batch_size=256, pin_memory=pin)
         reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._distributed else None
         home = self.device
         self.to(device or home)
@@ -282,7 +305,16 @@ class UnlearnModule(LightningModule):
             batch_size=batch_size or self.hparams.eval_batch_size,
             sampler=sampler,
             num_workers=self.hparams.num_workers,
+            # pinned host memory: Lightning's non-blocking copies to a CUDA device are then really asynchronous
+            pin_memory=self._target_device.type == "cuda",
         )
+
+    @property
+    def _target_device(self) -> torch.device:
+        """The device the Trainer runs this module on (where it is now without a Trainer)."""
+        if self._trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.device
 
     def all_reduce_sum(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum each tensor over all ranks with one all-reduce (identity with one process)."""
@@ -290,13 +322,27 @@ class UnlearnModule(LightningModule):
             return tensors
         names = list(tensors)
         flat = torch.cat([tensors[n].reshape(-1).double() for n in names])
-        flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+        flat = self._all_reduce(flat, "sum")
         out, offset = {}, 0
         for n in names:
             k = tensors[n].numel()
             out[n] = flat[offset : offset + k].reshape(tensors[n].shape).to(tensors[n].dtype)
             offset += k
         return out
+
+    def _all_reduce(self, flat: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """All-reduce one tensor (in place) over all ranks with ``op`` (``"sum"`` or ``"max"``): one collective.
+
+        ``strategy.reduce`` puts a barrier before every all-reduce (a second collective, and a host synchronisation
+        on NCCL); the ranks of a step run in lockstep anyway, so the all-reduce is called directly when a default
+        process group exists (DDP's), through the strategy otherwise.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+            return flat
+        return self.trainer.strategy.reduce(flat, reduce_op=op)
 
     @contextlib.contextmanager
     def validation_cache(self, trainable: list[nn.Parameter] | None = None) -> Iterator[FrozenActivationCache | None]:
@@ -361,7 +407,48 @@ class UnlearnModule(LightningModule):
                 "(`strategy='ddp'`, 'ddp_spawn', 'ddp_fork'). Sharded strategies (FSDP, DeepSpeed) would split the "
                 "parameters the hard freeze and the one-step update address."
             )
+        precision = str(getattr(self.trainer, "precision", "32-true"))
+        if precision in ("16-true", "bf16-true", "64-true"):
+            raise MisconfigurationException(
+                f"UnlearnModule does not support `precision={precision!r}`: it would convert the trained network's "
+                "weights, so the hard freeze could not keep them bit-identical and the validation and evaluation "
+                "passes would feed them inputs of another dtype. Use precision='16-mixed' or 'bf16-mixed' (autocast; "
+                "one-step gradients are computed in float32 anyway) or the default '32-true'."
+            )
+        self._start_fit_meter(strategy.root_device)
         self.prepare(strategy.root_device)
+
+    # ------------------------------------------------------------------------------------------ in-rank cost
+    def _start_fit_meter(self, device: torch.device) -> None:
+        """Measure this rank's fit (from ``setup`` to ``on_train_end``) in this process: under ``ddp_spawn`` and
+        ``ddp_fork`` the ranks are not the process that calls ``fit``, so a measurement around ``fit`` there never
+        sees their memory (see :meth:`_stop_fit_meter`)."""
+        self._close_fit_meter()
+        self._fit_meter = contextlib.ExitStack()
+        self._fit_cost: Cost = self._fit_meter.enter_context(measure(device))
+
+    def _close_fit_meter(self) -> Cost | None:
+        meter = getattr(self, "_fit_meter", None)
+        if meter is None:
+            return None
+        self._fit_meter = None
+        meter.close()
+        return self._fit_cost
+
+    def _stop_fit_meter(self) -> None:
+        """Stop the measurement and record it in :attr:`timings` (which travel back from spawned ranks):
+        ``fit_peak_bytes`` (the largest peak of all ranks), ``fit_memory_method`` and ``fit_memory_device`` (rank
+        zero's)."""
+        cost = self._close_fit_meter()
+        if cost is None:
+            return
+        peak = cost.peak_bytes
+        if self._distributed:
+            peak = int(self._all_reduce(torch.tensor([float(peak)], dtype=torch.float64, device=self.device), "max"))
+        self.timings.update(fit_peak_bytes=peak, fit_memory_method=cost.method, fit_memory_device=cost.device)
+
+    def teardown(self, stage: str) -> None:
+        self._close_fit_meter()  # a fit that failed before `on_train_end`: stop the sampler thread
 
     def get_extra_state(self) -> dict[str, Any]:
         """What a run measured and chose besides weights (timings, the method's results, the learning-rate search),
@@ -453,6 +540,7 @@ class UnlearnModule(LightningModule):
 
     def on_train_end(self) -> None:
         self.timings["unlearn_seconds"] = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
+        self._stop_fit_meter()
 
     @property
     def max_epochs(self) -> int:

@@ -20,13 +20,14 @@ served from the frozen-activation cache. The test set is never looked at.
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_unlearn.curvature.precision import no_autocast
+from lightning_unlearn.evaluation.cost import device_clock
 from lightning_unlearn.selection import ParameterMask, Validated
 from lightning_unlearn.unlearn.base import UnlearnMethod
 from lightning_unlearn.unlearn.inverse_hvp import conjugate_gradient, lissa
@@ -50,16 +51,20 @@ def forget_gradient(
     """``Σ_i w_i [∇ ℓ(x_i, y_true_i) − ∇ ℓ(x_i, y_poisoned_i)]`` w.r.t. ``params`` over a batch (one forward, one
     backward); ``w_i = 1`` by default (0 marks padding).
 
-    Cross-entropy summed over the batch; the network is used as it is (callers put it in ``eval()``).
+    Cross-entropy summed over the batch; the network is used as it is (callers put it in ``eval()``). Autocast is
+    switched off: under ``precision="16-mixed"`` Lightning runs ``training_step`` in autocast, and a float16 backward
+    pass without a loss scaler lets small gradients underflow to zero; the one-step update is one pass over the
+    forget set, so it is computed in the weights' own precision. Gradients come back in at least float32 (with
+    half-precision weights a sum over the forget set would lose its small terms, or overflow, in float16).
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), no_autocast(x.device.type):
         logits = net(x)
         per_sample = F.cross_entropy(logits, y_true, reduction="none") - F.cross_entropy(
             logits, y_poisoned, reduction="none"
         )
         loss = per_sample.sum() if weight is None else (weight.to(per_sample.dtype) * per_sample).sum()
         grads = torch.autograd.grad(loss, params)
-    return [g.detach() for g in grads]
+    return [g.detach().to(torch.promote_types(g.dtype, torch.float32)) for g in grads]
 
 
 def _require_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -176,7 +181,8 @@ class OneStepMethod(UnlearnMethod):
         return module.loader(module.datamodule.forget_pairs_dataloader().dataset, batch_size=self.batch_size)
 
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> None:
-        start = time.perf_counter()
+        # timings read the clock once the device has finished (CUDA runs kernels asynchronously)
+        start = device_clock(module.device)
         x, y_poisoned, y_true, weight = batch[0], batch[1], batch[2], batch[-1]
         module.net.eval()
         params = module.guard.trainable
@@ -184,15 +190,15 @@ class OneStepMethod(UnlearnMethod):
         for name, grad in zip(params, grads, strict=True):
             self._grad[name] = self._grad[name] + grad if name in self._grad else grad
         self._count = self._count + weight.sum()  # a tensor: no device synchronisation per batch
-        self._seconds_grad += time.perf_counter() - start
+        self._seconds_grad += device_clock(module.device) - start
 
     def on_train_epoch_end(self, module: UnlearnModule) -> None:
-        start = time.perf_counter()
+        start = device_clock(module.device)
         grad = module.all_reduce_sum(self._grad)
         count = int(module.all_reduce_sum({"n": torch.as_tensor(self._count, device=module.device)})["n"].item())
         grad = {name: module.guard.mask_update(name, g) for name, g in grad.items()}
         _require_finite("forget gradient", grad)
-        seconds_reduce = time.perf_counter() - start
+        seconds_reduce = device_clock(module.device) - start
         seconds_direction = seconds_search = 0.0
         params = module.guard.trainable
         original = {name: p.detach().clone() for name, p in params.items()}
@@ -203,17 +209,17 @@ class OneStepMethod(UnlearnMethod):
             sub_grad = {n: grad[n] if mask is None else _restrict(grad[n], mask, n) for n in names}
             with module.validation_cache(list(part.values())) as cache:
                 for setting in self.settings():
-                    start = time.perf_counter()
+                    start = device_clock(module.device)
                     direction = self.direction(module, sub_grad, **setting)
                     direction = {n: module.guard.mask_update(n, d) for n, d in direction.items()}
                     if mask is not None:
                         direction = {n: _restrict(d, mask, n) for n, d in direction.items()}
                     _require_finite("update direction", direction)
-                    seconds_direction += time.perf_counter() - start
-                    start = time.perf_counter()
+                    seconds_direction += device_clock(module.device) - start
+                    start = device_clock(module.device)
                     labels = setting | ({"selection": label} if label is not None else {})
                     chosen = self._search(module, part, direction, original, labels)
-                    seconds_search += time.perf_counter() - start
+                    seconds_search += device_clock(module.device) - start
                     if best is None or (chosen["score"], chosen["step"]) < (best["score"], best["step"]):
                         best = chosen | {"_direction": direction, "_params": part, "_mask": mask}
             cached.append(bool(cache is not None and cache.cached))

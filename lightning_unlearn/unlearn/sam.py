@@ -27,22 +27,40 @@ checkpointing and precision plugins keep working (Sharp MinMax makes two optimiz
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lightning_unlearn.unlearn.iterative import PairedMethod, cross_entropy, rank_count
+from lightning_unlearn.unlearn.iterative import PairedMethod, cross_entropy, rank_counts
 
 if TYPE_CHECKING:
     from lightning_unlearn.unlearn.module import UnlearnModule
 
 
+def loss_scaler(module: UnlearnModule) -> Any:
+    """The precision plugin's gradient scaler (``precision="16-mixed"``: a ``torch.amp.GradScaler``), else None."""
+    trainer = module._trainer
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    scaler = getattr(plugin, "scaler", None)
+    return scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
+
+
 def synced_gradient(
     module: UnlearnModule, loss: torch.Tensor, named: dict[str, torch.nn.Parameter]
 ) -> list[torch.Tensor]:
-    """``∇ loss`` w.r.t. ``named`` parameters, summed over all ranks, unselected entries zeroed (for a perturbation)."""
+    """``∇ loss`` w.r.t. ``named`` parameters, summed over all ranks, unselected entries zeroed (for a perturbation).
+
+    Under a precision plugin with a loss scaler (``16-mixed``) the loss is scaled first, as ``manual_backward`` scales
+    it: a float16 backward pass without it lets small gradients underflow to zero, and a zero gradient would skip the
+    perturbation. The result is then the scaled gradient, which is fine for its one use, the *direction* of the
+    perturbation (``ρ g/‖g‖`` and ASAM's form do not depend on the scale).
+    """
+    scaler = loss_scaler(module)
+    if scaler is not None:
+        loss = scaler.scale(loss)
     grads = torch.autograd.grad(loss, list(named.values()), allow_unused=True)
     local = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named.items(), grads, strict=True)}
     total = module.all_reduce_sum(local)
@@ -58,7 +76,8 @@ class Perturbation:
 
     With ``adaptive=True`` (ASAM, as the official Sharp MinMax code scales it): ``ε = sign · ρ · θ² ⊙ g / ‖|θ| ⊙ g‖``.
     Entries where ``g`` is zero do not move. Nothing moves (``applied`` is False) when the norm is zero or not
-    finite.
+    finite. One host synchronisation per perturbation (the norm and the factor read in one transfer), not one per
+    parameter.
     """
 
     def __init__(
@@ -78,10 +97,12 @@ class Perturbation:
                 directions = [p * p * g for p, g in zip(params, grads, strict=True)]
             else:
                 norm, directions = _norm(grads), grads
-            self.applied = bool(torch.isfinite(norm)) and float(norm) > 0
+            # one device-to-host transfer for the decision and the factor (both float64, as before)
+            norm_value, factor = torch.stack([norm, sign * rho / norm]).tolist()
+            self.applied = math.isfinite(norm_value) and norm_value > 0
             if self.applied:
                 for p, d in zip(params, directions, strict=True):
-                    p.add_(d, alpha=float(sign * rho / norm))
+                    p.add_(d, alpha=factor)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -178,7 +199,7 @@ class SamForget(SharpnessAware):
     def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
-        nf, nr = rank_count(module, wf), rank_count(module, wr)
+        nf, nr = rank_counts(module, wf, wr)
         sharp, retain = self.step(
             module,
             lambda: forget_loss(module, xf, yp, yt, wf, nf),
@@ -363,7 +384,7 @@ class SharpMinMax(SharpnessAware):
         if self.branches is None:
             self.branches = split_branches(module)
         (retain_branch, forget_branch), (retain_opt, forget_opt) = self.branches, module.optimizers()
-        nf, nr = rank_count(module, wf), rank_count(module, wr)
+        nf, nr = rank_counts(module, wf, wr)
 
         def retain_loss() -> torch.Tensor:
             return self.alpha * cross_entropy(module.net(xr), yr, wr, nr)
