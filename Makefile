@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install fashion-mnist demo test test-slow test-distributed test-all lint clean
+.PHONY: install fashion-mnist demo test test-slow test-distributed test-gpu test-all lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-slow: install
 
 test-distributed: install
 	$(BIN)/python -m pytest -m distributed -q $(PYTEST_ARGS)
+
+# The GPU set (tests/test_gpu.py, marked `gpu`): one GPU for most, two for the NCCL tests. Without CUDA every test
+# is skipped and the target passes; tests/test_gpu_paths.py (part of `make test`) proves on the CPU what a CPU can.
+test-gpu: install
+	$(BIN)/python -m pytest -m gpu -q -rs $(PYTEST_ARGS)
 
 test-all: install fashion-mnist
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
