@@ -209,7 +209,7 @@ def test_kill_mid_write_keeps_the_previous_artifact_and_next_write_reports_the_l
         assert stalled.wait(60), "the writer never started writing"
         assert (tmp_path / name).read_bytes() == original  # readers see the previous artifact during the write
         (temp,) = [p for p in tmp_path.iterdir() if p.name != name]
-        assert re.fullmatch(rf"\.{re.escape(name)}\.{child.pid}\.\w+\.tmp", temp.name)
+        assert re.fullmatch(rf"\.{re.escape(name)}\.{child.pid}\.[a-z0-9_]{{8}}\.lightning-unlearn\.tmp", temp.name)
         assert temp.stat().st_size == size // 2  # really mid-write
         assert stale_temp_files(tmp_path) == []  # its writer is alive: not stale, never removed
         with no_interrupted_write_warning():
@@ -268,33 +268,37 @@ def test_repeated_kills_at_random_moments_never_lose_an_artifact(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_stale_temp_files_tells_dead_writers_from_live_ones(tmp_path):
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (not running, barring pid reuse within the test)."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)  # exited and reaped: not running (barring pid reuse within this test)
+    return int(dead.stdout)
+
+
+def test_stale_temp_files_tells_dead_writers_from_live_ones(tmp_path):
+    dead_pid = _dead_pid()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         names = {
-            "own": f".report.json.{os.getpid()}.abc123_x.tmp",  # this process: a write in progress
-            "live": f".report.json.{live.pid}.abc123_x.tmp",
-            "dead": f".report.json.{dead_pid}.abc123_x.tmp",
-            "legacy": ".report.json.k2j4_9az.tmp",  # the name format before the pid (always stale)
-            "other": f".report.json.bak.{dead_pid}.abc123_x.tmp",  # artifact "report.json.bak"
+            "own": f".report.json.{os.getpid()}.abc123_x.lightning-unlearn.tmp",  # this process: a write in progress
+            "live": f".report.json.{live.pid}.abc123_x.lightning-unlearn.tmp",
+            "dead": f".report.json.{dead_pid}.abc123_x.lightning-unlearn.tmp",
+            "other": f".report.json.bak.{dead_pid}.abc123_x.lightning-unlearn.tmp",  # artifact "report.json.bak"
             "unrelated": ".hidden.tmp",
         }
         for name in names.values():
             (tmp_path / name).write_bytes(b"partial")
         (tmp_path / "report.json").write_text("{}")
         paths = {key: tmp_path / name for key, name in names.items()}
-        assert stale_temp_files(tmp_path, "report.json") == sorted([paths["dead"], paths["legacy"]])
+        assert stale_temp_files(tmp_path, "report.json") == [paths["dead"]]
         assert stale_temp_files(tmp_path, "report.json.bak") == [paths["other"]]
-        assert stale_temp_files(tmp_path) == sorted([paths["dead"], paths["legacy"], paths["other"]])
+        assert stale_temp_files(tmp_path) == sorted([paths["dead"], paths["other"]])
         assert stale_temp_files(tmp_path / "missing") == []
 
         with pytest.warns(InterruptedWriteWarning, match=r"report\.json'.*interrupted") as caught:
             removed = clean_stale_temp_files(tmp_path, "report.json")
         message = str(caught[0].message)
-        assert names["dead"] in message and names["legacy"] in message and names["live"] not in message
-        assert removed == sorted([paths["dead"], paths["legacy"]])
+        assert names["dead"] in message and names["live"] not in message
+        assert removed == [paths["dead"]]
         remaining = {p.name for p in tmp_path.iterdir()}
         assert remaining == {"report.json", names["own"], names["live"], names["other"], names["unrelated"]}
         with pytest.warns(InterruptedWriteWarning, match="does not exist"):
@@ -302,6 +306,34 @@ def test_stale_temp_files_tells_dead_writers_from_live_ones(tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_the_cleaner_removes_only_the_temporary_files_this_project_writes(tmp_path):
+    """Issue 14, case 3: only ``.<artifact>.<dead pid>.<8 random>.lightning-unlearn.tmp`` is ever removed; files of
+    other programs (``.thesis.docx.a1b2c3d4.tmp``, any name with a dead pid but without the marker, the name format of
+    earlier versions of this project) are left alone, whatever folder or artifact is being written."""
+    dead = _dead_pid()
+    foreign = [
+        ".thesis.docx.a1b2c3d4.tmp",  # the issue's example: deleted by `lightning-unlearn profile dl/model.ckpt`
+        f".thesis.docx.{dead}.a1b2c3d4.tmp",  # another program's name with a dead pid in it
+        f".last.ckpt.{dead}.a1b2c3d4.tmp",  # an artifact's name, without the marker (not written by this project)
+        ".last.ckpt.k2j4_9az.tmp",
+        f".last.ckpt.{dead}.a1b2c3d4.lightning-unlearn.tmp.bak",  # not the exact form
+        f".last.ckpt.{dead}.a1b2c3d4e5.lightning-unlearn.tmp",  # random part longer than tempfile's 8 characters
+        f".last.ckpt.{dead}.A1B2C3D4.lightning-unlearn.tmp",  # upper case: tempfile never writes it
+    ]
+    ours = f".last.ckpt.{dead}.a1b2c_d4.lightning-unlearn.tmp"
+    for name in [*foreign, ours]:
+        (tmp_path / name).write_bytes(b"keep me")
+    (tmp_path / "model.ckpt").write_bytes(b"a checkpoint")
+    assert stale_temp_files(tmp_path) == [tmp_path / ours]
+    with pytest.warns(InterruptedWriteWarning, match=re.escape(ours)):
+        assert clean_stale_temp_files(tmp_path) == [tmp_path / ours]
+    with no_interrupted_write_warning():
+        atomic_write_text(tmp_path / "last.ckpt", "new")  # writing the artifact itself touches none of them either
+        atomic_write_text(tmp_path / "thesis.docx", "new")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(foreign)
+    assert all((tmp_path / name).read_bytes() == b"keep me" for name in foreign)
 
 
 # ------------------------------------------------------------------------------------- Lightning checkpoints of a run
@@ -348,3 +380,134 @@ def test_training_checkpoints_survive_a_kill_and_the_next_start_says_so(poisoned
         reopened = TrainingRun.from_path(run)
     assert not temp.exists()
     assert reopened.load_classifier() is not None  # the previous checkpoint, complete
+
+
+# ---------------------------------------------------------------------------------------- output folders, claimed
+def _result(folder: Path, version: int) -> dict[str, bytes]:
+    """A request-like result: every file says which version it belongs to."""
+    files = {"report.json": f'{{"version": {version}}}'.encode(), "config.yaml": f"version: {version}\n".encode()}
+    if version % 2:
+        files["unlearned.ckpt"] = bytes([version]) * 1000  # odd versions have a file the even ones lack
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_claimed_folder_is_refused_to_a_second_claim_and_replaced_whole(tmp_path):
+    from lightning_unlearn.utils import OutputBusyError, OutputClaim
+
+    folder = tmp_path / "request" / "version_0"
+    first = OutputClaim.acquire(folder)
+    with pytest.raises(OutputBusyError, match=rf"version_0' is being written by another output \(pid {os.getpid()}\)"):
+        OutputClaim.acquire(folder, overwrite=True)  # a lock per folder, whatever the flags
+    old = _result(first.staging, 1)
+    assert not folder.exists()  # nothing visible until the commit
+    assert first.commit() == folder and _contents(folder) == old
+    assert _hidden(folder.parent) == []  # no staging folder, no lock file left
+
+    with pytest.raises(FileExistsError, match=r"already holds config\.yaml, report\.json, unlearned\.ckpt; pass"):
+        OutputClaim.acquire(folder)
+    second = OutputClaim.acquire(folder, overwrite=True)
+    new = _result(second.staging, 2)
+    assert _contents(folder) == old  # until the commit, the earlier result is untouched
+    second.commit()
+    assert _contents(folder) == new  # replaced whole: unlearned.ckpt of version 1 is gone
+    aborted = OutputClaim.acquire(folder, overwrite=True)
+    _result(aborted.staging, 3)
+    aborted.abort()
+    assert _contents(folder) == new and _hidden(folder.parent) == []
+
+
+def test_a_folder_holding_foreign_files_is_never_replaced(tmp_path):
+    from lightning_unlearn.utils import OutputClaim
+
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "poison.json").write_text("{}")
+    everything = lambda f: sorted(p.name + "/" * p.is_dir() for p in f.iterdir())  # noqa: E731
+    with pytest.raises(FileExistsError, match=r"holds checkpoints/, poison\.json, which no request writes"):
+        OutputClaim.acquire(folder, overwrite=True, foreign=everything, what="request")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="exists and is not a folder"):
+        OutputClaim.acquire(tmp_path / "file", overwrite=True)
+    (tmp_path / "empty").mkdir()
+    with OutputClaim.acquire(tmp_path / "empty") as claim:  # an empty folder is free
+        (claim.staging / "report.json").write_text("{}")
+    assert os.listdir(tmp_path / "empty") == ["report.json"]
+
+
+def test_next_versions_skip_folders_being_written(tmp_path):
+    from lightning_unlearn.utils import OutputClaim
+
+    (tmp_path / "version_3").mkdir()
+    (tmp_path / "version_3" / "report.json").write_text("{}")
+    first = OutputClaim.acquire_version(tmp_path)
+    second = OutputClaim.acquire_version(tmp_path)  # version_4 is claimed (not yet created): the next one
+    assert (first.final.name, second.final.name) == ("version_4", "version_5")
+    second.commit()
+    first.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["version_3", "version_4", "version_5"]
+
+
+def _claim_and_stall(folder: Path, version: int, stalled: Any) -> None:
+    """Child: claim ``folder`` (overwrite), write a result into the staging folder, stall until killed."""
+    from lightning_unlearn.utils import OutputClaim
+
+    claim = OutputClaim.acquire(folder, overwrite=True)
+    _result(claim.staging, version)
+    stalled.set()
+    time.sleep(600)
+
+
+def test_a_killed_claim_leaves_the_previous_result_and_the_next_claim_cleans_up(tmp_path):
+    """``kill -9`` of a request that is rewriting a folder with ``overwrite``: the folder keeps the earlier result bit
+    for bit, the lock dies with the process, and the next claim removes the staging folder it left, with a warning."""
+    from lightning_unlearn.utils import OutputClaim
+
+    folder = tmp_path / "version_0"
+    with OutputClaim.acquire(folder) as claim:
+        old = _result(claim.staging, 1)
+    stalled = _CONTEXT.Event()
+    child = _CONTEXT.Process(target=_claim_and_stall, args=(folder, 2, stalled), daemon=True)
+    child.start()
+    try:
+        assert stalled.wait(60), "the child never claimed the folder"
+        assert _contents(folder) == old
+    finally:
+        _kill(child)
+    assert _contents(folder) == old  # the earlier result, bit for bit
+    (leftover,) = [name for name in _hidden(tmp_path) if name.endswith(".staging")]
+    assert re.fullmatch(rf"\.version_0\.{child.pid}\.[a-z0-9_]{{8}}\.lightning-unlearn\.staging", leftover)
+    with pytest.warns(InterruptedWriteWarning, match=rf"{re.escape(leftover)}.*holds the last complete result"):
+        claim = OutputClaim.acquire(folder, overwrite=True)  # the lock died with its holder
+    new = _result(claim.staging, 4)
+    claim.commit()
+    assert _contents(folder) == new and _hidden(tmp_path) == []
+
+
+def test_without_an_atomic_swap_a_replacement_interrupted_between_renames_is_undone(tmp_path, monkeypatch):
+    """Where ``renameat2(RENAME_EXCHANGE)`` is missing the swap takes three renames; a kill between the first two
+    leaves the old result under a ``.previous`` name, which the next claim of the folder puts back."""
+    from lightning_unlearn import utils
+    from lightning_unlearn.utils import OutputClaim
+
+    monkeypatch.setattr(utils, "_renameat2_exchange", lambda first, second: False)
+    folder = tmp_path / "version_0"
+    with OutputClaim.acquire(folder) as claim:
+        _result(claim.staging, 1)
+    with OutputClaim.acquire(folder, overwrite=True) as claim:  # the fallback swap, completed
+        new = _result(claim.staging, 2)
+    assert _contents(folder) == new and _hidden(tmp_path) == []
+    previous = tmp_path / f".version_0.{_dead_pid()}.abcd_123.lightning-unlearn.previous"
+    folder.rename(previous)  # as left by a writer killed after the first rename
+    with pytest.warns(InterruptedWriteWarning, match="restored its previous contents"):
+        OutputClaim.acquire(folder, overwrite=True).abort()
+    assert _contents(folder) == new and _hidden(tmp_path) == []
