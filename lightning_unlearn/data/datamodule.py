@@ -124,7 +124,8 @@ class PoisonedDataModule(LightningDataModule):
     samples), :meth:`profile_dataloader` (the training set as trained on, unshuffled, unaugmented). For evaluation:
     :meth:`triggered_test_dataloader` and :meth:`poisoned_validation_dataloader` (the same poison applied to the
     validation split, for calibrating attacks without touching the test set). The poison record is written to
-    ``<trainer.log_dir>/poison.json`` and kept in checkpoints.
+    ``<trainer.log_dir>/poison.json`` when training starts and kept in checkpoints; resuming a checkpoint trained on
+    another poison is refused.
 
     Args:
         dataset: One of ``mnist``, ``fashion_mnist``, ``cifar10``.
@@ -177,9 +178,28 @@ class PoisonedDataModule(LightningDataModule):
             raise ValueError(f"`pad_to` must be >= 1 or None, got {pad_to}.")
         if repeat_channels is not None and repeat_channels < 1:
             raise ValueError(f"`repeat_channels` must be >= 1 or None, got {repeat_channels}.")
-        self.save_hyperparameters(ignore=["poison"])
         self.poison = poison or PoisonSpec(kind="none")
-        self.hparams["poison"] = self.poison.to_dict()  # plain data: checkpoints stay loadable with weights_only
+        # Exactly this module's arguments, as plain data (checkpoints stay loadable with weights_only). Not Lightning's
+        # frame inspection: inside a module that LightningCLI instantiates, that would store the *outer* module's
+        # arguments (its "given hyper-parameters" context is still active), and the checkpoint would not reopen.
+        self.save_hyperparameters(
+            {
+                "dataset": dataset,
+                "root": root,
+                "download": download,
+                "poison_record": poison_record,
+                "drop_poisoned": drop_poisoned,
+                "train_subset": train_subset,
+                "val_size": val_size,
+                "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size,
+                "num_workers": num_workers,
+                "augment": augment,
+                "pad_to": pad_to,
+                "repeat_channels": repeat_channels,
+                "poison": self.poison.to_dict(),
+            }
+        )
         self.dataset = dataset
         self.root = root
         self.download = download
@@ -197,6 +217,7 @@ class PoisonedDataModule(LightningDataModule):
         self._images: dict[str, torch.Tensor] = {}
         self.record: PoisonRecord | None = None
         self._train_labels: torch.Tensor | None = None
+        self._record_written = False
 
     # --------------------------------------------------------------------------------------------- dataset properties
     @property
@@ -230,6 +251,8 @@ class PoisonedDataModule(LightningDataModule):
             load_dataset(self.dataset, self.root, download=True, val_size=self.val_size)
 
     def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None):
+            self._record_written = False  # each fit writes the record into its own run directory
         if self.splits is None:
             key = (self.dataset, self.root, self.val_size)
             if key not in _CACHE:
@@ -252,8 +275,8 @@ class PoisonedDataModule(LightningDataModule):
         if self._train_labels is None:
             if self.record is None:
                 self.record = self._make_record()
-            else:  # restored from a checkpoint's state: check it belongs to this data
-                self.record.validate(self.splits.train.labels, dataset=self.splits.name)
+            else:  # restored from a checkpoint's state, or set by `TrainingRun`: check it belongs to this data
+                self.record.validate(self.splits.train.labels, dataset=self.splits.name, num_classes=self.num_classes)
             self._train_labels = self.record.apply(self.splits.train.labels)
             self._images = {name: self._normalize(getattr(self.splits, name).images) for name in SPLITS}
             if self.spec.stamps_inputs and len(self.record):
@@ -263,8 +286,6 @@ class PoisonedDataModule(LightningDataModule):
                 f"{len(self.splits.test)} test ({self.splits.source}); {len(self.record)} poisoned "
                 f"({self.spec.kind}){', dropped' if self.drop_poisoned else ''}."
             )
-        if stage in ("fit", None) and self.trainer is not None:
-            self._write_record(self.trainer.log_dir)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.splits.mean, self.splits.std, self.pad_to)
@@ -290,7 +311,7 @@ class PoisonedDataModule(LightningDataModule):
         if self.poison_record_path is not None:
             record = PoisonRecord.load(self.poison_record_path)
             try:
-                record.validate(train.labels, dataset=self.splits.name)
+                record.validate(train.labels, dataset=self.splits.name, num_classes=self.splits.num_classes)
             except ValueError as err:
                 raise ValueError(
                     f"`poison_record` {str(self.poison_record_path)!r} does not belong to this data: {err}"
@@ -298,18 +319,44 @@ class PoisonedDataModule(LightningDataModule):
             return record
         return make_poison(train.labels, self.splits.num_classes, self.poison, self.splits.name)
 
-    def _write_record(self, log_dir: str | None) -> None:
-        if log_dir is None or self.trainer is None or not self.trainer.is_global_zero:
+    def _write_record(self) -> None:
+        """Write ``poison.json`` into the run directory (global rank zero), once per fit. Called when training starts
+        (the first ``train_dataloader``), i.e. after a resumed checkpoint's record has been compared with this one
+        (:meth:`load_state_dict`): a refused resume writes no record."""
+        trainer = self.trainer
+        if trainer is None or self._record_written:
             return
-        path = Path(log_dir) / POISON_FILENAME
-        self.record.save(path)
+        log_dir = trainer.log_dir  # on every rank: under DDP it is a collective
+        self._record_written = True
+        if log_dir is not None and trainer.is_global_zero:
+            self.record.save(Path(log_dir) / POISON_FILENAME)
 
     def state_dict(self) -> dict[str, Any]:
         return {"poison_record": None if self.record is None else self.record.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("poison_record") is not None and self.record is None:
-            self.record = PoisonRecord(**state_dict["poison_record"])
+        """Restore the poison record of a checkpoint; when this module already drew or loaded one (``fit(...,
+        ckpt_path=...)`` sets up the data before restoring), the two must be equal.
+
+        Raises:
+            ValueError: If the checkpoint was trained on another poison than this module's (a resume that would
+                change the poison), or its record is invalid.
+        """
+        data = state_dict.get("poison_record")
+        if data is None:
+            return
+        stored = PoisonRecord.from_dict(data)
+        if self.record is None:
+            self.record = stored
+            return
+        differences = stored.differences(self.record)
+        if differences:
+            raise ValueError(
+                "Refusing to resume: the checkpoint was trained on another poison than this data module's (they "
+                f"differ in {'; '.join(differences)}); the run would continue on a different forget set. Resume with "
+                "the checkpoint run's poison: `--data.poison_record <that run>/poison.json` (or the same "
+                "`--data.poison.*` options)."
+            )
 
     # -------------------------------------------------------------------------------------------------------- subsets
     def _require_setup(self) -> DatasetSplits:
@@ -352,6 +399,7 @@ class PoisonedDataModule(LightningDataModule):
         return self._train_dataset(self.retain_positions if self.drop_poisoned else None, clean=False, augment=False)
 
     def train_dataloader(self) -> DataLoader:
+        self._write_record()
         positions = self.retain_positions if self.drop_poisoned else None
         return self._loader(self._train_dataset(positions, clean=False, augment=self.augment), shuffle=True)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -232,12 +233,15 @@ class PoisonRecord:
             poisoned[torch.tensor(self.indices)] = torch.tensor(self.poisoned_labels, dtype=labels.dtype)
         return poisoned
 
-    def validate(self, labels: torch.Tensor, dataset: str | None = None) -> None:
-        """Check that this record belongs to a training split with these clean ``labels``.
+    def validate(self, labels: torch.Tensor, dataset: str | None = None, num_classes: int | None = None) -> None:
+        """Check that this record belongs to a training split with these clean ``labels`` (of ``num_classes``
+        classes, if given), and that its labels are the ones its spec draws (:meth:`check_spec`).
 
         Raises:
-            ValueError: If the dataset name, size or the true labels at the recorded indices disagree.
+            ValueError: If the dataset name, size, number of classes or the true labels at the recorded indices
+                disagree, or the record is inconsistent in itself (:meth:`check`, :meth:`check_spec`).
         """
+        self.check()
         if dataset is not None and dataset != self.dataset:
             raise ValueError(f"Poison record was made for dataset {self.dataset!r}, not {dataset!r}.")
         if len(labels) != self.dataset_size:
@@ -245,17 +249,130 @@ class PoisonRecord:
                 f"Poison record was made for a training split of {self.dataset_size} samples "
                 f"({self.dataset!r}), but this one has {len(labels)}."
             )
-        if not self.indices:
-            return
-        idx = torch.tensor(self.indices)
-        if int(idx.max()) >= len(labels) or int(idx.min()) < 0:
-            raise ValueError("Poison record has indices outside the training split.")
-        mismatch = (labels[idx] != torch.tensor(self.true_labels, dtype=labels.dtype)).sum().item()
-        if mismatch:
+        if num_classes is not None and num_classes != self.num_classes:
             raise ValueError(
-                f"Poison record does not match this training split: {mismatch} of {len(self)} recorded true labels "
-                f"differ from the dataset's labels (wrong dataset, split or ordering?)."
+                f"Poison record was made for {self.num_classes} classes, but the dataset {self.dataset!r} has "
+                f"{num_classes}."
             )
+        if self.indices:
+            idx = torch.tensor(self.indices)
+            mismatch = (labels[idx] != torch.tensor(self.true_labels, dtype=labels.dtype)).sum().item()
+            if mismatch:
+                raise ValueError(
+                    f"Poison record does not match this training split: {mismatch} of {len(self)} recorded true "
+                    "labels differ from the dataset's labels (wrong dataset, split or ordering?)."
+                )
+        self.check_spec()
+
+    def check(self) -> None:
+        """Check the record in itself: equal field lengths, indices unique, sorted and inside the split, every label
+        in ``[0, num_classes)``, each poisoned label different from its true label, a valid spec.
+
+        Raises:
+            ValueError: Naming the field and the first offending entry.
+        """
+        n = len(self.indices)
+        if not n == len(self.true_labels) == len(self.poisoned_labels):
+            raise ValueError(
+                f"field lengths differ ({n} indices, {len(self.true_labels)} true labels, "
+                f"{len(self.poisoned_labels)} poisoned labels)."
+            )
+        if self.num_classes < 2 or self.dataset_size < 1:
+            raise ValueError(
+                f"`num_classes` must be >= 2 and `dataset_size` >= 1, got {self.num_classes} and {self.dataset_size}."
+            )
+        seen: set[int] = set()
+        for position, index in enumerate(self.indices):
+            if index in seen:
+                count = self.indices.count(index)
+                raise ValueError(f"`indices` must be unique: sample {index} is listed {count} times.")
+            seen.add(index)
+            if not 0 <= index < self.dataset_size:
+                raise ValueError(
+                    f"`indices` must lie in [0, {self.dataset_size}) (the training split), got {index} "
+                    f"(entry {position})."
+                )
+        if self.indices != sorted(self.indices):
+            raise ValueError("`indices` must be sorted ascending.")
+        for name in ("true_labels", "poisoned_labels"):
+            for position, label in enumerate(getattr(self, name)):
+                if not 0 <= label < self.num_classes:
+                    raise ValueError(
+                        f"`{name}` must lie in [0, {self.num_classes}) (`num_classes`), got {label} for sample "
+                        f"{self.indices[position]}."
+                    )
+        for index, true, poisoned in zip(self.indices, self.true_labels, self.poisoned_labels, strict=True):
+            if true == poisoned:
+                raise ValueError(f"a poisoned label equals its true label (sample {index}: {true}).")
+        try:
+            PoisonSpec.from_dict(self.spec)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"`spec` is not a valid poison spec: {err}") from err
+
+    def check_spec(self) -> None:
+        """Check that the record is what its spec draws: no sample for ``kind: none``, at least one otherwise,
+        ``count`` samples if the spec gives a count, classes inside ``[0, num_classes)``, and the labels each kind
+        gives (``label_flip``: source → target; ``backdoor``: every poisoned label the target class; ``targeted``:
+        true labels of the target class, ``poison_label`` if given; ``pairflip``: ``C − 1 − y``).
+
+        Raises:
+            ValueError: Naming the field and the first offending sample.
+        """
+        spec = PoisonSpec.from_dict(self.spec)
+        n, classes = len(self), self.num_classes
+        if spec.kind == "none":
+            if n:
+                raise ValueError(f"the spec poisons nothing (kind 'none') but the record lists {n} samples.")
+            return
+        if not n:
+            raise ValueError(f"the record lists no poisoned sample, though its spec poisons (kind {spec.kind!r}).")
+        if spec.count is not None and spec.count != n:
+            raise ValueError(f"the spec's `count` is {spec.count} but the record lists {n} samples.")
+        for name in ("target_class", "source_class", "poison_label"):
+            value = getattr(spec, name)
+            if value is not None and spec.kind in _USES[name] and not 0 <= value < classes:
+                raise ValueError(f"the spec's `{name}` must lie in [0, {classes}), got {value}.")
+        target, source, label = spec.target_class, spec.source_class, spec.poison_label
+        rules: list[tuple[str, Callable[[int, int], bool]]] = []  # (field, rule on (true, poisoned))
+        if spec.kind in ("label_flip", "backdoor"):
+            rules.append(("poisoned_labels", lambda t, p: p == target))
+        if spec.kind == "label_flip" or (spec.kind == "backdoor" and source is not None):
+            rules.append(("true_labels", lambda t, p: t == source))
+        if spec.kind == "backdoor" and source is None:
+            rules.append(("true_labels", lambda t, p: t != target))
+        if spec.kind == "targeted":
+            rules.append(("true_labels", lambda t, p: t == target))
+            if label is not None:
+                rules.append(("poisoned_labels", lambda t, p: p == label))
+        if spec.kind == "pairflip":
+            rules.append(("poisoned_labels", lambda t, p: p == classes - 1 - t))
+        for name, rule in rules:
+            for index, true, poisoned in zip(self.indices, self.true_labels, self.poisoned_labels, strict=True):
+                if not rule(true, poisoned):
+                    value = poisoned if name == "poisoned_labels" else true
+                    raise ValueError(
+                        f"`{name}` do not follow the spec ({spec.kind}: {_rule_text(spec, classes)}): sample "
+                        f"{index} has {value}."
+                    )
+
+    def differences(self, other: PoisonRecord) -> list[str]:
+        """How ``other`` differs from this record, field by field, in words (empty when they are equal)."""
+        out = []
+        if self.indices != other.indices:
+            common = len(set(self.indices) & set(other.indices))
+            out.append(f"indices ({len(self)} vs {len(other)} samples, {common} in common)")
+        else:
+            for name in ("true_labels", "poisoned_labels"):
+                differ = sum(a != b for a, b in zip(getattr(self, name), getattr(other, name), strict=True))
+                if differ:
+                    out.append(f"{name} ({differ} of {len(self)} differ)")
+        if self.spec != other.spec:
+            keys = sorted(k for k in set(self.spec) | set(other.spec) if self.spec.get(k) != other.spec.get(k))
+            out.append("spec (" + ", ".join(f"{k}: {self.spec.get(k)!r} vs {other.spec.get(k)!r}" for k in keys) + ")")
+        for name in ("dataset", "dataset_size", "num_classes", "version"):
+            if getattr(self, name) != getattr(other, name):
+                out.append(f"{name} ({getattr(self, name)!r} vs {getattr(other, name)!r})")
+        return out
 
     # ---------------------------------------------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
@@ -266,8 +383,26 @@ class PoisonRecord:
         return atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
 
     @classmethod
+    def from_dict(cls, data: Any) -> PoisonRecord:
+        """A record from its plain-data form (``poison.json``, a checkpoint's datamodule state), checked in itself
+        (types, then :meth:`check`).
+
+        Raises:
+            ValueError: If ``data`` is not a valid record (naming the field).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        try:
+            record = cls(**data)
+            _check_types(record)
+        except TypeError as err:
+            raise ValueError(str(err)) from err
+        record.check()
+        return record
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> PoisonRecord:
-        """Read a record written by :meth:`save`.
+        """Read a record written by :meth:`save`, checked in itself (:meth:`from_dict`).
 
         Raises:
             FileNotFoundError: If ``path`` does not exist.
@@ -277,18 +412,23 @@ class PoisonRecord:
         if not path.is_file():
             raise FileNotFoundError(f"No poison record at {str(path)!r}.")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise TypeError(f"expected a JSON object, got {type(data).__name__}")
-            record = cls(**data)
-            _check_types(record)
+            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except RecursionError as err:
+            raise ValueError(f"{str(path)!r} is not a valid poison record: nested too deeply to be one.") from err
         except (ValueError, TypeError) as err:  # JSON and UTF-8 decoding errors are ValueErrors
             raise ValueError(f"{str(path)!r} is not a valid poison record: {err}") from err
-        if not (len(record.indices) == len(record.true_labels) == len(record.poisoned_labels)):
-            raise ValueError(f"{str(path)!r} is not a valid poison record: field lengths differ.")
-        if any(t == p for t, p in zip(record.true_labels, record.poisoned_labels, strict=True)):
-            raise ValueError(f"{str(path)!r} is not a valid poison record: a poisoned label equals its true label.")
-        return record
+
+
+def _rule_text(spec: PoisonSpec, classes: int) -> str:
+    if spec.kind == "label_flip":
+        return f"class {spec.source_class} relabelled {spec.target_class}"
+    if spec.kind == "backdoor":
+        source = f"class {spec.source_class}" if spec.source_class is not None else "other classes"
+        return f"samples of {source} labelled {spec.target_class}"
+    if spec.kind == "targeted":
+        label = spec.poison_label if spec.poison_label is not None else "another class"
+        return f"samples of class {spec.target_class} relabelled {label}"
+    return f"label y becomes {classes} - 1 - y"
 
 
 #: Which kinds use each class field (a field another kind ignores is not range-checked for it).
