@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_unlearn.models.classifier import unpack_batch
+from lightning_unlearn.batches import unpack_batch
 
 #: Split names :func:`tow` understands, with the direction of a better accuracy in the signed form: ``+1`` = higher is
 #: better (accuracy w.r.t. true labels), ``-1`` = lower is better (``forget``: accuracy w.r.t. the poisoned labels).

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from lightning_unlearn.batches import unpack_batch
 from lightning_unlearn.evaluation.metrics import evaluate_accuracy, model_device
-from lightning_unlearn.models.classifier import unpack_batch
 
 _EVAL_BATCH = 512
 

@@ -11,17 +11,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from lightning_unlearn.batches import unpack_batch
 from lightning_unlearn.models.registry import build_model
-
-
-def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(inputs, targets)`` of a batch given as ``(x, y)``, ``(x, y, index)`` or a dict with x/y or image/label."""
-    if isinstance(batch, dict):
-        for x_key, y_key in (("x", "y"), ("image", "label"), ("input", "target")):
-            if x_key in batch and y_key in batch:
-                return batch[x_key], batch[y_key]
-        raise ValueError(f"cannot find inputs and targets in a batch with keys {sorted(batch)}")
-    return batch[0], batch[1]
 
 
 def accuracies_from_confusion(confusion: torch.Tensor, attacked_class: int | None = None) -> dict[str, float]:
