@@ -88,7 +88,7 @@ def test_sam_perturbation_gradient_follows_the_module_device():
     net = _bn_cnn()
     guard, name = _partial_guard(net)
     net.to("meta")
-    module = SimpleNamespace(_trainer=None, all_reduce_sum=lambda t: t, guard=guard)
+    module = SimpleNamespace(attached_trainer=None, all_reduce_sum=lambda t: t, guard=guard)
     x, y = torch.randn(4, 1, 8, 8, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
     loss = F.cross_entropy(net(x), y)
     (grad,) = synced_gradient(module, loss, {name: dict(net.named_parameters())[name]})
@@ -351,7 +351,7 @@ def test_sam_perturbation_gradient_is_loss_scaled_under_16_mixed():
     def perturbation(scaler) -> Perturbation:
         plugin = SimpleNamespace(scaler=scaler)
         module = SimpleNamespace(
-            _trainer=SimpleNamespace(precision_plugin=plugin),
+            attached_trainer=SimpleNamespace(precision_plugin=plugin),
             all_reduce_sum=lambda t: t,
             guard=FreezeGuard(net, everything),
         )

@@ -42,8 +42,9 @@ class Batches:
 
 
 class TinyModule(LightningModule):
-    """What a method may use of ``UnlearnModule`` (``net``, ``mask``, ``selected_names``, ``guard``,
-    ``build_optimizer``, ``all_reduce_sum``, ``world_size``; see ``unlearn/base.py``), around a 2-layer float64 network
+    """What these methods use of ``UnlearnContext`` (``net``, ``mask``, ``selected_names``, ``guard``,
+    ``build_optimizer``, ``all_reduce_sum``, ``world_size``, ``attached_trainer``; see ``unlearn/base.py``), around a
+    2-layer float64 network
     and fixed batches, under Lightning's real manual optimization.
 
     ``selected`` is the selection (parameter name → boolean mask); the hard freeze is built from it as
@@ -77,6 +78,10 @@ class TinyModule(LightningModule):
 
     def net_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return list(self.named_parameters())
+
+    @property
+    def attached_trainer(self):
+        return self._trainer
 
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, **self.optimizer_kwargs)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-from torch.utils.data import Dataset, Sampler
-
-if TYPE_CHECKING:
-    from lightning_unlearn.unlearn.module import UnlearnModule
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ShardSampler(Sampler[int]):
@@ -72,6 +71,67 @@ def weighted_mean(
     return (weight * values).sum() / count.clamp_min(torch.finfo(values.dtype).tiny)
 
 
+@runtime_checkable
+class UnlearnContext(Protocol):
+    """What an unlearning method may use of the module that runs it (:class:`~lightning_unlearn.unlearn.UnlearnModule`
+    implements it): the network and the hard freeze, the data, the profile, a few distributed helpers, validation,
+    and the manual-optimization API of a ``LightningModule``. A method touches nothing else, so a method can be tested
+    with any object that provides these.
+    """
+
+    #: The network being unlearned (its parameter names are those of masks, profiles and reports).
+    net: nn.Module
+    #: The hard freeze (:class:`~lightning_unlearn.unlearn.freeze.FreezeGuard`): ``trainable`` parameters by name,
+    #: ``mask_update``, ``zero_frozen_grads``, ``restore``.
+    guard: Any
+    #: The selection's :class:`~lightning_unlearn.selection.ParameterMask` (a method may replace it with the one it
+    #: chose, e.g. under a ``Validated`` selection), the names of its trainable parameters, the strategy.
+    mask: Any
+    selected_names: set[str]
+    selection: Any
+    #: The data (forget pairs, retain, validation and training loaders) and the curvature profile.
+    datamodule: Any
+    profile: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def world_size(self) -> int: ...
+
+    @property
+    def attached_trainer(self) -> Any:
+        """The Trainer running the module, or None outside a fit."""
+
+    @property
+    def global_step(self) -> int: ...
+
+    @property
+    def num_train_samples(self) -> int: ...
+
+    def loader(self, dataset: Dataset, shuffle: bool = False, batch_size: int | None = None) -> DataLoader: ...
+
+    def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer: ...
+
+    def all_reduce_sum(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def require_profile(self, device: torch.device | str | None = None) -> Any: ...
+
+    def validate(self) -> tuple[float, float]: ...
+
+    def validation_cache(self, trainable: list[nn.Parameter] | None = None) -> contextlib.AbstractContextManager: ...
+
+    def training_hvp(self, names: list[str], num_samples: int, scale: float = 1.0) -> Any: ...
+
+    def optimizers(self, use_pl_optimizer: bool = True) -> Any: ...
+
+    def manual_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None: ...
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None: ...
+
+    def log_dict(self, dictionary: Any, *args: Any, **kwargs: Any) -> None: ...
+
+
 class UnlearnMethod:
     """One unlearning method: which data it iterates, what one step does, what it reports.
 
@@ -88,17 +148,17 @@ class UnlearnMethod:
     #: Whether parameters outside the selection are frozen (Sharp MinMax trains them with another objective).
     freezes_unselected = True
 
-    def train_dataloader(self, module: UnlearnModule) -> Any:
+    def train_dataloader(self, module: UnlearnContext) -> Any:
         raise NotImplementedError
 
-    def configure_optimizers(self, module: UnlearnModule) -> Any:
+    def configure_optimizers(self, module: UnlearnContext) -> Any:
         """The optimizer over ``module.guard.parameters()``; None for methods that write parameters directly."""
         return module.build_optimizer(module.guard.parameters())
 
-    def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> torch.Tensor | None:
         raise NotImplementedError
 
-    def on_train_epoch_end(self, module: UnlearnModule) -> None:
+    def on_train_epoch_end(self, module: UnlearnContext) -> None:
         """Called after each pass over the data (one-step methods apply their update here)."""
 
     def report(self) -> dict[str, Any]:

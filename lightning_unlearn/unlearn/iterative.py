@@ -8,25 +8,22 @@ dropout frozen) so that frozen layers really do not change.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch.utilities import CombinedLoader
 
-from lightning_unlearn.unlearn.base import UnlearnMethod, weighted_mean
-
-if TYPE_CHECKING:
-    from lightning_unlearn.unlearn.module import UnlearnModule
+from lightning_unlearn.unlearn.base import UnlearnContext, UnlearnMethod, weighted_mean
 
 
-def rank_count(module: UnlearnModule, weight: torch.Tensor) -> torch.Tensor:
+def rank_count(module: UnlearnContext, weight: torch.Tensor) -> torch.Tensor:
     """The real samples of all ranks' batches divided by the number of ranks, ``Σ_ranks Σ w / world`` (one scalar
     all-reduce; padding has weight 0, see ``ShardSampler``). With one process: the batch's sample count."""
     return rank_counts(module, weight)[0]
 
 
-def rank_counts(module: UnlearnModule, *weights: torch.Tensor) -> list[torch.Tensor]:
+def rank_counts(module: UnlearnContext, *weights: torch.Tensor) -> list[torch.Tensor]:
     """:func:`rank_count` of several batches' weights with one all-reduce for all of them (a step that pairs a forget
     and a retain batch needs both counts: one collective instead of two)."""
     total = module.all_reduce_sum({str(i): w.sum() for i, w in enumerate(weights)})
@@ -41,7 +38,7 @@ def cross_entropy(
     return weighted_mean(F.cross_entropy(logits, targets, reduction="none"), weight, count)
 
 
-def optimizer_step(module: UnlearnModule, loss: torch.Tensor) -> None:
+def optimizer_step(module: UnlearnContext, loss: torch.Tensor) -> None:
     """One manual-optimization step that respects the hard freeze."""
     optimizer = module.optimizers()
     optimizer.zero_grad()
@@ -91,10 +88,10 @@ class PairedMethod(IterativeMethod):
             raise ValueError(f"`epoch_over` must be one of {EPOCH_OVER}, got {epoch_over!r}.")
         self.epoch_over = epoch_over
 
-    def train_dataloader(self, module: UnlearnModule) -> Any:
+    def train_dataloader(self, module: UnlearnContext) -> Any:
         return self.forget_and_retain(module)
 
-    def forget_and_retain(self, module: UnlearnModule) -> CombinedLoader:
+    def forget_and_retain(self, module: UnlearnContext) -> CombinedLoader:
         """Forget pairs ``(x, y_poisoned, y_true, idx, weight)`` under ``"forget"`` and retain batches
         ``(x, y, idx, weight)`` under ``"retain"``, as many batches per epoch as ``epoch_over`` says.
 
@@ -117,10 +114,10 @@ class Finetune(IterativeMethod):
 
     name = "finetune"
 
-    def train_dataloader(self, module: UnlearnModule) -> Any:
+    def train_dataloader(self, module: UnlearnContext) -> Any:
         return module.loader(module.datamodule.retain_dataloader().dataset, shuffle=True, batch_size=self.batch_size)
 
-    def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         x, y, weight = batch[0], batch[1], batch[-1]
         loss = cross_entropy(module.net(x), y, weight, rank_count(module, weight))
@@ -164,7 +161,7 @@ class NegGradPlus(PairedMethod):
         self.alpha = alpha
         self.corrected_weight = corrected_weight
 
-    def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
         nf, nr = rank_counts(module, wf, wr)

@@ -257,6 +257,11 @@ class UnlearnModule(LightningModule):
         return self._trainer is not None and self.trainer.world_size > 1
 
     @property
+    def attached_trainer(self) -> Trainer | None:
+        """The Trainer running this module, or None outside a fit (``LightningModule.trainer`` raises there)."""
+        return self._trainer
+
+    @property
     def world_size(self) -> int:
         """Processes taking part (1 without a Trainer)."""
         return self.trainer.world_size if self._distributed else 1

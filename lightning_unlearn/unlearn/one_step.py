@@ -20,7 +20,7 @@ served from the frozen-activation cache. The test set is never looked at.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -28,13 +28,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_unlearn.curvature.precision import no_autocast
 from lightning_unlearn.evaluation.cost import device_clock
+from lightning_unlearn.evaluation.figures import log_figure, step_search_figure
 from lightning_unlearn.selection import ParameterMask, Validated
-from lightning_unlearn.unlearn.base import UnlearnMethod
+from lightning_unlearn.unlearn.base import UnlearnContext, UnlearnMethod
 from lightning_unlearn.unlearn.inverse_hvp import conjugate_gradient, lissa
 from lightning_unlearn.unlearn.step_search import DEFAULT_TOL, search_step
-
-if TYPE_CHECKING:
-    from lightning_unlearn.unlearn.module import UnlearnModule
 
 CRITERIA = ("acc", "loss", "fixed")
 SOLVERS = ("diag", "cg", "lissa")
@@ -77,7 +75,7 @@ def _require_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
         )
 
 
-def _selection_candidates(module: UnlearnModule) -> list[tuple[str | None, ParameterMask | None]]:
+def _selection_candidates(module: UnlearnContext) -> list[tuple[str | None, ParameterMask | None]]:
     """The candidates of a :class:`~lightning_unlearn.selection.Validated` selection, else one: the selection."""
     if isinstance(module.selection, Validated):
         return list(module.selection.candidates(module.profile))
@@ -118,18 +116,16 @@ def _apply(
         p.copy_(original[name] - step * direction[name].to(p.dtype) if step else original[name])
 
 
-def _log_search(module: UnlearnModule, method: OneStepMethod) -> None:
+def _log_search(module: UnlearnContext, method: OneStepMethod) -> None:
     """The chosen step's validation scores as scalars, and every evaluated step as a figure, to the loggers."""
-    result = method.result
+    result, trainer = method.result, module.attached_trainer
     scalars = {f"unlearn/{k}": float(result[k]) for k in ("step", "val_loss", "val_acc") if k in result}
-    if scalars and module._trainer is not None:
+    if scalars and trainer is not None:
         module.log_dict(scalars)
     if method._candidates and method.criterion != "fixed":
-        from lightning_unlearn.evaluation.figures import log_figure, step_search_figure
-
-        if module._trainer is not None and module.trainer.is_global_zero:
+        if trainer is not None and trainer.is_global_zero:
             draw = lambda: step_search_figure(method._candidates, result, method.name)  # noqa: E731
-            log_figure(module.trainer.loggers, "unlearn/step_search", draw, module.global_step)
+            log_figure(trainer.loggers, "unlearn/step_search", draw, module.global_step)
 
 
 class OneStepMethod(UnlearnMethod):
@@ -173,14 +169,14 @@ class OneStepMethod(UnlearnMethod):
         self._seconds_grad = 0.0
         self.result: dict[str, Any] = {}
 
-    def configure_optimizers(self, module: UnlearnModule) -> Any:
+    def configure_optimizers(self, module: UnlearnContext) -> Any:
         return None  # the update is written directly into the parameters
 
-    def train_dataloader(self, module: UnlearnModule) -> Any:
+    def train_dataloader(self, module: UnlearnContext) -> Any:
         self._grad, self._count, self._seconds_grad, self.result = {}, 0, 0.0, {}  # one request per fit
         return module.loader(module.datamodule.forget_pairs_dataloader().dataset, batch_size=self.batch_size)
 
-    def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> None:
+    def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> None:
         # timings read the clock once the device has finished (CUDA runs kernels asynchronously)
         start = device_clock(module.device)
         x, y_poisoned, y_true, weight = batch[0], batch[1], batch[2], batch[-1]
@@ -192,7 +188,7 @@ class OneStepMethod(UnlearnMethod):
         self._count = self._count + weight.sum()  # a tensor: no device synchronisation per batch
         self._seconds_grad += device_clock(module.device) - start
 
-    def on_train_epoch_end(self, module: UnlearnModule) -> None:
+    def on_train_epoch_end(self, module: UnlearnContext) -> None:
         start = device_clock(module.device)
         grad = module.all_reduce_sum(self._grad)
         count = int(module.all_reduce_sum({"n": torch.as_tensor(self._count, device=module.device)})["n"].item())
@@ -252,7 +248,7 @@ class OneStepMethod(UnlearnMethod):
         return [{}]
 
     def direction(
-        self, module: UnlearnModule, grad: dict[str, torch.Tensor], **setting: Any
+        self, module: UnlearnContext, grad: dict[str, torch.Tensor], **setting: Any
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -260,7 +256,7 @@ class OneStepMethod(UnlearnMethod):
     @torch.no_grad()
     def _search(
         self,
-        module: UnlearnModule,
+        module: UnlearnContext,
         params: dict[str, torch.nn.Parameter],
         direction: dict[str, torch.Tensor],
         original: dict[str, torch.Tensor],
@@ -314,7 +310,7 @@ class FirstOrder(OneStepMethod):
     default_steps = tuple(round(10 ** (e / 2), 10) for e in range(-12, -3))
 
     def direction(
-        self, module: UnlearnModule, grad: dict[str, torch.Tensor], **setting: Any
+        self, module: UnlearnContext, grad: dict[str, torch.Tensor], **setting: Any
     ) -> dict[str, torch.Tensor]:
         return grad
 
@@ -374,7 +370,7 @@ class SecondOrder(OneStepMethod):
         return [{"damping_relative": d} for d in self.dampings]
 
     def direction(
-        self, module: UnlearnModule, grad: dict[str, torch.Tensor], damping_relative: float = 1.0
+        self, module: UnlearnContext, grad: dict[str, torch.Tensor], damping_relative: float = 1.0
     ) -> dict[str, torch.Tensor]:
         profile = module.require_profile()
         n_train = module.num_train_samples  # H of the summed loss = N · (profiled mean-loss Hessian)

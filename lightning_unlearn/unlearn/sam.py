@@ -29,27 +29,25 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_unlearn.unlearn.base import UnlearnContext
 from lightning_unlearn.unlearn.iterative import PairedMethod, cross_entropy, rank_counts
 
-if TYPE_CHECKING:
-    from lightning_unlearn.unlearn.module import UnlearnModule
 
-
-def loss_scaler(module: UnlearnModule) -> Any:
+def loss_scaler(module: UnlearnContext) -> Any:
     """The precision plugin's gradient scaler (``precision="16-mixed"``: a ``torch.amp.GradScaler``), else None."""
-    trainer = module._trainer
+    trainer = module.attached_trainer
     plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
     scaler = getattr(plugin, "scaler", None)
     return scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
 
 
 def synced_gradient(
-    module: UnlearnModule, loss: torch.Tensor, named: dict[str, torch.nn.Parameter]
+    module: UnlearnContext, loss: torch.Tensor, named: dict[str, torch.nn.Parameter]
 ) -> list[torch.Tensor]:
     """``∇ loss`` w.r.t. ``named`` parameters, summed over all ranks, unselected entries zeroed (for a perturbation).
 
@@ -111,7 +109,7 @@ class Perturbation:
 
 
 def forget_loss(
-    module: UnlearnModule,
+    module: UnlearnContext,
     x: torch.Tensor,
     y_poisoned: torch.Tensor,
     y_true: torch.Tensor,
@@ -196,7 +194,7 @@ class SamForget(SharpnessAware):
             raise ValueError(f"`lam` must be >= 0, got {lam}.")
         self.lam = lam
 
-    def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         (xf, yp, yt, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
         nf, nr = rank_counts(module, wf, wr)
@@ -210,7 +208,7 @@ class SamForget(SharpnessAware):
 
     def step(
         self,
-        module: UnlearnModule,
+        module: UnlearnContext,
         forget_fn: Callable[[], torch.Tensor],
         retain_fn: Callable[[], torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +280,7 @@ class Branch:
             p.copy_(torch.where(self._mask(name), p, before))
 
 
-def split_branches(module: UnlearnModule) -> tuple[Branch, Branch]:
+def split_branches(module: UnlearnContext) -> tuple[Branch, Branch]:
     """Route every trainable entry: selected → forget branch, unselected → retain branch (per entry for element-wise
     selections; whole tensors stay whole).
 
@@ -317,9 +315,9 @@ def split_branches(module: UnlearnModule) -> tuple[Branch, Branch]:
     return Branch("retain", retain), Branch("forget", forget)
 
 
-def _no_backward_sync(module: UnlearnModule) -> contextlib.AbstractContextManager:
+def _no_backward_sync(module: UnlearnContext) -> contextlib.AbstractContextManager:
     """DDP's gradient all-reduce switched off for the next backward (a no-op on strategies without DDP)."""
-    block = getattr(module.trainer.strategy, "block_backward_sync", None)
+    block = getattr(module.attached_trainer.strategy, "block_backward_sync", None)
     return block() if block is not None else contextlib.nullcontext()
 
 
@@ -373,12 +371,12 @@ class SharpMinMax(SharpnessAware):
         self.alpha, self.lam, self.lam_retain = alpha, lam, lam_retain
         self.branches: tuple[Branch, Branch] | None = None
 
-    def configure_optimizers(self, module: UnlearnModule) -> Any:
+    def configure_optimizers(self, module: UnlearnContext) -> Any:
         """One optimizer per branch (retain first), each over the parameters with an entry in its branch."""
         self.branches = split_branches(module)
         return [module.build_optimizer(branch.params) for branch in self.branches]
 
-    def training_step(self, module: UnlearnModule, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
         (xf, yp, _, _, wf), (xr, yr, _, wr) = batch["forget"], batch["retain"]
         if self.branches is None:
@@ -399,7 +397,7 @@ class SharpMinMax(SharpnessAware):
 
     def branch_step(
         self,
-        module: UnlearnModule,
+        module: UnlearnContext,
         optimizer: Any,
         branch: Branch,
         loss_fn: Callable[[], torch.Tensor],
