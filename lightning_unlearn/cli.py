@@ -26,13 +26,18 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_unlearn.data.datamodule import PoisonedDataModule
 from lightning_unlearn.models.classifier import ClassifierModule
-from lightning_unlearn.utils import atomic_write_text
+from lightning_unlearn.run import RESULTS_FILENAME
+from lightning_unlearn.utils import (
+    OutputClaim,
+    atomic_write,
+    atomic_write_text,
+    launched_as_rank_zero,
+    safe_folder_name,
+)
 
 # Our commands hand LightningCLI their arguments explicitly (`sys.argv` also holds the command word, and must stay as
 # it was: DDP's script launcher starts the other ranks with `sys.argv`), which LightningCLI would warn about.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-
-RESULTS_FILENAME = "results.json"
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, floatfmt: str = ".2f") -> str:
@@ -137,12 +142,18 @@ class UnlearnArgumentParser(LightningArgumentParser):
 class UnlearnCLI(LightningCLI):
     """``LightningCLI`` for :class:`~lightning_unlearn.unlearn.UnlearnModule` (no subcommands: one request per call).
 
-    Outputs go to ``<run>/unlearn/<name>/version_<n>/`` unless the config sets a logger ``save_dir``.
+    Outputs go to ``<run>/unlearn/<name>/version_<n>/`` unless the config sets a logger ``save_dir``. Before anything
+    is instantiated the request is checked (the run's poison record against its checkpoint, a forget set to unlearn,
+    a reference that is not the run itself, ``--name``) and its output folder claimed
+    (:func:`~lightning_unlearn.pipeline.claim_request_folder`): the TensorBoard logger writes into the claim's staging
+    folder, which :func:`~lightning_unlearn.pipeline.run_unlearning` puts in place whole at the end
+    (:attr:`output_claim`).
     """
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         from lightning_unlearn.unlearn import UnlearnModule
 
+        self.output_claim: OutputClaim | None = None
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
         from lightning_unlearn.unlearn.module import TRAINER_DEFAULTS
@@ -167,14 +178,17 @@ class UnlearnCLI(LightningCLI):
             "--data.drop_poisoned true`): adds its accuracies and % restored to the report.",
         )
         parser.add_argument(
-            "--name", type=str | None, default=None, help="Name of this request (default: <method>_<selection>)."
+            "--name",
+            type=str | None,
+            default=None,
+            help="Name of this request, a single folder name (default: <method>_<selection>).",
         )
         parser.add_argument(
             "--overwrite",
             action=ActionYesNo,
             default=False,
-            help="Replace the results of an earlier request in the output folder (refused by default when it "
-            "already holds report.json).",
+            help="Replace the results of an earlier request in the output folder, whole (refused by default when "
+            "it holds anything, and always when it holds files a request does not write).",
         )
         from lightning_unlearn.evaluation.suite import EvaluationOptions
 
@@ -182,6 +196,7 @@ class UnlearnCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         from lightning_unlearn.curvature import ESTIMATORS
+        from lightning_unlearn.pipeline import check_reference
         from lightning_unlearn.run import TrainingRun
 
         config = self.config
@@ -189,13 +204,68 @@ class UnlearnCLI(LightningCLI):
             self.parser.error(
                 f"`--model.estimator` must be one of {sorted(ESTIMATORS)}, got {config.model.estimator!r}."
             )
+        if config.trainer.get("max_epochs") is not None:
+            self.parser.error(
+                f"`--trainer.max_epochs` ({config.trainer.max_epochs}) is not used by unlearning requests: the method "
+                "sets the epochs. Set `--model.method.init_args.epochs` (iterative methods) instead."
+            )
+        if config.get("name") is not None:
+            try:
+                safe_folder_name(config.name, "--name")
+            except ValueError as err:
+                self.parser.error(str(err))
+        training_run = TrainingRun.from_path(config.model.run)
+        training_run.check_unlearnable()  # the record verified against the checkpoint, before any output or work
+        if config.get("reference"):
+            check_reference(TrainingRun.from_path(config.reference), training_run)
         logger = config.trainer.logger
         init = getattr(logger, "init_args", None)
         if init is not None and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
             if not init.save_dir:
-                init.save_dir = str(TrainingRun.from_path(config.model.run).directory / "unlearn")
+                init.save_dir = str(training_run.directory / "unlearn")
             if not init.name:
                 init.name = config.name or _default_name(config.model)
+            self._claim_logger_folder(init, bool(config.get("overwrite", False)))
+
+    def _claim_logger_folder(self, init: Any, overwrite: bool) -> None:
+        """Claim ``save_dir/name/version_<n>`` (the next free version unless ``version`` is given) and point the
+        logger at the claim's staging folder; on rank zero only (other ranks write nothing)."""
+        from lightning_unlearn.pipeline import claim_request_folder, request_foreign
+
+        parts = Path(str(init.name)).parts
+        if Path(str(init.name)).is_absolute() or ".." in parts:
+            self.parser.error(
+                f"`--trainer.logger.init_args.name` must be a relative path inside `save_dir` (no '..'), got "
+                f"{init.name!r}."
+            )
+        version = init.get("version")
+        if version is not None and not isinstance(version, int):
+            try:
+                safe_folder_name(str(version), "--trainer.logger.init_args.version")
+            except ValueError as err:
+                self.parser.error(str(err))
+        if not launched_as_rank_zero():
+            return
+        parent = Path(init.save_dir) / str(init.name)
+        if version is None:
+            claim = OutputClaim.acquire_version(parent, foreign=request_foreign, what="unlearning request")
+        else:
+            folder = parent / (f"version_{version}" if isinstance(version, int) else str(version))
+            claim = claim_request_folder(folder, overwrite)
+        self.output_claim = claim
+        self._given_version = (init, version)  # what config.yaml will say (see `instantiate_classes`)
+        init.version = claim.staging.name  # TensorBoard events and config.yaml go into the staging folder
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            if self.output_claim is not None:
+                self.output_claim.abort()
+            raise
+        if self.output_claim is not None:  # the logger writes into the staging folder; config.yaml names the request's
+            init, version = self._given_version
+            init.version = version
 
 
 def _default_name(model_config: Any) -> str:
@@ -211,15 +281,22 @@ def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:
     from lightning_unlearn.pipeline import evaluate_reference, run_unlearning
 
     cli = UnlearnCLI(args=args)
-    options = cli.config_init.get("evaluation")
-    reference_dir = cli.config.get("reference")
-    reference = calibration = None
-    if reference_dir:
-        options, reference, calibration = evaluate_reference(reference_dir, cli.model.datamodule, options)
-    overwrite = bool(cli.config.get("overwrite", False))
-    report = run_unlearning(
-        cli.trainer, cli.model, reference, evaluation=options, overwrite=overwrite, calibration=calibration
-    )
+    try:
+        options = cli.config_init.get("evaluation")
+        reference_dir = cli.config.get("reference")
+        reference = calibration = None
+        if reference_dir:
+            options, reference, calibration = evaluate_reference(
+                reference_dir, cli.model.datamodule, options, poisoned=cli.model.training_run
+            )
+        overwrite = bool(cli.config.get("overwrite", False))
+        report = run_unlearning(
+            cli.trainer, cli.model, reference, evaluation=options, overwrite=overwrite, calibration=calibration
+        )
+    except BaseException:
+        if cli.output_claim is not None:
+            cli.output_claim.abort()  # nothing of the request is left behind
+        raise
     if cli.trainer.is_global_zero:
         print_report(report)
     return report
@@ -270,36 +347,58 @@ def profile_checkpoint(
     strict: bool = True,
     device: str = "cpu",
     output: str | None = None,
+    overwrite: bool = False,
 ) -> str:
     """Profile the Hessian diagonal of a trained checkpoint's training loss (``lightning-unlearn profile``).
 
     Args:
-        run: Training run directory, or a checkpoint file inside one.
+        run: Training run directory, or a checkpoint file inside one (an ``unlearned.ckpt`` too).
         estimator: ``exact``, ``mc``, ``hutchinson`` or ``fisher``.
         split: ``train`` (the training set exactly as trained on) or ``val``.
-        max_samples: Profile only the first ``max_samples`` samples.
-        batch_size: Batch size of the profiling loader.
-        num_draws: Sampled labels (``mc``) or probes (``hutchinson``) per sample / batch.
+        max_samples: Profile only the first ``max_samples`` samples (>= 1; None: all).
+        batch_size: Batch size of the profiling loader (>= 1).
+        num_draws: Sampled labels (``mc``) or probes (``hutchinson``) per sample / batch (>= 1).
         seed: Seed of the random draws.
         strict: Refuse ``exact`` where it would not equal the Hessian diagonal.
         device: Where to compute (``cpu``, ``cuda``, ``cuda:1``, ...).
         output: Where to write the profile; default ``<run>/sharpness_profile.pt``.
+        overwrite: Replace an existing profile at ``output`` (refused by default: later requests would use the new
+            one). A file that is not a sharpness profile (a checkpoint, ...) is never replaced.
 
     Returns:
         The path of the written profile.
+
+    Raises:
+        ValueError: For an invalid argument, before anything is loaded.
+        FileExistsError: If ``output`` exists (see ``overwrite``).
     """
+    import torch
     from torch.utils.data import DataLoader
 
     from lightning_unlearn.curvature import ESTIMATORS, profile_model
-    from lightning_unlearn.run import TrainingRun
+    from lightning_unlearn.run import InterruptedTrainingWarning, TrainingRun
 
     if estimator not in ESTIMATORS:  # checked before the (slow) loading of the run
         raise ValueError(f"`estimator` must be one of {sorted(ESTIMATORS)}, got {estimator!r}.")
     if split not in ("train", "val"):
         raise ValueError(f"`split` must be one of ('train', 'val'), got {split!r}.")
+    for name, value in (("batch_size", batch_size), ("num_draws", num_draws), ("max_samples", max_samples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            none = " or None" if name == "max_samples" else ""
+            raise ValueError(f"`{name}` must be an integer >= 1{none}, got {value!r}.")
     training_run = TrainingRun.from_path(run)
+    path = Path(output) if output else training_run.profile_path
+    _check_profile_output(path, training_run.checkpoint, overwrite)
     classifier = training_run.load_classifier(map_location=device)
     datamodule = training_run.datamodule()
+    status = training_run.training_status()
+    if status["complete"] is False:
+        warnings.warn(
+            f"The training run {str(training_run.directory)!r} looks interrupted: its checkpoint is from epoch "
+            f"{status['epoch'] + 1} of {status['max_epochs']} and it wrote no results.json.",
+            InterruptedTrainingWarning,
+            stacklevel=2,
+        )
     datamodule.setup("fit")
     loader = (
         datamodule.profile_dataloader(batch_size=batch_size)
@@ -318,10 +417,35 @@ def profile_checkpoint(
     )
     profile.dataset = datamodule.dataset
     profile.metadata.update(split=split, checkpoint=str(training_run.checkpoint))
-    path = profile.save(output or training_run.profile_path)
+    state = profile.state_dict()
+    atomic_write(path, lambda handle: torch.save(state, handle), exclusive=not overwrite)
     print(profile.to_table())
     print(f"Profile ({estimator}, {profile.num_samples} samples) written to {path}")
     return str(path)
+
+
+def _check_profile_output(path: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse to replace anything at ``path`` but a sharpness profile, and a profile only with ``overwrite``."""
+    from lightning_unlearn.curvature import SharpnessProfile
+
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() or path.resolve() == checkpoint.resolve():
+        what = "a folder" if path.is_dir() else "the run's checkpoint"
+        raise FileExistsError(f"`output` {str(path)!r} is {what}: it is never replaced by a profile.")
+    try:
+        existing = SharpnessProfile.load(path)
+    except (ValueError, OSError) as err:
+        raise FileExistsError(
+            f"`output` {str(path)!r} exists and is not a sharpness profile: it is not replaced, even with "
+            "`--overwrite`. Choose another `--output`."
+        ) from err
+    if not overwrite:
+        raise FileExistsError(
+            f"`output` {str(path)!r} already holds a sharpness profile ({existing.estimator}, "
+            f"{existing.num_samples:,} samples) that later requests use: pass `--overwrite` to replace it, or "
+            "choose another `--output`."
+        )
 
 
 def profile_main(args: list[str]) -> None:

@@ -34,6 +34,22 @@ REQUESTS = {
 }
 
 
+TABLE, REPORTS = "demo_table.md", "demo_reports.json"
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse, before any training, an ``--out`` that is not a folder, or that holds an earlier demo's table or
+    reports (unless ``overwrite``); the run directories inside are new versions either way."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"lightning-unlearn demo: `--out` {str(out)!r} exists and is not a folder.")
+    earlier = [name for name in (TABLE, REPORTS) if (out / name).exists()]
+    if earlier and not overwrite:
+        raise SystemExit(
+            f"lightning-unlearn demo: `--out` {str(out)!r} already holds {' and '.join(earlier)} of an earlier demo; "
+            "pass `--overwrite` to replace them, or choose another `--out`."
+        )
+
+
 def row(name: str, metrics: dict[str, float], report: dict[str, Any] | None = None) -> dict[str, Any]:
     report = report or {}
     method = report.get("method", {})
@@ -64,8 +80,14 @@ def _restored(report: dict[str, Any], name: str) -> float | None:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(prog="lightning-unlearn demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="Folder for the run directories (default: runs/demo).")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"Replace the {TABLE} and {REPORTS} of an earlier demo in --out (refused by default).",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
+    _check_out(out, args.overwrite)
 
     print("== 1/3 training on poisoned MNIST: label flip 9 -> 4 (+ Hessian-diagonal profile)")
     run_dir, _ = train([CONFIG], out)
@@ -97,9 +119,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     )
     print()
     print(table)
-    atomic_write_text(out / "demo_table.md", table + "\n")
+    atomic_write_text(out / TABLE, table + "\n", exclusive=not args.overwrite)
     payload = {"poison_effect": effect, "relearn_calibration": calibration, "requests": reports}
-    atomic_write_text(out / "demo_reports.json", json.dumps(payload, indent=1, default=str))
+    atomic_write_text(out / REPORTS, json.dumps(payload, indent=1, default=str), exclusive=not args.overwrite)
     print(
         f"\nTable: {out / 'demo_table.md'}; reports: {out / 'demo_reports.json'}; "
         f"TensorBoard: .venv/bin/tensorboard --logdir {out}"

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_unlearn.curvature import SharpnessProfile
 from lightning_unlearn.data.datamodule import PoisonedDataModule
 from lightning_unlearn.evaluation.cost import measure
 from lightning_unlearn.evaluation.figures import curve_of, log_figure, relearn_figure
@@ -24,35 +27,140 @@ from lightning_unlearn.evaluation.suite import (
     evaluate_model,
     poison_effect,
 )
-from lightning_unlearn.run import TrainingRun
-from lightning_unlearn.utils import atomic_write_text
+from lightning_unlearn.run import (
+    DATAMODULE_STATE_KEY,
+    InterruptedTrainingWarning,
+    TrainingRun,
+    check_profile,
+    verify_archive,
+)
+from lightning_unlearn.utils import (
+    TEMP_PATTERN,
+    OutputClaim,
+    atomic_write,
+    atomic_write_text,
+    disk_full,
+    launched_as_rank_zero,
+)
 
 REPORT_FILENAME = "report.json"
 UNLEARNED_FILENAME = "unlearned.ckpt"
+#: The files an unlearning request writes into its output folder (besides TensorBoard's ``events.out.tfevents.*``):
+#: a folder holding anything else is never replaced, even with ``overwrite``.
+REQUEST_FILES = (REPORT_FILENAME, UNLEARNED_FILENAME, "config.yaml", "hparams.yaml")
+
+
+def request_foreign(folder: Path) -> list[str]:
+    """Entries of an existing output folder that no unlearning request writes (a training run's files, the outputs
+    of requests chained on this one, anything else)."""
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        name = entry.name
+        ours = name in REQUEST_FILES or name.startswith("events.out.tfevents.") or TEMP_PATTERN.match(name)
+        if not (ours and entry.is_file() and not entry.is_symlink()):
+            foreign.append(name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def describe_request_folder(folder: Path) -> str:
+    """What an existing output folder holds, in words (for the refusal to replace it)."""
+    names = sorted(p.name for p in folder.iterdir())
+    if REPORT_FILENAME in names:
+        return f"{REPORT_FILENAME} from an earlier request"
+    shown = ", ".join(names[:5]) + (" …" if len(names) > 5 else "")
+    return f"{shown} (no {REPORT_FILENAME}: not a finished request)"
+
+
+def claim_request_folder(folder: str | Path, overwrite: bool = False) -> OutputClaim:
+    """Claim an unlearning request's output folder before any work (:class:`~lightning_unlearn.utils.OutputClaim`):
+    refused while another request writes it, when it already holds something (unless ``overwrite``), and always
+    when it holds anything a request does not write (:func:`request_foreign`)."""
+    return OutputClaim.acquire(
+        folder,
+        overwrite=overwrite,
+        describe=describe_request_folder,
+        foreign=request_foreign,
+        what="unlearning request",
+    )
+
+
+def check_reference(reference: TrainingRun, poisoned: TrainingRun) -> None:
+    """Refuse a reference that is the poisoned model itself (the same checkpoint file, or the same weights), and
+    warn when it was trained on another split or poison record than the poisoned run (its comparison would not be
+    on the same forget set).
+
+    Raises:
+        ValueError: If ``reference`` is the poisoned run's checkpoint or holds identical weights.
+    """
+    same = reference.checkpoint.resolve() == poisoned.checkpoint.resolve()
+    if not same:
+        ours, theirs = poisoned.state().get("state_dict") or {}, reference.state().get("state_dict") or {}
+        same = ours.keys() == theirs.keys() and all(
+            torch.is_tensor(ours[k])
+            and torch.is_tensor(theirs[k])
+            and ours[k].shape == theirs[k].shape
+            and torch.equal(ours[k], theirs[k])
+            for k in ours
+        )
+    if same:
+        raise ValueError(
+            f"`reference` {str(reference.checkpoint)!r} is the poisoned model itself (same checkpoint or identical "
+            f"weights as {str(poisoned.checkpoint)!r}): pass the run retrained without the poisoned samples "
+            "(`train.py fit -c <config> -c configs/retrain.yaml`)."
+        )
+    try:
+        theirs_record, ours_record = reference.checkpoint_record(), poisoned.checkpoint_record()
+    except ValueError:
+        return
+    if theirs_record is not None and ours_record is not None and theirs_record.differences(ours_record):
+        rank_zero_warn(
+            f"The reference {str(reference.checkpoint)!r} was trained with another poison record than the poisoned "
+            f"run ({'; '.join(theirs_record.differences(ours_record))}): it was not retrained without exactly this "
+            "forget set, so its comparison is not like for like."
+        )
 
 
 def reference_metrics(
-    reference_run: str | Path, datamodule: PoisonedDataModule, options: EvaluationOptions | None = None
+    reference_run: str | Path,
+    datamodule: PoisonedDataModule,
+    options: EvaluationOptions | None = None,
+    poisoned: TrainingRun | None = None,
 ) -> dict[str, float]:
     """All metrics (:func:`~lightning_unlearn.evaluation.suite.evaluate_model`) of a reference model, retrained
-    without the poisoned samples, on ``datamodule``'s exact splits (the poisoned run's forget/retain/test sets)."""
-    classifier = TrainingRun.from_path(reference_run).load_classifier()
-    return evaluate_model(classifier.net, datamodule, options)
+    without the poisoned samples, on ``datamodule``'s exact splits (the poisoned run's forget/retain/test sets); with
+    ``poisoned``, the reference is checked first (:func:`check_reference`)."""
+    return evaluate_model(_reference_net(reference_run, poisoned), datamodule, options)
 
 
 def evaluate_reference(
-    reference_run: str | Path, datamodule: PoisonedDataModule, options: EvaluationOptions | None = None
+    reference_run: str | Path,
+    datamodule: PoisonedDataModule,
+    options: EvaluationOptions | None = None,
+    poisoned: TrainingRun | None = None,
 ) -> tuple[EvaluationOptions, dict[str, float], dict[str, Any] | None]:
     """Calibrate the relearning attack with the reference model on the validation split (see
     :func:`~lightning_unlearn.evaluation.suite.calibrated_options`), then evaluate the reference with it.
+
+    Args:
+        reference_run: The reference's run directory or checkpoint.
+        datamodule: The poisoned run's data module (its exact splits).
+        options: What to evaluate besides accuracies.
+        poisoned: The poisoned run: the reference is checked against it (:func:`check_reference`).
 
     Returns:
         ``(options, metrics, calibration)``: the options every model of the request must be evaluated with (the
         calibrated attack), the reference's metrics, and the calibration's record (None when it is off).
     """
-    net = TrainingRun.from_path(reference_run).load_classifier().net
+    net = _reference_net(reference_run, poisoned)
     options, calibration = calibrated_options(net, datamodule, options)
     return options, evaluate_model(net, datamodule, options), calibration
+
+
+def _reference_net(reference_run: str | Path, poisoned: TrainingRun | None) -> torch.nn.Module:
+    reference = TrainingRun.from_path(reference_run)
+    if poisoned is not None:
+        check_reference(reference, poisoned)
+    return reference.load_classifier().net
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
@@ -71,17 +179,25 @@ def run_unlearning(
 ) -> dict[str, Any]:
     """Evaluate, unlearn with ``trainer.fit(module)``, evaluate again, write ``report.json`` + TensorBoard scalars.
 
+    Before any work the request is checked (a non-empty forget set that is not the whole training split, a model
+    that was trained on it, the Trainer's epochs) and its output folder claimed exclusively
+    (:func:`claim_request_folder`): the outputs are written into a staging folder beside it and put in place whole at
+    the end, so a failed or killed request leaves no partial folder, and an ``overwrite`` leaves the earlier result or
+    the new one, never a mix.
+
     Args:
-        trainer: The Trainer (its ``max_epochs`` is set from the method).
+        trainer: The Trainer (its ``max_epochs`` is set from the method; leave it unset).
         module: An :class:`~lightning_unlearn.unlearn.UnlearnModule`.
         reference: Metrics of the retrained-from-scratch model on the same splits (:func:`reference_metrics`, with the
             same ``evaluation`` options): adds ToW, gaps and % restored (``report["comparison"]``).
-        out_dir: Where ``report.json`` and ``unlearned.ckpt`` go; default: the Trainer's ``log_dir``.
+        out_dir: Where ``report.json`` and ``unlearned.ckpt`` go. Default: the folder the command line claimed for the
+            Trainer's logger; with another logger its ``log_dir`` (written in place, files created exclusively); with
+            no logger ``<run>/unlearn/<method>_<selection>/version_<n>``.
         evaluation: What the models are evaluated on besides accuracies (MIA, relearning attack); default: all.
         before: Metrics of the model before unlearning, if already computed with the same options (several requests
             on one run); default: computed here.
         overwrite: Replace the results of an earlier request in the output folder; by default a folder that already
-            holds ``report.json`` is refused before any work.
+            holds anything is refused before any work.
         calibration: The relearning attack's calibration record (:func:`evaluate_reference`), stored in the report.
 
     Returns:
@@ -90,25 +206,167 @@ def run_unlearning(
         memory of the unlearning ``fit`` (profile and selection timed apart in ``timings``).
 
     Raises:
-        FileExistsError: If the output folder already holds ``report.json`` and ``overwrite`` is False.
+        FileExistsError: If the output folder already holds something and ``overwrite`` is False, holds anything a
+            request does not write, or another request is writing it.
+        ValueError: If the forget set is empty or the whole training split, the model never trained on it, the
+            Trainer sets ``max_epochs``, or the profile does not fit the checkpoint.
+        OSError: "no space left on the device" in plain words (nothing of the request is committed).
     """
-    # the output folder, decided once on every rank (under DDP `trainer.log_dir` is a collective)
-    folder = Path(out_dir or trainer.log_dir or module.training_run.directory / "unlearn")
-    if (folder / REPORT_FILENAME).is_file() and not overwrite:
-        raise FileExistsError(
-            f"The output folder {str(folder)!r} already holds {REPORT_FILENAME} from an earlier request; "
-            "pass `overwrite=True` (`--overwrite` on the command line) to replace it, or choose another folder."
+    expected = module.max_epochs
+    if trainer.fit_loop.max_epochs not in (None, expected):
+        raise ValueError(
+            f"The Trainer's `max_epochs`={trainer.fit_loop.max_epochs} is not used by unlearning: the method sets the "
+            f"epochs ({expected} for {module.method.name!r}). Set the method's `epochs` (`--model.method.init_args."
+            "epochs`) instead, and leave `max_epochs` unset."
         )
+    module.training_run.check_unlearnable(module.datamodule.record, module.datamodule.drop_poisoned)
+    claim, folder = _claim_output(trainer, module, out_dir, overwrite)
+    try:
+        report = _unlearn(trainer, module, reference, folder, claim, evaluation, before, overwrite, calibration)
+        if claim is not None:
+            for logger in trainer.loggers:
+                logger.finalize("success")  # close the event files before the folder moves
+            claim.commit()
+    except BaseException as err:
+        if claim is not None:
+            claim.abort()
+        full = disk_full(err, folder or "the output folder", "Nothing of this request was committed.")
+        if full is not None:
+            raise full from err
+        raise
+    return report
+
+
+def _claim_output(
+    trainer: Trainer, module: Any, out_dir: str | Path | None, overwrite: bool
+) -> tuple[OutputClaim | None, Path | None]:
+    """The request's claim (on the process that writes, global rank zero) and final output folder."""
+    writer = launched_as_rank_zero()
+    if out_dir is None and trainer.loggers:
+        log_dir = trainer.log_dir  # on every rank: under DDP it is a collective
+        claim = OutputClaim.of_staging(log_dir)
+        if claim is not None:  # claimed by the command line, which pointed the logger at the staging folder
+            return claim, claim.final
+        if log_dir is not None:  # the caller's own logger writes there too: claimed in place, files exclusive
+            folder = Path(log_dir)
+            if (folder / REPORT_FILENAME).exists() and not overwrite:
+                raise FileExistsError(
+                    f"The output folder {str(folder)!r} already holds {REPORT_FILENAME} from an earlier request; pass "
+                    "`overwrite=True` (`--overwrite` on the command line) to replace it, or choose another folder."
+                )
+            return None, folder
+    if out_dir is None:
+        name = f"{type(module.method).__name__}_{type(module.selection).__name__}".lower()
+        parent = module.training_run.directory / "unlearn" / name
+        return (OutputClaim.acquire_version(parent, foreign=request_foreign) if writer else None), None
+    folder = Path(out_dir)
+    if writer:
+        return claim_request_folder(folder, overwrite), folder
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:  # every rank refuses what rank zero refuses
+        raise FileExistsError(
+            f"The output folder {str(folder)!r} already holds {describe_request_folder(folder)}; pass "
+            "`overwrite=True` (`--overwrite` on the command line) to replace it, or choose another folder."
+        )
+    return None, folder
+
+
+def _prepare_profile(module: Any, device: torch.device) -> None:
+    """Before the module loads or computes its profile: verify the file's checksums; compute a profile that
+    ``profile=PATH`` names but that does not exist yet, into that path (a read-only run can be unlearned with a
+    profile elsewhere); refuse early when the run directory cannot take a computed profile."""
+    if module.profile is not None:
+        return
+    given = getattr(module, "profile_path", None)
+    path = Path(given) if given else module.training_run.profile_path
+    if path.is_file():  # checked before the module loads it and selects with it
+        verify_archive(path, "sharpness profile")
+        check_profile(
+            SharpnessProfile.load(path), module, str(path), bool(getattr(module, "allow_stale_profile", False))
+        )
+        return
+    if given is None:
+        if not os.access(module.training_run.directory, os.W_OK):
+            raise PermissionError(
+                f"The run directory {str(module.training_run.directory)!r} holds no sharpness profile and is not "
+                "writable: pass `--model.profile PATH` (`profile=PATH`) to compute it and write it elsewhere."
+            )
+        return
+    if not launched_as_rank_zero():
+        return  # rank zero computes it before its ranks meet in `fit`
+    from torch.utils.data import DataLoader, Subset
+
+    from lightning_unlearn.curvature import profile_model
+
+    module.datamodule.setup("fit")
+    dataset = module.datamodule.train_dataset()
+    limit = getattr(module, "profile_max_samples", None)
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    home = module.device
+    module.to(device)
+    try:
+        profile = profile_model(
+            module,
+            DataLoader(Subset(dataset, range(total)), batch_size=256),
+            module.estimator,
+            dataset=module.datamodule.dataset,
+            device=device,
+            progress=True,
+        )
+    finally:
+        module.to(home)
+    profile.metadata.update(split="train", checkpoint=str(module.training_run.checkpoint))
+    profile.save(path)
+
+
+def _check_prepared(module: Any) -> None:
+    """Check the profile the module loaded or computed (:func:`~lightning_unlearn.run.check_profile`) and warn when
+    it averages fewer samples than the training set."""
+    profile = module.profile
+    where = str(getattr(module, "profile_path", None) or module.training_run.profile_path)
+    check_profile(profile, module, where, allow_stale=bool(getattr(module, "allow_stale_profile", False)))
+    total = len(module.datamodule.train_dataset())
+    if profile.num_samples < total:
+        rank_zero_warn(
+            f"The profile {where!r} averages {profile.num_samples:,} of the {total:,} training samples (a "
+            "`max_samples` profile); the selection ranks parameters by that estimate."
+        )
+
+
+def _unlearn(
+    trainer: Trainer,
+    module: Any,
+    reference: dict[str, float] | None,
+    folder: Path | None,
+    claim: OutputClaim | None,
+    evaluation: EvaluationOptions | None,
+    before: dict[str, float] | None,
+    overwrite: bool,
+    calibration: dict[str, Any] | None,
+) -> dict[str, Any]:
     evaluation = evaluation or EvaluationOptions()
     device = trainer.strategy.root_device
+    training = module.training_run.training_status()
+    if training["complete"] is False:
+        rank_zero_warn(
+            f"The training run {str(module.training_run.directory)!r} looks interrupted: its checkpoint is from "
+            f"epoch {training['epoch'] + 1} of {training['max_epochs']} (config.yaml) and it wrote no results.json. "
+            "The request unlearns this checkpoint as it is.",
+            category=InterruptedTrainingWarning,
+        )
+    # a missing `profile=PATH` is computed by this process: on the Trainer's device unless ranks will be forked
+    _prepare_profile(module, device if trainer.world_size == 1 else torch.device("cpu"))
     module.prepare_before_fit(trainer)
     prepared_in_fit = module.guard is None  # ranks launched as scripts prepare together in `setup`
+    if not prepared_in_fit:
+        _check_prepared(module)
     module.datamodule.setup("fit")
     if before is None:
         before = evaluate_model(module.net, module.datamodule, evaluation, device)
     trainer.fit_loop.max_epochs = module.max_epochs
     with measure(device) as cost:
         trainer.fit(module)
+    if prepared_in_fit:
+        _check_prepared(module)
     # profile and selection are timed apart (`timings`); the request's cost is the update plus the selection
     selection = module.timings.get("selection_seconds") or 0.0
     preparation = (module.timings.get("profile_seconds") or 0.0) + selection if prepared_in_fit else 0.0
@@ -118,7 +376,9 @@ def run_unlearning(
     report: dict[str, Any] = {
         "run": str(module.training_run.directory),
         "checkpoint": str(module.training_run.checkpoint),
+        "training": training,
         "poison": module.datamodule.spec.to_dict(),
+        "forget_samples": len(module.datamodule.record),
         "selection": module.mask.summary(total),
         "method": module.method.report() | _lr_search(module),
         "profile": {
@@ -148,9 +408,12 @@ def run_unlearning(
     if calibration is not None:
         report["relearn_calibration"] = calibration
     if trainer.is_global_zero:
-        report["output_dir"] = str(folder)
-        save_unlearned(module, folder / UNLEARNED_FILENAME)
-        atomic_write_text(folder / REPORT_FILENAME, json.dumps(_jsonable(report), indent=1))
+        final = claim.final if claim is not None else folder
+        target = claim.staging if claim is not None else folder
+        exclusive = claim is None and not overwrite  # in place (the caller's logger folder): never replace
+        report["output_dir"] = str(final)
+        save_unlearned(module, target / UNLEARNED_FILENAME, exclusive=exclusive)
+        atomic_write_text(target / REPORT_FILENAME, json.dumps(_jsonable(report), indent=1), exclusive=exclusive)
         for logger in trainer.loggers:
             models = {"before": before, "after": after} | ({"reference": reference} if reference is not None else {})
             # the recovery curves (`relearn/curve@<step>`) go out as series over attack steps instead
@@ -191,17 +454,29 @@ def _lr_search(module: Any) -> dict[str, Any]:
     return {"lr": search["lr"], "lr_search": search["candidates"]} if search else {}
 
 
-def save_unlearned(module: Any, path: Path) -> Path:
-    """Save the unlearned network as a ``ClassifierModule`` checkpoint (atomically), loadable like a training one."""
-    from lightning_unlearn.utils import atomic_write
-
+def save_unlearned(module: Any, path: Path, exclusive: bool = False) -> Path:
+    """Save the unlearned network as a ``ClassifierModule`` checkpoint (atomically), which reopens wherever a training
+    checkpoint does (``unlearn.py --model.run``, ``lightning-unlearn profile``, ``sweep``, :class:`TrainingRun`):
+    the classifier's and the data module's own hyper-parameters, the poison record (in the data module's state, as
+    Lightning stores it) and where it came from (``unlearned_from``)."""
+    datamodule = module.datamodule
+    data = {k: v for k, v in dict(datamodule.hparams).items() if not str(k).startswith("_")}
+    data["poison_record"] = None  # the record travels inside the checkpoint, not as a path
+    mask = getattr(module, "mask", None)
     state = {
         "state_dict": {k: v.detach().cpu() for k, v in module.net.state_dict(prefix="net.").items()},
         "hyper_parameters": dict(module.classifier_hparams),
-        "datamodule_hyper_parameters": dict(module.datamodule.hparams),
+        "datamodule_hyper_parameters": data,
+        DATAMODULE_STATE_KEY: {"poison_record": datamodule.record.to_dict()},
+        "unlearned_from": {
+            "run": str(module.training_run.directory),
+            "checkpoint": str(module.training_run.checkpoint),
+            "method": module.method.name,
+            "selection": None if mask is None else mask.strategy,
+        },
         "pytorch-lightning_version": __import__("lightning").__version__,
     }
-    return atomic_write(path, lambda handle: torch.save(state, handle))
+    return atomic_write(path, lambda handle: torch.save(state, handle), exclusive=exclusive)
 
 
 def _jsonable(value: Any) -> Any:
