@@ -318,12 +318,14 @@ def _prepare_profile(module: Any, device: torch.device) -> None:
     profile.save(path)
 
 
-def _check_prepared(module: Any) -> None:
+def _check_prepared(module: Any, after_fit: bool = False) -> None:
     """Check the profile the module loaded or computed (:func:`~lightning_unlearn.run.check_profile`) and warn when
-    it averages fewer samples than the training set."""
+    it averages fewer samples than the training set. After ``fit`` (ranks that prepared in ``setup``) the weights have
+    moved: their fingerprint was checked when the profile was loaded, before the update."""
     profile = module.profile
     where = str(getattr(module, "profile_path", None) or module.training_run.profile_path)
-    check_profile(profile, module, where, allow_stale=bool(getattr(module, "allow_stale_profile", False)))
+    stale = after_fit or bool(getattr(module, "allow_stale_profile", False))
+    check_profile(profile, module, where, allow_stale=stale)
     total = len(module.datamodule.train_dataset())
     if profile.num_samples < total:
         rank_zero_warn(
@@ -366,7 +368,7 @@ def _unlearn(
     with measure(device) as cost:
         trainer.fit(module)
     if prepared_in_fit:
-        _check_prepared(module)
+        _check_prepared(module, after_fit=True)
     # profile and selection are timed apart (`timings`); the request's cost is the update plus the selection
     selection = module.timings.get("selection_seconds") or 0.0
     preparation = (module.timings.get("profile_seconds") or 0.0) + selection if prepared_in_fit else 0.0
