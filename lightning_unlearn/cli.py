@@ -26,14 +26,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_unlearn.data.datamodule import PoisonedDataModule
 from lightning_unlearn.models.classifier import ClassifierModule
+from lightning_unlearn.outputs import OutputClaim, launched_as_rank_zero, safe_folder_name
 from lightning_unlearn.run import RESULTS_FILENAME
-from lightning_unlearn.utils import (
-    OutputClaim,
-    atomic_write,
-    atomic_write_text,
-    launched_as_rank_zero,
-    safe_folder_name,
-)
+from lightning_unlearn.utils import atomic_write, atomic_write_text
 
 # Our commands hand LightningCLI their arguments explicitly (`sys.argv` also holds the command word, and must stay as
 # it was: DDP's script launcher starts the other ranks with `sys.argv`), which LightningCLI would warn about.

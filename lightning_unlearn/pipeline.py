@@ -27,6 +27,7 @@ from lightning_unlearn.evaluation.suite import (
     evaluate_model,
     poison_effect,
 )
+from lightning_unlearn.outputs import OutputClaim, launched_as_rank_zero
 from lightning_unlearn.run import (
     DATAMODULE_STATE_KEY,
     InterruptedTrainingWarning,
@@ -34,14 +35,7 @@ from lightning_unlearn.run import (
     check_profile,
     verify_archive,
 )
-from lightning_unlearn.utils import (
-    TEMP_PATTERN,
-    OutputClaim,
-    atomic_write,
-    atomic_write_text,
-    disk_full,
-    launched_as_rank_zero,
-)
+from lightning_unlearn.utils import TEMP_PATTERN, atomic_write, atomic_write_text, disk_full
 
 REPORT_FILENAME = "report.json"
 UNLEARNED_FILENAME = "unlearned.ckpt"
@@ -72,7 +66,7 @@ def describe_request_folder(folder: Path) -> str:
 
 
 def claim_request_folder(folder: str | Path, overwrite: bool = False) -> OutputClaim:
-    """Claim an unlearning request's output folder before any work (:class:`~lightning_unlearn.utils.OutputClaim`):
+    """Claim an unlearning request's output folder before any work (:class:`~lightning_unlearn.outputs.OutputClaim`):
     refused while another request writes it, when it already holds something (unless ``overwrite``), and always
     when it holds anything a request does not write (:func:`request_foreign`)."""
     return OutputClaim.acquire(

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning_unlearn.utils import OutputClaim, atomic_write, atomic_write_text, safe_folder_name
+from lightning_unlearn.outputs import OutputClaim, safe_folder_name
+from lightning_unlearn.utils import atomic_write, atomic_write_text
 
 METHOD_CONFIGS = {"first_order": "FirstOrder", "second_order": "SecondOrder"}
 
@@ -69,7 +70,7 @@ def layer_sweep(
 ) -> dict[str, Any]:
     """Unlearn with each weight layer alone and relate the improvement to the layer's mean Hessian diagonal.
 
-    The output folder is claimed before any work and written whole (:class:`~lightning_unlearn.utils.OutputClaim`):
+    The output folder is claimed before any work and written whole (:class:`~lightning_unlearn.outputs.OutputClaim`):
     a second sweep into it is refused (unless ``overwrite``), a folder holding anything a sweep does not write is
     never replaced, and a failed or killed sweep leaves the folder as it was.
 

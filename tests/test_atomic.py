@@ -402,7 +402,7 @@ def _hidden(folder: Path) -> list[str]:
 
 
 def test_a_claimed_folder_is_refused_to_a_second_claim_and_replaced_whole(tmp_path):
-    from lightning_unlearn.utils import OutputBusyError, OutputClaim
+    from lightning_unlearn.outputs import OutputBusyError, OutputClaim
 
     folder = tmp_path / "request" / "version_0"
     first = OutputClaim.acquire(folder)
@@ -427,7 +427,7 @@ def test_a_claimed_folder_is_refused_to_a_second_claim_and_replaced_whole(tmp_pa
 
 
 def test_a_folder_holding_foreign_files_is_never_replaced(tmp_path):
-    from lightning_unlearn.utils import OutputClaim
+    from lightning_unlearn.outputs import OutputClaim
 
     folder = tmp_path / "run"
     (folder / "checkpoints").mkdir(parents=True)
@@ -445,7 +445,7 @@ def test_a_folder_holding_foreign_files_is_never_replaced(tmp_path):
 
 
 def test_next_versions_skip_folders_being_written(tmp_path):
-    from lightning_unlearn.utils import OutputClaim
+    from lightning_unlearn.outputs import OutputClaim
 
     (tmp_path / "version_3").mkdir()
     (tmp_path / "version_3" / "report.json").write_text("{}")
@@ -459,7 +459,7 @@ def test_next_versions_skip_folders_being_written(tmp_path):
 
 def _claim_and_stall(folder: Path, version: int, stalled: Any) -> None:
     """Child: claim ``folder`` (overwrite), write a result into the staging folder, stall until killed."""
-    from lightning_unlearn.utils import OutputClaim
+    from lightning_unlearn.outputs import OutputClaim
 
     claim = OutputClaim.acquire(folder, overwrite=True)
     _result(claim.staging, version)
@@ -470,7 +470,7 @@ def _claim_and_stall(folder: Path, version: int, stalled: Any) -> None:
 def test_a_killed_claim_leaves_the_previous_result_and_the_next_claim_cleans_up(tmp_path):
     """``kill -9`` of a request that is rewriting a folder with ``overwrite``: the folder keeps the earlier result bit
     for bit, the lock dies with the process, and the next claim removes the staging folder it left, with a warning."""
-    from lightning_unlearn.utils import OutputClaim
+    from lightning_unlearn.outputs import OutputClaim
 
     folder = tmp_path / "version_0"
     with OutputClaim.acquire(folder) as claim:
@@ -496,10 +496,10 @@ def test_a_killed_claim_leaves_the_previous_result_and_the_next_claim_cleans_up(
 def test_without_an_atomic_swap_a_replacement_interrupted_between_renames_is_undone(tmp_path, monkeypatch):
     """Where ``renameat2(RENAME_EXCHANGE)`` is missing the swap takes three renames; a kill between the first two
     leaves the old result under a ``.previous`` name, which the next claim of the folder puts back."""
-    from lightning_unlearn import utils
-    from lightning_unlearn.utils import OutputClaim
+    from lightning_unlearn import outputs
+    from lightning_unlearn.outputs import OutputClaim
 
-    monkeypatch.setattr(utils, "_renameat2_exchange", lambda first, second: False)
+    monkeypatch.setattr(outputs, "_renameat2_exchange", lambda first, second: False)
     folder = tmp_path / "version_0"
     with OutputClaim.acquire(folder) as claim:
         _result(claim.staging, 1)
