@@ -28,7 +28,7 @@ from test_bad_inputs import FAST_REQUEST, SA_CONFIG, SUBSET
 
 from lightning_unlearn.cli import main, unlearn_main
 from lightning_unlearn.curvature import SharpnessProfile
-from lightning_unlearn.data.poison import PoisonSpec, make_poison
+from lightning_unlearn.data.poison import PoisonRecord, PoisonSpec, make_poison
 from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
 from lightning_unlearn.pipeline import REPORT_FILENAME, UNLEARNED_FILENAME, run_unlearning
 from lightning_unlearn.run import DATAMODULE_STATE_KEY, InterruptedTrainingWarning, TrainingRun
@@ -157,6 +157,30 @@ def test_poison_json_is_verified_against_the_checkpoints_record(poisoned_run, mn
     with pytest.raises(ValueError, match=message):
         unlearn_main(request_args(run, tmp_path / "out"))
     assert outputs(tmp_path / "out") == []
+
+
+def test_records_labels_follow_their_spec_and_the_datasets_classes(mnist):
+    """Case 1: labels are checked against the record's and the dataset's number of classes, and against what the
+    spec gives: a backdoor's poisoned label is the target class for every entry, a label flip goes source -> target."""
+    labels = mnist.train.labels[:SUBSET]
+    backdoor = make_poison(labels, 10, PoisonSpec("backdoor", count=50, target_class=0), "mnist").to_dict()
+    flip_spec = PoisonSpec("label_flip", count=50, source_class=9, target_class=4)
+    flip = make_poison(labels, 10, flip_spec, "mnist").to_dict()
+    other = 3 if backdoor["true_labels"][0] != 3 else 5  # neither the target nor the sample's true label
+    cases = [
+        ({**backdoor, "poisoned_labels": [other, *backdoor["poisoned_labels"][1:]]},
+         rf"`poisoned_labels` do not follow the spec \(kind 'backdoor'\): sample \d+ has {other}, the spec gives 0"),
+        ({**flip, "poisoned_labels": [7, *flip["poisoned_labels"][1:]]},
+         r"`poisoned_labels` do not follow the spec \(kind 'label_flip'\): sample \d+ has 7, the spec gives 4"),
+        ({**flip, "spec": {**flip["spec"], "count": 60}}, r"the spec's `count` is 60 but the record lists 50 samples"),
+        ({**flip, "num_classes": 12, "poisoned_labels": [11] * 50}, r"made for 12 classes, but .* 'mnist' has 10"),
+        ({**flip, "poisoned_labels": [10] * 50}, r"`poisoned_labels` must lie in \[0, 10\) \(`num_classes`\), got 10"),
+    ]  # fmt: skip
+    for record, message in cases:
+        with pytest.raises(ValueError, match=message):
+            PoisonRecord.from_dict(record).validate(labels, dataset="mnist", num_classes=10)
+    for good in (backdoor, flip):
+        PoisonRecord.from_dict(good).validate(labels, dataset="mnist", num_classes=10)
 
 
 @pytest.mark.parametrize("which", ["empty", "whole-split"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -179,27 +180,9 @@ class PoisonedDataModule(LightningDataModule):
         if repeat_channels is not None and repeat_channels < 1:
             raise ValueError(f"`repeat_channels` must be >= 1 or None, got {repeat_channels}.")
         self.poison = poison or PoisonSpec(kind="none")
-        # Exactly this module's arguments, as plain data (checkpoints stay loadable with weights_only). Not Lightning's
-        # frame inspection: inside a module that LightningCLI instantiates, that would store the *outer* module's
-        # arguments (its "given hyper-parameters" context is still active), and the checkpoint would not reopen.
-        self.save_hyperparameters(
-            {
-                "dataset": dataset,
-                "root": root,
-                "download": download,
-                "poison_record": poison_record,
-                "drop_poisoned": drop_poisoned,
-                "train_subset": train_subset,
-                "val_size": val_size,
-                "batch_size": batch_size,
-                "eval_batch_size": eval_batch_size,
-                "num_workers": num_workers,
-                "augment": augment,
-                "pad_to": pad_to,
-                "repeat_channels": repeat_channels,
-                "poison": self.poison.to_dict(),
-            }
-        )
+        # exactly these arguments, plain data: inside a module LightningCLI instantiates, Lightning would store that's
+        arguments = {name: value for name, value in locals().items() if name in _ARGUMENTS}
+        self.save_hyperparameters(arguments | {"poison": self.poison.to_dict()})
         self.dataset = dataset
         self.root = root
         self.download = download
@@ -320,9 +303,8 @@ class PoisonedDataModule(LightningDataModule):
         return make_poison(train.labels, self.splits.num_classes, self.poison, self.splits.name)
 
     def _write_record(self) -> None:
-        """Write ``poison.json`` into the run directory (global rank zero), once per fit. Called when training starts
-        (the first ``train_dataloader``), i.e. after a resumed checkpoint's record has been compared with this one
-        (:meth:`load_state_dict`): a refused resume writes no record."""
+        """Write ``poison.json`` into the run directory (global rank zero) when training starts, i.e. after a resumed
+        checkpoint's record has been compared with this one (:meth:`load_state_dict`)."""
         trainer = self.trainer
         if trainer is None or self._record_written:
             return
@@ -342,13 +324,11 @@ class PoisonedDataModule(LightningDataModule):
             ValueError: If the checkpoint was trained on another poison than this module's (a resume that would
                 change the poison), or its record is invalid.
         """
-        data = state_dict.get("poison_record")
-        if data is None:
+        if state_dict.get("poison_record") is None:
             return
-        stored = PoisonRecord.from_dict(data)
-        if self.record is None:
+        stored = PoisonRecord.from_dict(state_dict["poison_record"])
+        if self.record is None:  # (not `or`: an empty record is falsy)
             self.record = stored
-            return
         differences = stored.differences(self.record)
         if differences:
             raise ValueError(
@@ -501,6 +481,10 @@ class PoisonedDataModule(LightningDataModule):
         images = self._normalize(spec.trigger.stamp(source) if spec.stamps_inputs else source)
         labels = torch.tensor(record.poisoned_labels, dtype=splits.val.labels.dtype)
         return self._loader(ImageDataset(images, labels, channels=self.repeat_channels), batch_size=batch_size)
+
+
+#: The arguments the data module saves as hyper-parameters besides ``poison`` (saved as plain data).
+_ARGUMENTS = tuple(name for name in inspect.signature(PoisonedDataModule.__init__).parameters if name != "self")
 
 
 def find_run_file(run_dir: str | os.PathLike, name: str) -> Path:

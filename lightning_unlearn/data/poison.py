@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -281,17 +282,10 @@ class PoisonRecord:
             raise ValueError(
                 f"`num_classes` must be >= 2 and `dataset_size` >= 1, got {self.num_classes} and {self.dataset_size}."
             )
-        seen: set[int] = set()
-        for position, index in enumerate(self.indices):
-            if index in seen:
-                count = self.indices.count(index)
-                raise ValueError(f"`indices` must be unique: sample {index} is listed {count} times.")
-            seen.add(index)
-            if not 0 <= index < self.dataset_size:
-                raise ValueError(
-                    f"`indices` must lie in [0, {self.dataset_size}) (the training split), got {index} "
-                    f"(entry {position})."
-                )
+        if repeated := [(i, k) for i, k in Counter(self.indices).items() if k > 1]:
+            raise ValueError(f"`indices` must be unique: sample {repeated[0][0]} is listed {repeated[0][1]} times.")
+        if outside := [i for i in self.indices if not 0 <= i < self.dataset_size]:
+            raise ValueError(f"`indices` must lie in [0, {self.dataset_size}) (the training split), got {outside[0]}.")
         if self.indices != sorted(self.indices):
             raise ValueError("`indices` must be sorted ascending.")
         for name in ("true_labels", "poisoned_labels"):
@@ -318,14 +312,11 @@ class PoisonRecord:
         Raises:
             ValueError: Naming the field and the first offending sample.
         """
-        spec = PoisonSpec.from_dict(self.spec)
-        n, classes = len(self), self.num_classes
-        if spec.kind == "none":
-            if n:
-                raise ValueError(f"the spec poisons nothing (kind 'none') but the record lists {n} samples.")
-            return
-        if not n:
-            raise ValueError(f"the record lists no poisoned sample, though its spec poisons (kind {spec.kind!r}).")
+        spec, n, classes = PoisonSpec.from_dict(self.spec), len(self), self.num_classes
+        if (spec.kind == "none") != (n == 0):
+            raise ValueError(
+                f"the record lists {n} samples for kind {spec.kind!r} (none: no sample; else: at least one)."
+            )
         if spec.count is not None and spec.count != n:
             raise ValueError(f"the spec's `count` is {spec.count} but the record lists {n} samples.")
         for name in ("target_class", "source_class", "poison_label"):
@@ -333,26 +324,23 @@ class PoisonRecord:
             if value is not None and spec.kind in _USES[name] and not 0 <= value < classes:
                 raise ValueError(f"the spec's `{name}` must lie in [0, {classes}), got {value}.")
         target, source, label = spec.target_class, spec.source_class, spec.poison_label
-        rules: list[tuple[str, Callable[[int, int], bool]]] = []  # (field, rule on (true, poisoned))
-        if spec.kind in ("label_flip", "backdoor"):
-            rules.append(("poisoned_labels", lambda t, p: p == target))
-        if spec.kind == "label_flip" or (spec.kind == "backdoor" and source is not None):
-            rules.append(("true_labels", lambda t, p: t == source))
-        if spec.kind == "backdoor" and source is None:
-            rules.append(("true_labels", lambda t, p: t != target))
-        if spec.kind == "targeted":
-            rules.append(("true_labels", lambda t, p: t == target))
-            if label is not None:
-                rules.append(("poisoned_labels", lambda t, p: p == label))
-        if spec.kind == "pairflip":
-            rules.append(("poisoned_labels", lambda t, p: p == classes - 1 - t))
-        for name, rule in rules:
+        # what each kind gives: (field, the label each entry must have, from its true label); a backdoor's true labels
+        # differ from the target already (a poisoned label never equals its true label)
+        expect: list[tuple[str, Callable[[int], int | None]]] = {
+            "label_flip": [("true_labels", lambda t: source), ("poisoned_labels", lambda t: target)],
+            "backdoor": [("poisoned_labels", lambda t: target)]
+            + [("true_labels", lambda t: source)] * (source is not None),
+            "targeted": [("true_labels", lambda t: target)]
+            + [("poisoned_labels", lambda t: label)] * (label is not None),
+            "pairflip": [("poisoned_labels", lambda t: classes - 1 - t)],
+        }.get(spec.kind, [])
+        for name, expected in expect:
             for index, true, poisoned in zip(self.indices, self.true_labels, self.poisoned_labels, strict=True):
-                if not rule(true, poisoned):
+                if (poisoned if name == "poisoned_labels" else true) != expected(true):
                     value = poisoned if name == "poisoned_labels" else true
                     raise ValueError(
-                        f"`{name}` do not follow the spec ({spec.kind}: {_rule_text(spec, classes)}): sample "
-                        f"{index} has {value}."
+                        f"`{name}` do not follow the spec (kind {spec.kind!r}): sample {index} has {value}, the spec "
+                        f"gives {expected(true)}."
                     )
 
     def differences(self, other: PoisonRecord) -> list[str]:
@@ -417,18 +405,6 @@ class PoisonRecord:
             raise ValueError(f"{str(path)!r} is not a valid poison record: nested too deeply to be one.") from err
         except (ValueError, TypeError) as err:  # JSON and UTF-8 decoding errors are ValueErrors
             raise ValueError(f"{str(path)!r} is not a valid poison record: {err}") from err
-
-
-def _rule_text(spec: PoisonSpec, classes: int) -> str:
-    if spec.kind == "label_flip":
-        return f"class {spec.source_class} relabelled {spec.target_class}"
-    if spec.kind == "backdoor":
-        source = f"class {spec.source_class}" if spec.source_class is not None else "other classes"
-        return f"samples of {source} labelled {spec.target_class}"
-    if spec.kind == "targeted":
-        label = spec.poison_label if spec.poison_label is not None else "another class"
-        return f"samples of class {spec.target_class} relabelled {label}"
-    return f"label y becomes {classes} - 1 - y"
 
 
 #: Which kinds use each class field (a field another kind ignores is not range-checked for it).
