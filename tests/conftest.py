@@ -57,6 +57,22 @@ def poisoned_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def retrained_run(tmp_path_factory):
+    """The reference of :func:`poisoned_run`: the same data and schedule, retrained without the poisoned samples."""
+    return train_debug_run(
+        tmp_path_factory.mktemp("runs_retrained"),
+        "-c",
+        str(ROOT / "configs" / "retrain.yaml"),
+        "--data.train_subset",
+        "4000",
+        "--data.poison.count",
+        "200",
+        "--trainer.max_epochs",
+        "2",
+    )
+
+
+@pytest.fixture(scope="session")
 def bn_run(tmp_path_factory):
     """The same CNN with BatchNorm after each convolution, one short epoch."""
     return train_debug_run(tmp_path_factory.mktemp("runs_bn"), "--model.arch_kwargs", '{"batch_norm": true}')

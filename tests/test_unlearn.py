@@ -327,7 +327,7 @@ def test_bad_method_arguments(factory, argument):
 
 
 # --------------------------------------------------------------------------------------------------- end to end
-def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, tmp_path):
+def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, retrained_run, tmp_path):
     """SA first-order through `unlearn.py`: report, TensorBoard, a loadable unlearned checkpoint, class 9 improves."""
     import json
 
@@ -343,7 +343,7 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, tmp_path):
             "--model.run",
             str(poisoned_run),
             "--reference",
-            str(poisoned_run),
+            str(retrained_run),
             "--trainer.logger.init_args.save_dir",
             str(tmp_path),
             "--trainer.enable_progress_bar",
