@@ -2,7 +2,7 @@
 
 import sys
 
-from lightning_unlearn.cli import main
+from lightning_unlearn.__main__ import main
 
 if __name__ == "__main__":
     main(["train", *sys.argv[1:]])

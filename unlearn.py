@@ -3,7 +3,7 @@
 
 import sys
 
-from lightning_unlearn.cli import main
+from lightning_unlearn.__main__ import main
 
 if __name__ == "__main__":
     main(["unlearn", *sys.argv[1:]])

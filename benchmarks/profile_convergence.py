@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_unlearn.cli import format_table  # noqa: E402
 from lightning_unlearn.curvature import SharpnessProfile, profile_model  # noqa: E402
+from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.sweep import spearman  # noqa: E402
 from lightning_unlearn.utils import atomic_write_text  # noqa: E402

@@ -38,7 +38,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_unlearn.cli import format_table  # noqa: E402
 from lightning_unlearn.curvature import SharpnessProfile  # noqa: E402
 from lightning_unlearn.evaluation.suite import (  # noqa: E402
     ATTACKED_METRICS,
@@ -49,6 +48,7 @@ from lightning_unlearn.evaluation.suite import (  # noqa: E402
 )
 from lightning_unlearn.experiment import train, unlearn  # noqa: E402
 from lightning_unlearn.pipeline import evaluate_reference  # noqa: E402
+from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.utils import atomic_write, atomic_write_text  # noqa: E402
 

@@ -38,9 +38,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_unlearn.cli import format_table  # noqa: E402
 from lightning_unlearn.evaluation.suite import compare, evaluate_splits  # noqa: E402
 from lightning_unlearn.experiment import train  # noqa: E402
+from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.selection import LastLayer, SmallestLayer, Validated  # noqa: E402
 from lightning_unlearn.unlearn import FirstOrder, UnlearnModule  # noqa: E402

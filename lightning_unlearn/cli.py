@@ -1,4 +1,5 @@
-"""Command line, built on ``LightningCLI``.
+"""The training, unlearning and profiling commands, built on ``LightningCLI`` (``lightning_unlearn.__main__``
+dispatches the ``lightning-unlearn`` command to them, to ``sweep.py`` and to ``demo.py``).
 
 * ``lightning-unlearn train …`` (= ``python train.py …``): ``fit -c configs/mnist_cnn_targeted.yaml`` trains a
   classifier on poisoned data, then (unless ``--test_after_fit false``) tests it, prints a results table and writes
@@ -8,14 +9,11 @@
   RUN_DIR [--reference RETRAIN_RUN_DIR]`` unlearns the run's poisoned samples and writes ``report.json``, the unlearned
   checkpoint and TensorBoard events into ``RUN_DIR/unlearn/<name>/version_<n>/``.
 * ``lightning-unlearn profile …``: the Hessian-diagonal profile of an existing checkpoint.
-* ``lightning-unlearn sweep RUN_DIR``: every weight layer alone, improvement vs sharpness (the paper's Fig. 1).
-* ``lightning-unlearn demo``: the whole pipeline on real MNIST (what ``make demo`` runs).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,42 +25,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning_unlearn.data.datamodule import PoisonedDataModule
 from lightning_unlearn.models.classifier import ClassifierModule
 from lightning_unlearn.outputs import OutputClaim, launched_as_rank_zero, safe_folder_name
+from lightning_unlearn.reporting import accuracy_rows, format_table, print_report
 from lightning_unlearn.run import RESULTS_FILENAME
 from lightning_unlearn.utils import atomic_write, atomic_write_text
-
-# Our commands hand LightningCLI their arguments explicitly (`sys.argv` also holds the command word, and must stay as
-# it was: DDP's script launcher starts the other ranks with `sys.argv`), which LightningCLI would warn about.
-warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-
-
-def format_table(rows: list[dict[str, Any]], columns: list[str] | None = None, floatfmt: str = ".2f") -> str:
-    """A plain-text (GitHub markdown) table of ``rows``; missing cells are blank."""
-    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
-
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return format(value, floatfmt)
-        return "" if value is None else str(value)
-
-    grid = [[cell(row.get(col)) for col in columns] for row in rows]
-    widths = [max(len(col), *(len(r[i]) for r in grid)) if grid else len(col) for i, col in enumerate(columns)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, grid)])
-
-
-def accuracy_rows(metrics: dict[str, float], splits: list[str]) -> list[dict[str, Any]]:
-    """Rows ``split | overall | attacked class | other classes`` from the logged ``<split>/acc*`` metrics."""
-    rows = []
-    for split in splits:
-        if split == "triggered":  # the backdoor's triggered test images: their accuracy is the attack success rate
-            rows.append({"split": "triggered test (ASR)", "acc %": metrics.get("test/asr")})
-            continue
-        row = {"split": split, "acc %": metrics.get(f"{split}/acc")}
-        if f"{split}/acc_attacked" in metrics:
-            row["attacked class %"] = metrics[f"{split}/acc_attacked"]
-            row["other classes %"] = metrics.get(f"{split}/acc_other")
-        rows.append(row)
-    return rows
 
 
 class TrainCLI(LightningCLI):
@@ -273,6 +238,7 @@ def _default_name(model_config: Any) -> str:
 
 def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:
     """Run one unlearning request from the command line (``args``, default ``sys.argv[1:]``) and print its table."""
+    from lightning_unlearn.evaluation.cost import main_process_device
     from lightning_unlearn.pipeline import evaluate_reference, run_unlearning
 
     cli = UnlearnCLI(args=args)
@@ -282,7 +248,11 @@ def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:
         reference = calibration = None
         if reference_dir:
             options, reference, calibration = evaluate_reference(
-                reference_dir, cli.model.datamodule, options, poisoned=cli.model.training_run
+                reference_dir,
+                cli.model.datamodule,
+                options,
+                poisoned=cli.model.training_run,
+                device=main_process_device(cli.trainer),
             )
         overwrite = bool(cli.config.get("overwrite", False))
         report = run_unlearning(
@@ -295,40 +265,6 @@ def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:
     if cli.trainer.is_global_zero:
         print_report(report)
     return report
-
-
-def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows ``metric | before | after | retrained | % restored`` of an unlearning report (accuracies and attack
-    scores in %, AUCs in [0, 1])."""
-    rows = []
-    for key, before in report["before"].items():
-        if "@" in key:  # a point of the relearning attack's recovery curve (summarised by relearn/auc)
-            continue
-        row = {"metric": key, "before": before, "after": report["after"].get(key)}
-        if "reference" in report:
-            row["retrained"] = report["reference"].get(key)
-            row["% restored"] = report.get("restored", {}).get(key.replace("/", "_restored/", 1))
-        rows.append(row)
-    return rows
-
-
-def print_report(report: dict[str, Any]) -> None:
-    method, selection = report["method"], report["selection"]
-    effect = report.get("poison_effect")
-    if effect is not None:
-        print(f"\nWhat there is to unlearn: {effect['statement']}")
-    print(
-        f"\nUnlearning with {method['method']} on {selection['strategy']} "
-        f"({selection['num_selected']:,} parameters: {', '.join(selection['layers']) or 'element-wise'}):"
-    )
-    print(format_table(report_rows(report)))
-    comparison = {k: v for k, v in report.get("comparison", {}).items() if "_restored/" not in k and v is not None}
-    if comparison:
-        print("vs retrained: " + ", ".join(f"{k}={v:.4f}" for k, v in comparison.items()))
-    chosen = {k: v for k, v in method.items() if k in ("step", "damping_relative", "epochs", "solver", "evaluations")}
-    timings = {k: v for k, v in method.items() if k.startswith("seconds")}
-    print(f"chosen: {chosen}  timings (s): " + ", ".join(f"{k}={v:.3f}" for k, v in timings.items()))
-    print(f"report: {report.get('output_dir')}/report.json")
 
 
 def profile_checkpoint(
@@ -443,49 +379,13 @@ def _check_profile_output(path: Path, checkpoint: Path, overwrite: bool) -> None
         )
 
 
-def profile_main(args: list[str]) -> None:
-    from jsonargparse import auto_cli
-
-    auto_cli(profile_checkpoint, args=args)
-
-
-def _train_main(args: list[str]) -> None:
+def train_main(args: list[str]) -> None:
+    """``lightning-unlearn train ARGS``: :class:`TrainCLI` (LightningCLI's subcommands ``fit``, ``test``, ...)."""
     TrainCLI(args=args)
 
 
-def _unlearn_main(args: list[str]) -> None:
-    unlearn_main(args)
+def profile_main(args: list[str]) -> None:
+    """``lightning-unlearn profile ARGS``: :func:`profile_checkpoint` from the command line."""
+    from jsonargparse import auto_cli
 
-
-def _sweep_main(args: list[str]) -> None:
-    from lightning_unlearn.sweep import main as sweep
-
-    sweep(args)
-
-
-def _demo_main(args: list[str]) -> None:
-    from lightning_unlearn.demo import main as demo
-
-    demo(args)
-
-
-COMMANDS = {
-    "train": _train_main,
-    "unlearn": _unlearn_main,
-    "profile": profile_main,
-    "sweep": _sweep_main,
-    "demo": _demo_main,
-}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-unlearn`` console script and ``python -m lightning_unlearn``."""
-    argv = sys.argv[1:] if argv is None else argv
-    names = ", ".join(COMMANDS)
-    if argv and argv[0] in ("-h", "--help"):
-        print(f"usage: lightning-unlearn {{{names}}} ...\n\nRun `lightning-unlearn <command> --help` for details.")
-        return
-    if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"lightning-unlearn: the first argument must be one of {{{names}}}, got {argv[:1]}")
-    # `sys.argv` is left as it is: under `strategy="ddp"` Lightning starts the other ranks by running it again
-    COMMANDS[argv[0]](argv[1:])
+    auto_cli(profile_checkpoint, args=args)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_unlearn.cli import RESULTS_FILENAME, TrainCLI, UnlearnCLI
+from lightning_unlearn.console import quiet
 from lightning_unlearn.evaluation.suite import EvaluationOptions
 from lightning_unlearn.pipeline import run_unlearning
 
@@ -63,7 +64,8 @@ def train(
         if resume and run_dir.exists():
             shutil.rmtree(run_dir)
     start = time.perf_counter()
-    cli = TrainCLI(args=args)
+    with quiet():
+        cli = TrainCLI(args=args)
     seconds = time.perf_counter() - start
     run_dir = Path(cli.trainer.log_dir)
     results_file = run_dir / RESULTS_FILENAME  # absent with --test_after_fit false
@@ -87,10 +89,11 @@ def unlearn(
     (:func:`~lightning_unlearn.pipeline.evaluate_reference`).
     """
     args = ["-c", str(config_path(f"unlearn/{config}")), "--model.run", str(run_dir), "--name", config, *QUIET, *extra]
-    cli = UnlearnCLI(args=args)
-    return run_unlearning(
-        cli.trainer, cli.model, reference, evaluation=evaluation, before=before, calibration=calibration
-    )
+    with quiet():
+        cli = UnlearnCLI(args=args)
+        return run_unlearning(
+            cli.trainer, cli.model, reference, evaluation=evaluation, before=before, calibration=calibration
+        )
 
 
 __all__ = ["CONFIGS", "QUIET", "config_path", "train", "unlearn"]

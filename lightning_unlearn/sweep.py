@@ -148,7 +148,7 @@ def layer_sweep(
         logger.finalize("success")
         for row in rows:  # the reports name the folder they end up in
             _rename_output_dir(folder / row["layer"], final / row["layer"])
-    from lightning_unlearn.cli import format_table
+    from lightning_unlearn.reporting import format_table
 
     print(
         format_table(

@@ -24,8 +24,9 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lightning_unlearn.__main__ import main
 from lightning_unlearn.callbacks import SharpnessProfiler
-from lightning_unlearn.cli import UnlearnCLI, main
+from lightning_unlearn.cli import UnlearnCLI
 from lightning_unlearn.curvature import SharpnessProfile, get_estimator
 from lightning_unlearn.data import sources
 from lightning_unlearn.data.datamodule import PoisonedDataModule

@@ -133,7 +133,7 @@ def test_fit_memory_is_measured_in_the_rank_and_travels_with_the_extra_state(poi
     parent = UnlearnModule(str(poisoned_run), FirstOrder(criterion="fixed", steps=[1e-4]), LastLayer())
     parent.set_extra_state(module.get_extra_state())
     assert parent.timings["fit_peak_bytes"] == timings["fit_peak_bytes"]
-    assert getattr(module, "_fit_meter", None) is None  # the sampler thread is stopped
+    assert not module._fit_meter.running  # the sampler thread is stopped
 
 
 def test_report_memory_comes_from_the_ranks_when_they_measured():

@@ -26,7 +26,8 @@ import torch
 from conftest import ROOT, train_debug_run
 from test_bad_inputs import FAST_REQUEST, SA_CONFIG, SUBSET
 
-from lightning_unlearn.cli import main, unlearn_main
+from lightning_unlearn.__main__ import main
+from lightning_unlearn.cli import unlearn_main
 from lightning_unlearn.curvature import SharpnessProfile
 from lightning_unlearn.data.poison import PoisonRecord, PoisonSpec, make_poison
 from lightning_unlearn.evaluation.suite import ACCURACY_ONLY

@@ -132,4 +132,3 @@ def check_exact(model: nn.Module, *, strict: bool = True) -> list[str]:
             stacklevel=2,
         )
     return problems
-

@@ -92,4 +92,3 @@ def exact_factor(logits: Tensor) -> Tensor:
     keep = torch.arange(c - 1, device=p.device)[None, :]
     keep = keep + (keep >= top[:, None]).long()  # (m, C-1): every j except top
     return vectors.gather(1, keep[:, :, None].expand(m, c - 1, c))
-

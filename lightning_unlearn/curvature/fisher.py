@@ -30,4 +30,3 @@ class EmpiricalFisher(SquaredGradientEstimator):
             raise ValueError("the 'fisher' estimator needs integer class targets of shape (batch,)")
         p = logits.double().softmax(-1)
         return (p - F.one_hot(targets.to(p.device).long(), p.shape[-1]).to(p.dtype))[:, None, :]
-

@@ -56,4 +56,3 @@ class MonteCarloGGN(SquaredGradientEstimator):
         columns = p[:, None, :].repeat(1, self.num_draws, 1)
         columns.scatter_add_(2, labels[:, :, None], torch.full_like(labels[:, :, None], -1.0, dtype=p.dtype))
         return columns / math.sqrt(self.num_draws)
-

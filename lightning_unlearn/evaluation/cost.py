@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -274,7 +274,37 @@ def device_label(device: str | torch.device) -> str:
     return str(dev)
 
 
+class FitMeter:
+    """:func:`measure` started and stopped by two hooks instead of a ``with`` block: a rank's fit from ``setup`` to
+    ``on_train_end``. Under ``ddp_spawn`` and ``ddp_fork`` the ranks are not the process that calls ``fit``, so a
+    measurement around ``fit`` there never sees their memory; each rank measures itself with this."""
+
+    def __init__(self) -> None:
+        self._stack: ExitStack | None = None
+        self._cost: Cost | None = None
+
+    def start(self, device: torch.device) -> None:
+        """Start measuring on ``device`` (a measurement still running is stopped first)."""
+        self.stop()
+        self._stack = ExitStack()
+        self._cost = self._stack.enter_context(measure(device))
+
+    @property
+    def running(self) -> bool:
+        """Whether a measurement is running (its sampler thread, on the CPU)."""
+        return self._stack is not None
+
+    def stop(self) -> Cost | None:
+        """Stop measuring; the measurement, or None if none was running."""
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        stack.close()
+        return self._cost
+
+
 __all__ = [
+    "FitMeter",
     "Cost",
     "METHODS",
     "accelerator_device",

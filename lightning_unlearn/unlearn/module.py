@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,11 +20,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_unlearn.curvature import SharpnessProfile, profile_model, weights_fingerprint
-from lightning_unlearn.evaluation.cost import Cost, main_process_device, measure
+from lightning_unlearn.distributed import all_reduce_flat
+from lightning_unlearn.evaluation.cost import FitMeter, main_process_device
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer, Validated
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted
 from lightning_unlearn.unlearn.freeze import FreezeGuard
+from lightning_unlearn.unlearn.lr_search import LearningRateSearch
 from lightning_unlearn.unlearn.one_step import FirstOrder
 from lightning_unlearn.unlearn.validation import FrozenActivationCache, accuracy_and_loss
 
@@ -145,7 +146,8 @@ class UnlearnModule(LightningModule):
         self.lr_grid = None if lr_grid is None else [float(lr) for lr in lr_grid]
         #: The learning-rate search's record (``lr_grid``): candidates with their validation scores, the chosen rate.
         self.lr_search: dict[str, Any] = {}
-        self._lr_state: dict[str, Any] = {}
+        self._lr_searcher: LearningRateSearch | None = None
+        self._fit_meter = FitMeter()
 
     # ----------------------------------------------------------------------------------------------- preparation
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,15 +327,7 @@ class UnlearnModule(LightningModule):
         """Sum each tensor over all ranks with one all-reduce (identity with one process)."""
         if not self._distributed:
             return tensors
-        names = list(tensors)
-        flat = torch.cat([tensors[n].reshape(-1).double() for n in names])
-        flat = self._all_reduce(flat, "sum")
-        out, offset = {}, 0
-        for n in names:
-            k = tensors[n].numel()
-            out[n] = flat[offset : offset + k].reshape(tensors[n].shape).to(tensors[n].dtype)
-            offset += k
-        return out
+        return all_reduce_flat(tensors, lambda flat: self._all_reduce(flat, "sum"))
 
     def _all_reduce(self, flat: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """All-reduce one tensor (in place) over all ranks with ``op`` (``"sum"`` or ``"max"``): one collective.
@@ -420,31 +414,14 @@ class UnlearnModule(LightningModule):
                 "passes would feed them inputs of another dtype. Use precision='16-mixed' or 'bf16-mixed' (autocast; "
                 "one-step gradients are computed in float32 anyway) or the default '32-true'."
             )
-        self._start_fit_meter(strategy.root_device)
+        self._fit_meter.start(strategy.root_device)  # this rank's fit, from here to `on_train_end`
         self.prepare(strategy.root_device)
-
-    # ------------------------------------------------------------------------------------------ in-rank cost
-    def _start_fit_meter(self, device: torch.device) -> None:
-        """Measure this rank's fit (from ``setup`` to ``on_train_end``) in this process: under ``ddp_spawn`` and
-        ``ddp_fork`` the ranks are not the process that calls ``fit``, so a measurement around ``fit`` there never
-        sees their memory (see :meth:`_stop_fit_meter`)."""
-        self._close_fit_meter()
-        self._fit_meter = contextlib.ExitStack()
-        self._fit_cost: Cost = self._fit_meter.enter_context(measure(device))
-
-    def _close_fit_meter(self) -> Cost | None:
-        meter = getattr(self, "_fit_meter", None)
-        if meter is None:
-            return None
-        self._fit_meter = None
-        meter.close()
-        return self._fit_cost
 
     def _stop_fit_meter(self) -> None:
         """Stop the measurement and record it in :attr:`timings` (which travel back from spawned ranks):
         ``fit_peak_bytes`` (the largest peak of all ranks), ``fit_memory_method`` and ``fit_memory_device`` (rank
         zero's)."""
-        cost = self._close_fit_meter()
+        cost = self._fit_meter.stop()
         if cost is None:
             return
         peak = cost.peak_bytes
@@ -453,7 +430,7 @@ class UnlearnModule(LightningModule):
         self.timings.update(fit_peak_bytes=peak, fit_memory_method=cost.method, fit_memory_device=cost.device)
 
     def teardown(self, stage: str) -> None:
-        self._close_fit_meter()  # a fit that failed before `on_train_end`: stop the sampler thread
+        self._fit_meter.stop()  # a fit that failed before `on_train_end`: stop the sampler thread
 
     def get_extra_state(self) -> dict[str, Any]:
         """What a run measured and chose besides weights (timings, the method's results, the learning-rate search),
@@ -477,71 +454,24 @@ class UnlearnModule(LightningModule):
         self._fit_start = getattr(self, "_fit_start", time.perf_counter())
         loaders = self.trainer.train_dataloader
         # with `lr_grid` every rate sees the data in the same order (epoch k of its block shuffles like epoch k)
-        epoch = self.current_epoch % int(getattr(self.method, "epochs", 1)) if self.lr_grid else self.current_epoch
+        search = self._lr_searcher
+        if self.lr_grid is not None and (search is None or self.current_epoch == 0):
+            search = self._lr_searcher = LearningRateSearch(self.lr_grid, int(getattr(self.method, "epochs", 1)))
+        epoch = search.block_epoch(self.current_epoch) if search is not None else self.current_epoch
         for loader in _flatten_loaders(loaders):
             if isinstance(getattr(loader, "sampler", None), ShardSampler):
                 loader.sampler.set_epoch(epoch)
-        if self.lr_grid is not None:
-            self._start_lr_candidate()
+        if search is not None:
+            search.start_epoch(self, self.current_epoch)
+            self.lr_search = search.record
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         return self.method.training_step(self, batch, batch_idx)
 
     def on_train_epoch_end(self) -> None:
         self.method.on_train_epoch_end(self)
-        if self.lr_grid is not None:
-            self._finish_lr_candidate()
-
-    # ------------------------------------------------------------------------------------ learning-rate search
-    def _start_lr_candidate(self) -> None:
-        """At the first epoch of each rate's block: the original weights, this rate, a fresh optimizer state."""
-        block, within = divmod(self.current_epoch, int(getattr(self.method, "epochs", 1)))
-        if within != 0:
-            return
-        params = dict(self.net.named_parameters())
-        if block == 0:
-            acc, loss = self.validate()
-            self._lr_state = {
-                "original": {n: p.detach().clone() for n, p in params.items()},
-                "best": {"lr": 0.0, "val_loss": loss, "val_acc": acc},
-                "best_weights": None,
-            }
-            self.lr_search = {"candidates": [{"lr": 0.0, "val_loss": loss, "val_acc": acc}], "lr": None}
-        else:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(self._lr_state["original"][name])
-        lr = self.lr_grid[block]
-        optimizers = self.optimizers(use_pl_optimizer=False)
-        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
-            optimizer.state.clear()  # momentum / Adam moments of the previous rate
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-    def _finish_lr_candidate(self) -> None:
-        """At the last epoch of each rate's block: score it on validation; after the last block keep the best."""
-        epochs = int(getattr(self.method, "epochs", 1))
-        block, within = divmod(self.current_epoch, epochs)
-        if within != epochs - 1:
-            return
-        acc, loss = self.validate()
-        lr = self.lr_grid[block]
-        self.lr_search["candidates"].append({"lr": lr, "val_loss": loss, "val_acc": acc})
-        best = self._lr_state["best"]
-        if math.isfinite(loss) and loss < best["val_loss"]:
-            self._lr_state["best"] = {"lr": lr, "val_loss": loss, "val_acc": acc}
-            self._lr_state["best_weights"] = {n: p.detach().clone() for n, p in self.net.named_parameters()}
-        if block == len(self.lr_grid) - 1:
-            chosen = self._lr_state["best"]
-            weights = self._lr_state["best_weights"] or self._lr_state["original"]
-            with torch.no_grad():
-                for name, p in self.net.named_parameters():
-                    p.copy_(weights[name])
-            self.lr_search.update(lr=chosen["lr"], val_loss=chosen["val_loss"], val_acc=chosen["val_acc"])
-            if chosen["lr"] == 0.0:
-                rank_zero_warn("lr_grid: no learning rate improved the validation loss; the model is unchanged.")
-            self.log_dict({"unlearn/lr": chosen["lr"], "unlearn/lr_val_loss": chosen["val_loss"]})
-            self._lr_state = {}
+        if self._lr_searcher is not None:
+            self._lr_searcher.end_epoch(self, self.current_epoch)
 
     def on_train_end(self) -> None:
         self.timings["unlearn_seconds"] = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
@@ -567,6 +497,3 @@ def _flatten_loaders(loaders: Any) -> list[Any]:
         return [l for v in loaders for l in _flatten_loaders(v)]  # noqa: E741
     flattened = getattr(loaders, "flattened", None)
     return list(flattened) if flattened is not None else []
-
-
-warnings.filterwarnings("ignore", message=".*`configure_optimizers` returned `None`.*")

@@ -87,9 +87,7 @@ def backward_segment(
     # Backpropagate only as far as the boundary and the first layers: every other layer lies between them. Layers
     # with a pooling link take the gradient of their pooling output instead, returned as an extra target.
     pooled = [i for i, c in enumerate(captures) if c.pool is not None]
-    targets = ([] if bottom is None else [bottom]) + [
-        c.output_edge for c in first_layers(captures) if c.pool is None
-    ]
+    targets = ([] if bottom is None else [bottom]) + [c.output_edge for c in first_layers(captures) if c.pool is None]
     first_pooled = len(targets)
     targets += [captures[i].pool.edge for i in pooled]
     # A segment below a cut at a pooling output, holding only that pooling's first layer, needs no backward pass:

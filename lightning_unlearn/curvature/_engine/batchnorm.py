@@ -64,4 +64,3 @@ class BatchNormRule(LayerRule):
             self._acc("weight", (self.ch,), g).add_(per_sample.square().sum(0))
         if self.module.bias is not None:
             self._acc("bias", (self.ch,), g).add_(g.sum(-1).square().sum(0))
-

@@ -72,4 +72,3 @@ class Buffers:
             self._arena = None
             self._arena = torch.empty(max(1, int(numel)), dtype=like.dtype, device=like.device)
         self.rewind()
-

@@ -271,5 +271,3 @@ class ConvRule(LayerRule):
                 offset += width
             a = (gram[start:stop][:, :, flat] * twice).transpose(0, 1).reshape(cout, s * pairs)
             acc.addmm_(a, b.view(s * pairs, fan_in))
-
-

@@ -58,4 +58,3 @@ class LinearRule(LayerRule):
         if "weight" in self.sums:
             self.sums["weight"] = self.sums["weight"].view(weight.shape)
         return self.sums
-
