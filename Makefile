@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # torch/torchvision releases to install (this pair lies on local disk on the project's machines).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# Extra arguments of `make demo`, e.g. DEMO_ARGS="--accelerator gpu" or DEMO_ARGS="--out runs/demo2".
+DEMO_ARGS ?=
 
 .PHONY: install fashion-mnist demo test test-slow test-distributed test-gpu test-all lint clean
 
@@ -28,7 +30,7 @@ fashion-mnist:
 		echo "fashion-mnist: not installed (needs root + apt-get); its loader test will be skipped"; }
 
 demo: install
-	$(BIN)/python -m lightning_unlearn demo
+	$(BIN)/python -m lightning_unlearn demo $(DEMO_ARGS)
 
 test: install fashion-mnist
 	$(BIN)/python -m pytest -m "not slow" -q $(PYTEST_ARGS)

@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lightning_unlearn.cli import format_table  # noqa: E402
 from lightning_unlearn.curvature import profile_model  # noqa: E402
+from lightning_unlearn.evaluation.cost import accelerator_device, device_label, synchronize  # noqa: E402
 from lightning_unlearn.evaluation.suite import ACCURACY_ONLY  # noqa: E402
 from lightning_unlearn.experiment import train, unlearn  # noqa: E402
+from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.utils import atomic_write_text  # noqa: E402
 
@@ -52,21 +53,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/unlearn_cost", help="folder for the runs this benchmark trains")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions of each request (median)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/unlearn_cost.json"))
+    parser.add_argument("--accelerator", default="cpu", help="Lightning accelerator of every Trainer (default cpu)")
     args = parser.parse_args(argv)
     out = Path(args.out)
+    hardware = ("--trainer.accelerator", args.accelerator)
+    device = accelerator_device(args.accelerator)
 
-    run_dir = Path(args.run) if args.run else train([CONFIG], out, name="poisoned", resume=True)[0]
+    run_dir = Path(args.run) if args.run else train([CONFIG], out, *hardware, name="poisoned", resume=True)[0]
     print("== retraining from scratch (timed)", flush=True)
-    _, retrained = train([CONFIG, "retrain.yaml"], out, "--test_after_fit", "false", name=f"retrain_{time.time_ns()}")
+    _, retrained = train(
+        [CONFIG, "retrain.yaml"], out, *hardware, "--test_after_fit", "false", name=f"retrain_{time.time_ns()}"
+    )
     retrain_seconds = retrained["seconds"]
 
     print("== profile (exact, whole training set)", flush=True)
     training_run = TrainingRun.from_path(run_dir)
     datamodule = training_run.datamodule()
     datamodule.setup("fit")
-    net = training_run.load_classifier().net
+    net = training_run.load_classifier().net.to(device)
+    synchronize(device)
     start = time.perf_counter()
-    profile_model(net, datamodule.profile_dataloader(), "exact")
+    profile_model(net, datamodule.profile_dataloader(), "exact", device=device)
+    synchronize(device)
     profile_seconds = time.perf_counter() - start
 
     seconds: dict[str, list[float]] = {}
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.repeats):
         for label, config in REQUESTS.items():
             print(f"== {label}", flush=True)
-            report = unlearn(config, run_dir, evaluation=ACCURACY_ONLY, before={})
+            report = unlearn(config, run_dir, *hardware, evaluation=ACCURACY_ONLY, before={})
             seconds.setdefault(label, []).append(report["cost"]["seconds"])
             method = report["method"]
             details[label] = {
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = format_table(rows, floatfmt=".3f")
     print("\n" + table)
     result = {
-        "device": "cpu",
+        "device": device_label(device),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),

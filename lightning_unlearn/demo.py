@@ -1,4 +1,4 @@
-"""``lightning-unlearn demo`` (what ``make demo`` runs): the whole pipeline on real MNIST, offline, on CPU.
+"""``lightning-unlearn demo`` (what ``make demo`` runs): the whole pipeline on real MNIST, offline, on any device.
 
 1. train the MNIST CNN on MNIST with a label flip 9 → 4 (2,500 of the ~4,990 training images of class 9 relabelled
    4, ``configs/mnist_cnn_label_flip.yaml``); the ``SharpnessProfiler`` profiles the exact Hessian diagonal after fit;
@@ -9,6 +9,9 @@
 4. print one table: accuracies, % restored of the class-9 accuracy and ToW (relative to the retrained model), the
    membership-inference (SVC) score, the relearning attack's recovery (area under its curve, with a learning rate
    calibrated on the validation split) of every model, and seconds.
+
+Everything runs on ``--accelerator`` / ``--devices`` (default: the best available device, one of it): training,
+retraining and every request through their Trainers, the evaluations outside them on the same device.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning_unlearn.cli import format_table
+from lightning_unlearn.evaluation.cost import accelerator_device, device_label
 from lightning_unlearn.evaluation.suite import EvaluationOptions, evaluate_model, poison_effect
 from lightning_unlearn.experiment import train, unlearn
 from lightning_unlearn.pipeline import evaluate_reference
+from lightning_unlearn.reporting import format_table
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.utils import atomic_write_text
 
@@ -85,18 +89,31 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         action="store_true",
         help=f"Replace the {TABLE} and {REPORTS} of an earlier demo in --out (refused by default).",
     )
+    parser.add_argument(
+        "--accelerator",
+        default="auto",
+        help="Lightning accelerator of every Trainer: auto (default), cpu, gpu, cuda, mps.",
+    )
+    parser.add_argument(
+        "--devices", default="1", help="Devices per Trainer (Lightning's `devices`; default 1: the demo is small)."
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     _check_out(out, args.overwrite)
+    hardware = ("--trainer.accelerator", args.accelerator, "--trainer.devices", args.devices)
+    device = accelerator_device(args.accelerator)
+    print(f"Device: {device_label(device)}")
 
     print("== 1/3 training on poisoned MNIST: label flip 9 -> 4 (+ Hessian-diagonal profile)")
-    run_dir, _ = train([CONFIG], out)
+    run_dir, _ = train([CONFIG], out, *hardware)
     print("== 2/3 retraining without the flipped samples (reference)")
-    retrain_dir, _ = train([CONFIG, "retrain.yaml"], out)
+    retrain_dir, _ = train([CONFIG, "retrain.yaml"], out, *hardware)
     training_run = TrainingRun.from_path(run_dir)
     datamodule = training_run.datamodule()
-    options, reference, calibration = evaluate_reference(retrain_dir, datamodule, EvaluationOptions())
-    before = evaluate_model(training_run.load_classifier().net, datamodule, options)
+    options, reference, calibration = evaluate_reference(
+        retrain_dir, datamodule, EvaluationOptions(), poisoned=training_run, device=device
+    )
+    before = evaluate_model(training_run.load_classifier().net, datamodule, options, device)
     effect = poison_effect(before, reference, datamodule.spec.kind)
     print(f"What there is to unlearn: {effect['statement']}")
     print("== 3/3 unlearning")
@@ -104,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name, config in REQUESTS.items():
         print(f"-- {name}")
         reports[name] = unlearn(
-            config, run_dir, reference=reference, before=before, evaluation=options, calibration=calibration
+            config, run_dir, *hardware, reference=reference, before=before, evaluation=options, calibration=calibration
         )
 
     rows = [row("poisoned (before)", before), row("retrained (reference)", reference)]
@@ -120,7 +137,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print()
     print(table)
     atomic_write_text(out / TABLE, table + "\n", exclusive=not args.overwrite)
-    payload = {"poison_effect": effect, "relearn_calibration": calibration, "requests": reports}
+    payload = {
+        "device": device_label(device),
+        "poison_effect": effect,
+        "relearn_calibration": calibration,
+        "requests": reports,
+    }
     atomic_write_text(out / REPORTS, json.dumps(payload, indent=1, default=str), exclusive=not args.overwrite)
     print(
         f"\nTable: {out / 'demo_table.md'}; reports: {out / 'demo_reports.json'}; "

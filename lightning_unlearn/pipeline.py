@@ -16,9 +16,10 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_unlearn.console import quiet
 from lightning_unlearn.curvature import SharpnessProfile
 from lightning_unlearn.data.datamodule import PoisonedDataModule
-from lightning_unlearn.evaluation.cost import measure
+from lightning_unlearn.evaluation.cost import fit_memory, main_process_device, measure
 from lightning_unlearn.evaluation.figures import curve_of, log_figure, relearn_figure
 from lightning_unlearn.evaluation.suite import (
     EvaluationOptions,
@@ -131,6 +132,7 @@ def evaluate_reference(
     datamodule: PoisonedDataModule,
     options: EvaluationOptions | None = None,
     poisoned: TrainingRun | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[EvaluationOptions, dict[str, float], dict[str, Any] | None]:
     """Calibrate the relearning attack with the reference model on the validation split (see
     :func:`~lightning_unlearn.evaluation.suite.calibrated_options`), then evaluate the reference with it.
@@ -140,14 +142,16 @@ def evaluate_reference(
         datamodule: The poisoned run's data module (its exact splits).
         options: What to evaluate besides accuracies.
         poisoned: The poisoned run: the reference is checked against it (:func:`check_reference`).
+        device: Where to calibrate and evaluate: the device the request's own evaluations run on
+            (:func:`~lightning_unlearn.evaluation.cost.main_process_device` of its Trainer); None: the CPU.
 
     Returns:
         ``(options, metrics, calibration)``: the options every model of the request must be evaluated with (the
         calibrated attack), the reference's metrics, and the calibration's record (None when it is off).
     """
     net = _reference_net(reference_run, poisoned)
-    options, calibration = calibrated_options(net, datamodule, options)
-    return options, evaluate_model(net, datamodule, options), calibration
+    options, calibration = calibrated_options(net, datamodule, options, device)
+    return options, evaluate_model(net, datamodule, options, device), calibration
 
 
 def _reference_net(reference_run: str | Path, poisoned: TrainingRun | None) -> torch.nn.Module:
@@ -340,7 +344,8 @@ def _unlearn(
     calibration: dict[str, Any] | None,
 ) -> dict[str, Any]:
     evaluation = evaluation or EvaluationOptions()
-    device = trainer.strategy.root_device
+    # this process's device: the Trainer's, except the CPU when ranks will be forked onto CUDA devices (ddp_fork)
+    device = main_process_device(trainer)
     training = module.training_run.training_status()
     if training["complete"] is False:
         rank_zero_warn(
@@ -350,7 +355,7 @@ def _unlearn(
             category=InterruptedTrainingWarning,
         )
     # a missing `profile=PATH` is computed by this process: on the Trainer's device unless ranks will be forked
-    _prepare_profile(module, device if trainer.world_size == 1 else torch.device("cpu"))
+    _prepare_profile(module, device)
     module.prepare_before_fit(trainer)
     prepared_in_fit = module.guard is None  # ranks launched as scripts prepare together in `setup`
     if not prepared_in_fit:
@@ -359,7 +364,7 @@ def _unlearn(
     if before is None:
         before = evaluate_model(module.net, module.datamodule, evaluation, device)
     trainer.fit_loop.max_epochs = module.max_epochs
-    with measure(device) as cost:
+    with measure(device) as cost, quiet():  # Lightning's notes on a one-step fit (no optimizer, few batches) are noise
         trainer.fit(module)
     if prepared_in_fit:
         _check_prepared(module, after_fit=True)
@@ -387,11 +392,8 @@ def _unlearn(
             "selection_seconds": module.timings.get("selection_seconds"),
             "fit_wall_seconds": cost.seconds,
         },
-        "cost": {
-            "seconds": max(seconds, 0.0),
-            "peak_mib": cost.peak_bytes / 2**20,
-            "memory_method": cost.method,
-        },
+        # the ranks' own peak where they measured it (ddp_spawn/ddp_fork ranks are other processes than this one)
+        "cost": {"seconds": max(seconds, 0.0), **fit_memory(module.timings, cost)},
         "evaluation": evaluation.to_dict(),
         "before": before,
         "after": after,

@@ -331,7 +331,7 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, retrained_ru
     """SA first-order through `unlearn.py`: report, TensorBoard, a loadable unlearned checkpoint, class 9 improves."""
     import json
 
-    from lightning_unlearn.cli import main
+    from lightning_unlearn.__main__ import main
     from lightning_unlearn.models import ClassifierModule
 
     config = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs/unlearn/sa_first_order.yaml")
@@ -369,6 +369,7 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, retrained_ru
     expected = tow(after, reference)
     assert report["comparison"]["tow"] == pytest.approx(expected)
     assert report["cost"]["seconds"] >= report["timings"]["fit_wall_seconds"] > 0
+    assert report["cost"]["memory_device"] == "cpu" and report["cost"]["peak_mib"] > 0  # measured in the rank
     unlearned = ClassifierModule.load_from_checkpoint(out / "unlearned.ckpt", weights_only=True)
     before = TrainingRun.from_path(poisoned_run).load_classifier()
     layer = report["selection"]["layers"][0]
