@@ -121,7 +121,7 @@ class Setting:
 
 SETTINGS: dict[str, Setting] = {
     "mnist_label_flip": Setting(
-        "MNIST CNN, label flip 9 → 4: 2,500 of the ~4,990 class-9 training images",
+        "MNIST CNN, label flip 9 → 4: 3,500 of the ~4,990 class-9 training images (70 %)",
         ("mnist_cnn_label_flip.yaml",),
         sweep=True,
     ),
@@ -131,7 +131,7 @@ SETTINGS: dict[str, Setting] = {
         sweep=True,
     ),
     "mnist_noise": Setting(
-        "MNIST CNN (wide, Adam, 20 epochs), memorised noise: 2,500 random training images with a random wrong label",
+        "MNIST CNN (wide, Adam, 30 epochs), memorised noise: 2,500 random training images with a random wrong label",
         ("mnist_cnn_noise.yaml",),
     ),
     "fashion_resnet18_targeted": Setting(

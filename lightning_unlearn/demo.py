@@ -1,6 +1,6 @@
 """``lightning-unlearn demo`` (what ``make demo`` runs): the whole pipeline on real MNIST, offline, on any device.
 
-1. train the MNIST CNN on MNIST with a label flip 9 → 4 (2,500 of the ~4,990 training images of class 9 relabelled
+1. train the MNIST CNN on MNIST with a label flip 9 → 4 (3,500 of the ~4,990 training images of class 9 relabelled
    4, ``configs/mnist_cnn_label_flip.yaml``); the ``SharpnessProfiler`` profiles the exact Hessian diagonal after fit;
 2. retrain from scratch without the flipped samples (the reference), and state the poison's harm (class-9 test
    accuracy, poisoned vs retrained) and fit (how much of the forget set the poisoned model learnt);
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = [row("poisoned (before)", before), row("retrained (reference)", reference)]
     rows += [row(name, report["after"], report) for name, report in reports.items()]
     table = format_table(rows)
-    print(f"\nReal MNIST, label flip 9 -> 4 on 2,500 training images; run: {run_dir}; reference: {retrain_dir}")
+    print(f"\nReal MNIST, label flip 9 -> 4 on 3,500 training images; run: {run_dir}; reference: {retrain_dir}")
     print(f"{effect['statement']}")
     print(
         f"Relearning attack: {options.relearn_steps} SGD steps on {options.relearn_fraction:.0%} of the forget set, "
