@@ -63,10 +63,11 @@ class TrainCLI(LightningCLI):
     @rank_zero_only
     def report(self, metrics: dict[str, float], log_dir: str | None) -> None:
         splits = list(getattr(self.datamodule, "test_split_names", ["test"]))
-        print(
-            "\nPoisoned model (" + f"{self.datamodule.poison.kind} poisoning, "
-            f"{len(self.datamodule.record or [])} samples):"
-        )
+        kind, count = self.datamodule.poison.kind, len(self.datamodule.record or [])
+        if getattr(self.datamodule, "drop_poisoned", False):
+            print(f"\nModel retrained without the {count} poisoned samples ({kind}; the reference):")
+        else:
+            print(f"\nPoisoned model ({kind} poisoning, {count} samples):")
         print(format_table(accuracy_rows(metrics, splits)))
         if log_dir is not None:
             payload = {"metrics": metrics, "checkpoint": self._best_checkpoint()}

@@ -33,6 +33,7 @@ NOISE_LOGS = (
     r"TPU available: ",
     r"HPU available: ",
     r"Seed set to ",
+    r"`Trainer.fit` stopped: `max_epochs=\d+` reached",  # every request is one fit of its planned epochs
 )
 #: Where those lines are logged (``rank_zero_info`` logs through whichever of the two rank-zero loggers was set last).
 LOGGERS = (

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print("== 1/3 training on poisoned MNIST: label flip 9 -> 4 (+ Hessian-diagonal profile)")
     run_dir, _ = train([CONFIG], out, *hardware)
     print("== 2/3 retraining without the flipped samples (reference)")
-    retrain_dir, _ = train([CONFIG, "retrain.yaml"], out, *hardware)
+    retrain_name = ("--trainer.logger.init_args.name", "mnist_cnn_label_flip_retrain")
+    retrain_dir, _ = train([CONFIG, "retrain.yaml"], out, *hardware, *retrain_name)
     training_run = TrainingRun.from_path(run_dir)
     datamodule = training_run.datamodule()
     options, reference, calibration = evaluate_reference(

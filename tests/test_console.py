@@ -25,6 +25,7 @@ def _emit() -> None:
     warnings.warn("a warning the user must see", stacklevel=2)
     NOISE_LOGGER.info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
     NOISE_LOGGER.info("GPU available: False, used: False")
+    NOISE_LOGGER.info("`Trainer.fit` stopped: `max_epochs=5` reached.")
     NOISE_LOGGER.info("a log line the user must see")
 
 
@@ -40,7 +41,7 @@ def test_quiet_drops_only_the_listed_noise_and_only_inside_the_block(caplog):
     with warnings.catch_warnings(record=True) as caught:  # outside the block nothing is filtered
         warnings.simplefilter("always")
         _emit()
-    assert len(caught) == 3 and len(caplog.records) == 3
+    assert len(caught) == 3 and len(caplog.records) == 4
 
 
 def test_importing_the_package_changes_no_warning_filter():
