@@ -453,3 +453,22 @@ def test_retain_samples_evaluates_the_first_retain_samples_only():
     assert full["retain/acc"] == pytest.approx(evaluate_accuracy(net, dm.retain_dataloader())["acc"])
     with pytest.raises(ValueError, match="`retain_samples`"):
         EvaluationOptions(retain_samples=0)
+
+
+def test_svc_score_fits_repeated_points_once_with_their_count_as_weight():
+    """The deduplicated, weighted fit is the same SVM as OPTML's plain fit on every point: same calls on the forget set
+    (checked against sklearn's plain fit on data with many repeated probabilities, as a confident model gives)."""
+    import numpy as np
+    from sklearn.svm import SVC
+
+    from lightning_unlearn.evaluation.mia import SVC_PARAMS, svc_score
+
+    g = torch.Generator().manual_seed(0)
+    members = torch.where(torch.rand(2000, generator=g) < 0.7, 1.0, torch.rand(2000, generator=g).round(decimals=2))
+    nonmembers = torch.where(torch.rand(2000, generator=g) < 0.4, 1.0, torch.rand(2000, generator=g).round(decimals=2))
+    forget = torch.rand(500, generator=g).round(decimals=2)
+    x = torch.cat([members, nonmembers]).double().numpy().reshape(-1, 1)
+    y = np.r_[np.ones(2000), np.zeros(2000)]
+    plain = SVC(**SVC_PARAMS).fit(x, y).predict(forget.double().numpy().reshape(-1, 1))
+    assert svc_score(members, nonmembers, forget) == pytest.approx(100.0 * (1.0 - plain.mean()), abs=0.2)
+    assert 0.0 < svc_score(members, nonmembers, forget) < 100.0  # the case separates some forget samples, not all
