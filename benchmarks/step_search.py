@@ -56,7 +56,7 @@ def request(run: Path, selection: Any, criterion: str) -> tuple[UnlearnModule, f
     """One first-order request; returns the module (unlearned) and its wall time (gradient + search)."""
     module = UnlearnModule(str(run), FirstOrder(criterion=criterion), selection, eval_batch_size=2000)
     start = time.perf_counter()
-    unlearn_trainer(accelerator="cpu").fit(module)
+    unlearn_trainer(accelerator="cpu", max_epochs=module.max_epochs).fit(module)
     return module, time.perf_counter() - start
 
 

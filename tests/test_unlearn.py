@@ -377,3 +377,25 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, retrained_ru
         same = torch.equal(value, before.state_dict()[name])
         assert same != name.startswith(layer + "."), name  # exactly the selected layer changed
     assert list(out.glob("events.out.tfevents.*"))
+
+
+@pytest.mark.timeout(300)  # the code before ran 1000 epochs here
+def test_a_trainer_without_max_epochs_runs_the_methods_own_schedule(poisoned_run):
+    """Lightning's default is 1000 epochs: a user's ``Trainer().fit(module)`` must still make one one-step update (a
+    second epoch would compute a new gradient at the moved weights and step again) and an iterative method's epochs."""
+    from lightning_unlearn.unlearn.module import unlearn_trainer
+
+    one_step = UnlearnModule(str(poisoned_run), FirstOrder(criterion="fixed", steps=[1e-4]), LastLayer())
+    before = {n: p.detach().clone() for n, p in one_step.net.named_parameters()}
+    trainer = unlearn_trainer(accelerator="cpu")  # no max_epochs
+    trainer.fit(one_step)
+    assert trainer.current_epoch == 1
+    reference = UnlearnModule(str(poisoned_run), FirstOrder(criterion="fixed", steps=[1e-4]), LastLayer())
+    unlearn_trainer(accelerator="cpu", max_epochs=1).fit(reference)
+    for name, p in one_step.net.named_parameters():
+        assert torch.equal(p, dict(reference.net.named_parameters())[name]), name
+    assert not torch.equal(one_step.net.fc2.weight, before["fc2.weight"])  # it did move, once
+    iterative = UnlearnModule(str(poisoned_run), Finetune(epochs=2, batch_size=256), LastLayer())
+    trainer = unlearn_trainer(accelerator="cpu", limit_train_batches=2)
+    trainer.fit(iterative)
+    assert trainer.current_epoch == 2

@@ -414,6 +414,7 @@ class UnlearnModule(LightningModule):
                 "passes would feed them inputs of another dtype. Use precision='16-mixed' or 'bf16-mixed' (autocast; "
                 "one-step gradients are computed in float32 anyway) or the default '32-true'."
             )
+        self.trainer.fit_loop.max_epochs = self.max_epochs  # not Lightning's default 1000: one step is one epoch
         self._fit_meter.start(strategy.root_device)  # this rank's fit, from here to `on_train_end`
         self.prepare(strategy.root_device)
 
@@ -479,8 +480,8 @@ class UnlearnModule(LightningModule):
 
     @property
     def max_epochs(self) -> int:
-        """Epochs the Trainer should run for this method (1 for one-step methods; the method's epochs once per rate
-        of ``lr_grid``)."""
+        """Epochs of the fit, which ``setup`` sets as the Trainer's ``max_epochs`` whatever it was given (1 for one-step
+        methods; the method's epochs once per rate of ``lr_grid``)."""
         if self.method.one_step:
             return 1
         return int(getattr(self.method, "epochs", 1)) * (len(self.lr_grid) if self.lr_grid is not None else 1)
