@@ -70,7 +70,7 @@ def oracle(
 ) -> dict[str, float]:
     """The best ToW along the first-order direction of ``names`` (restricted to ``masks``) over ``steps``."""
     net, dm = module.net, module.datamodule
-    params = dict(net.named_parameters())
+    params = dict(module.named_parameters())  # the masks name parameters as the module does (net.<name>)
     chosen = [params[n] for n in names]
     original = [p.detach().clone() for p in chosen]
     direction = [torch.zeros_like(p) for p in chosen]
