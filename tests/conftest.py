@@ -42,34 +42,21 @@ def train_debug_run(save_dir: Path, *extra: str) -> Path:
     return Path(cli.trainer.log_dir)
 
 
+#: The session runs' data and schedule: 4,000 MNIST training images, 200 of class 9 poisoned, 2 epochs.
+SESSION_RUN = ("--data.train_subset", "4000", "--data.poison.count", "200", "--trainer.max_epochs", "2")
+
+
 @pytest.fixture(scope="session")
 def poisoned_run(tmp_path_factory):
-    """4,000 MNIST training images, 200 of class 9 poisoned, 2 epochs; profile of the exact Hessian diagonal."""
-    return train_debug_run(
-        tmp_path_factory.mktemp("runs"),
-        "--data.train_subset",
-        "4000",
-        "--data.poison.count",
-        "200",
-        "--trainer.max_epochs",
-        "2",
-    )
+    """:data:`SESSION_RUN`, poisoned; profile of the exact Hessian diagonal."""
+    return train_debug_run(tmp_path_factory.mktemp("runs"), *SESSION_RUN)
 
 
 @pytest.fixture(scope="session")
 def retrained_run(tmp_path_factory):
     """The reference of :func:`poisoned_run`: the same data and schedule, retrained without the poisoned samples."""
-    return train_debug_run(
-        tmp_path_factory.mktemp("runs_retrained"),
-        "-c",
-        str(ROOT / "configs" / "retrain.yaml"),
-        "--data.train_subset",
-        "4000",
-        "--data.poison.count",
-        "200",
-        "--trainer.max_epochs",
-        "2",
-    )
+    retrain = ("-c", str(ROOT / "configs" / "retrain.yaml"))
+    return train_debug_run(tmp_path_factory.mktemp("runs_retrained"), *retrain, *SESSION_RUN)
 
 
 @pytest.fixture(scope="session")

@@ -105,3 +105,9 @@ def test_every_unlearn_config_resolves(config, capsys):
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: lightning_unlearn.unlearn." in printed and "class_path: lightning_unlearn.selection." in printed
+
+
+def test_demo_refuses_an_unknown_accelerator_before_training(tmp_path):
+    with pytest.raises(ValueError, match="`accelerator` must be one of"):
+        main(["demo", "--out", str(tmp_path / "demo"), "--accelerator", "tpuz"])
+    assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").iterdir())  # nothing was trained
