@@ -18,20 +18,25 @@ from lightning_unlearn.console import quiet
 from lightning_unlearn.evaluation.suite import EvaluationOptions
 from lightning_unlearn.pipeline import run_unlearning
 
-#: The repository's config folder.
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The config folder: shipped in the package as ``lightning_unlearn/configs`` (in the repository a symlink to the
+#: top-level ``configs/``), so an installed wheel finds the same files as a checkout.
+CONFIGS = Path(__file__).resolve().parent / "configs"
 #: Arguments that keep Lightning quiet (no progress bars or model summaries).
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
+def available_configs() -> list[str]:
+    """Every shipped config's name, relative to :data:`CONFIGS` (``mnist_cnn_targeted.yaml``, ``unlearn/x.yaml``)."""
+    return sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.yaml"))
+
+
 def config_path(name: str) -> Path:
-    """A config of the repository's ``configs/`` folder by file name (``mnist_cnn_targeted.yaml``, ``unlearn/x``)."""
+    """A shipped config by file name (``mnist_cnn_targeted.yaml``, ``unlearn/x``); see :data:`CONFIGS`."""
     path = CONFIGS / name
     if not path.suffix:
         path = path.with_suffix(".yaml")
     if not path.is_file():
-        available = sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml"))
-        raise FileNotFoundError(f"No config {name!r} in {CONFIGS}; available: {available}.")
+        raise FileNotFoundError(f"No config {name!r} in {CONFIGS}; available: {available_configs()}.")
     return path
 
 
@@ -96,4 +101,4 @@ def unlearn(
         )
 
 
-__all__ = ["CONFIGS", "QUIET", "config_path", "train", "unlearn"]
+__all__ = ["CONFIGS", "QUIET", "available_configs", "config_path", "train", "unlearn"]
