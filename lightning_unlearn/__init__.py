@@ -8,7 +8,9 @@ The public API, by what a user does with it (the subpackages hold the rest; ``do
 * **select** the parameters that may change: the strategies of :data:`STRATEGIES` (:class:`SmallestLayer`, ...,
   :class:`Validated`), each giving a :class:`ParameterMask`;
 * **unlearn** with :class:`UnlearnModule` and a method of :data:`METHODS` (:class:`FirstOrder`, :class:`SecondOrder`,
-  :class:`Finetune`, :class:`NegGradPlus`, :class:`SamForget`, :class:`SharpMinMax`);
+  :class:`Finetune`, :class:`NegGradPlus`, :class:`SamForget`, :class:`SharpMinMax`): a training run of this library,
+  or your own model with its data as :class:`UnlearnData` (or a data module with the same loaders); without Trainer
+  code: :func:`unlearn_model`;
 * **evaluate**: :func:`evaluate_model` (every metric of one model), :func:`poison_effect` (harm and fit),
   :func:`compare` (ToW, % restored), :class:`EvaluationOptions`;
 * **data and models** of the experiments: :class:`PoisonedDataModule`, :class:`PoisonSpec`, :class:`ClassifierModule`.
@@ -26,7 +28,7 @@ from lightning_unlearn.curvature import (
     get_estimator,
     profile_model,
 )
-from lightning_unlearn.data import PoisonedDataModule, PoisonRecord, PoisonSpec
+from lightning_unlearn.data import PoisonedDataModule, PoisonRecord, PoisonSpec, UnlearnData
 from lightning_unlearn.evaluation.suite import EvaluationOptions, compare, evaluate_model, poison_effect
 from lightning_unlearn.models import ClassifierModule
 from lightning_unlearn.selection import (
@@ -52,6 +54,7 @@ from lightning_unlearn.unlearn import (
     SharpMinMax,
     UnlearnMethod,
     UnlearnModule,
+    unlearn_model,
 )
 
 __version__ = "0.1.0"
@@ -82,6 +85,8 @@ __all__ = [
     "Validated",
     # unlearn
     "UnlearnModule",
+    "UnlearnData",
+    "unlearn_model",
     "METHODS",
     "UnlearnMethod",
     "FirstOrder",

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor
+from torch.utils.data import DataLoader
 
-__all__ = ["unpack_batch"]
+__all__ = ["unpack_batch", "flatten_loaders"]
 
 #: Dict keys of (inputs, targets), tried in this order.
 BATCH_KEYS = (("x", "y"), ("image", "label"), ("input", "target"))
@@ -30,3 +31,17 @@ def unpack_batch(batch: Any) -> tuple[Tensor, Tensor]:
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise ValueError(f"cannot unpack a batch of type {type(batch).__name__} into inputs and targets")
+
+
+def flatten_loaders(loaders: Any) -> list[Any]:
+    """The ``DataLoader`` objects inside ``loaders`` (one, a dict/list of them, or Lightning's ``CombinedLoader``)."""
+    if loaders is None:
+        return []
+    if isinstance(loaders, DataLoader):
+        return [loaders]
+    if isinstance(loaders, dict):
+        return [l for v in loaders.values() for l in flatten_loaders(v)]  # noqa: E741
+    if isinstance(loaders, (list, tuple)):
+        return [l for v in loaders for l in flatten_loaders(v)]  # noqa: E741
+    flattened = getattr(loaders, "flattened", None)
+    return list(flattened) if flattened is not None else []

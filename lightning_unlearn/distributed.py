@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["all_reduce_flat"]
+__all__ = ["all_reduce_flat", "all_reduce_tensor"]
 
 
 def all_reduce_flat(
@@ -45,3 +46,18 @@ def all_reduce_flat(
         out[name] = value.to(tensors[name].dtype if dtype is None else dtype)
         offset += n
     return out
+
+
+def all_reduce_tensor(strategy: Any, flat: Tensor, op: str = "sum") -> Tensor:
+    """All-reduce one tensor (in place) over all ranks with ``op`` (``"sum"`` or ``"max"``): one collective.
+
+    ``strategy.reduce`` puts a barrier before every all-reduce (a second collective, and a host synchronisation on
+    NCCL); the ranks of a step run in lockstep anyway, so the all-reduce is called directly when a default process
+    group exists (DDP's), through the Lightning ``strategy`` otherwise.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return flat
+    return strategy.reduce(flat, reduce_op=op)

@@ -36,6 +36,7 @@ from lightning_unlearn.run import (
     check_profile,
     verify_archive,
 )
+from lightning_unlearn.unlearn.results import finite, lr_search_record, request_scalars
 from lightning_unlearn.utils import TEMP_PATTERN, atomic_write, atomic_write_text, disk_full
 
 REPORT_FILENAME = "report.json"
@@ -159,10 +160,6 @@ def _reference_net(reference_run: str | Path, poisoned: TrainingRun | None) -> t
     if poisoned is not None:
         check_reference(reference, poisoned)
     return reference.load_classifier().net
-
-
-def _finite(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 def run_unlearning(
@@ -364,6 +361,7 @@ def _unlearn(
     if before is None:
         before = evaluate_model(module.net, module.datamodule, evaluation, device)
     trainer.fit_loop.max_epochs = module.max_epochs
+    module.evaluation = None  # this request evaluates (MIA, relearning attack included) and logs itself, below
     with measure(device) as cost, quiet():  # Lightning's notes on a one-step fit (no optimizer, few batches) are noise
         trainer.fit(module)
     if prepared_in_fit:
@@ -381,7 +379,7 @@ def _unlearn(
         "poison": module.datamodule.spec.to_dict(),
         "forget_samples": len(module.datamodule.record),
         "selection": module.mask.summary(total),
-        "method": module.method.report() | _lr_search(module),
+        "method": module.method.report() | lr_search_record(module),
         "profile": {
             "estimator": module.profile.estimator,
             "num_samples": module.profile.num_samples,
@@ -400,8 +398,8 @@ def _unlearn(
     }
     if reference is not None:
         report["reference"] = reference
-        report["poison_effect"] = _finite(poison_effect(before, reference, module.datamodule.spec.kind))
-        report["comparison"] = _finite(compare(before, after, reference))
+        report["poison_effect"] = finite(poison_effect(before, reference, module.datamodule.spec.kind))
+        report["comparison"] = finite(compare(before, after, reference))
         report["restored"] = {k: v for k, v in report["comparison"].items() if "_restored/" in k}
     if calibration is not None:
         report["relearn_calibration"] = calibration
@@ -413,14 +411,7 @@ def _unlearn(
         save_unlearned(module, target / UNLEARNED_FILENAME, exclusive=exclusive)
         atomic_write_text(target / REPORT_FILENAME, json.dumps(_jsonable(report), indent=1), exclusive=exclusive)
         for logger in trainer.loggers:
-            models = {"before": before, "after": after} | ({"reference": reference} if reference is not None else {})
-            # the recovery curves (`relearn/curve@<step>`) go out as series over attack steps instead
-            scalars = {f"{m}/{k}": v for m, values in models.items() for k, v in values.items() if "@" not in k}
-            scalars |= {f"comparison/{k}": v for k, v in report.get("comparison", {}).items() if v is not None}
-            scalars |= {"cost/seconds": report["cost"]["seconds"], "cost/peak_mib": report["cost"]["peak_mib"]}
-            effect = report.get("poison_effect", {})
-            scalars |= {f"poison/{k}": effect[k] for k in ("harm", "fit", "fit_retrained") if effect.get(k) is not None}
-            logger.log_metrics(scalars, step=trainer.global_step)
+            logger.log_metrics(request_scalars(report), step=trainer.global_step)
         log_relearn_curves(trainer.loggers, report)
         for logger in trainer.loggers:
             logger.save()
@@ -444,12 +435,6 @@ def log_relearn_curves(loggers: list[Any], report: dict[str, Any]) -> None:
             for step, value in zip(steps, values, strict=True):
                 logger.log_metrics({tag: value}, step=step)
     log_figure(loggers, "relearn/recovery_curves", lambda: relearn_figure(curves))
-
-
-def _lr_search(module: Any) -> dict[str, Any]:
-    """The learning-rate search's chosen rate and candidates (``UnlearnModule(lr_grid=...)``), if one ran."""
-    search = getattr(module, "lr_search", None)
-    return {"lr": search["lr"], "lr_search": search["candidates"]} if search else {}
 
 
 def save_unlearned(module: Any, path: Path, exclusive: bool = False) -> Path:

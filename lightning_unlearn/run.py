@@ -298,10 +298,14 @@ class TrainingRun:
         state = _load_checkpoint(self.checkpoint, self._cache)  # a clear error for a truncated or foreign file
         where = str(self.checkpoint)
         missing = [key for key in ("state_dict", "hyper_parameters") if not isinstance(state.get(key), dict)]
+        if not missing and "architecture" not in state["hyper_parameters"]:
+            missing = ["ClassifierModule hyper-parameters"]
         if missing:
             raise ValueError(
-                f"{where!r} is not a ClassifierModule checkpoint: it has no {' / '.join(missing)} "
-                f"(its keys: {sorted(map(str, state))[:8]})."
+                f"{where!r} is not a checkpoint of this library's ClassifierModule: it has no {' / '.join(missing)} "
+                f"(its keys: {sorted(map(str, state))[:8]}). A `run` is a training run of this library; to unlearn "
+                "your own model pass `model=` (the module, or this checkpoint with `model_class=`) and `data=` "
+                "instead (README, 'Your own model')."
             )
         weights = state["state_dict"]
         bad = [n for n, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]

@@ -268,7 +268,7 @@ def test_checkpoint_of_another_architecture(poisoned_run: Path, tmp_path: Path) 
     with pytest.raises(ValueError, match=r"another architecture\? shape mismatch \['net\.fc2\.weight \(3, \d+\) vs"):
         TrainingRun.from_path(run).load_classifier()
     torch.save({"weights": torch.ones(3)}, checkpoint)
-    with pytest.raises(ValueError, match=r"is not a ClassifierModule checkpoint: it has no state_dict / hyper_param"):
+    with pytest.raises(ValueError, match=r"library.s ClassifierModule: it has no state_dict / hyper_param"):
         TrainingRun.from_path(run).load_classifier()
 
 

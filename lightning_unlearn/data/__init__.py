@@ -2,6 +2,7 @@
 
 from lightning_unlearn.data.datamodule import ImageDataset, PoisonedDataModule
 from lightning_unlearn.data.poison import POISON_KINDS, PoisonRecord, PoisonSpec, make_poison
+from lightning_unlearn.data.protocol import UnlearnData
 from lightning_unlearn.data.sources import DATASETS, DatasetError, DatasetSplits, Split, load_dataset
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "PoisonSpec",
     "PoisonedDataModule",
     "Split",
+    "UnlearnData",
     "load_dataset",
     "make_poison",
 ]

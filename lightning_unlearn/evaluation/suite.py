@@ -134,13 +134,13 @@ def evaluate_model(
     options = options or EvaluationOptions()
     datamodule.setup("fit")
     target = datamodule.attacked_class
-    loaders = {
-        "test": datamodule.test_dataloader()[0],
-        "forget": datamodule.forget_dataloader(),
-        "forget_true": datamodule.corrected_forget_dataloader(),
-        "retain": _first(datamodule.retain_dataloader(), options.retain_samples),
-        "val": datamodule.val_dataloader(),
-    }
+    tests = datamodule.test_dataloader()  # a user's data may have no test split (`UnlearnData(test=None)`)
+    loaders = {"test": tests[0]} if tests else {}
+    loaders["forget"] = datamodule.forget_dataloader()
+    if getattr(datamodule, "has_corrected_labels", True):  # a user's data may have no corrected labels
+        loaders["forget_true"] = datamodule.corrected_forget_dataloader()
+    loaders["retain"] = _first(datamodule.retain_dataloader(), options.retain_samples)
+    loaders["val"] = datamodule.val_dataloader()
     if "triggered" in getattr(datamodule, "test_split_names", ()):
         loaders["triggered"] = datamodule.triggered_test_dataloader()
     outputs = {}
@@ -158,7 +158,7 @@ def evaluate_model(
         metrics[f"{split}/acc"] = values["acc"]
         if split == "test" and target is not None:
             metrics["test/acc_attacked"], metrics["test/acc_other"] = values["acc_attacked"], values["acc_other"]
-    if "forget" not in outputs:
+    if "forget" not in outputs or "test" not in outputs:  # MIA and relearning compare with unseen test samples
         return metrics
     if options.mia:
         probs = {s: F.softmax(o[0], -1).gather(1, o[1].unsqueeze(1)).squeeze(1) for s, o in outputs.items()}
@@ -171,7 +171,7 @@ def evaluate_model(
         attack = relearning_attack(
             net,
             datamodule.forget_dataloader(),
-            datamodule.test_dataloader()[0],
+            loaders["test"],
             fraction=options.relearn_fraction,
             steps=options.relearn_steps,
             lr=options.relearn_lr,

@@ -2,6 +2,7 @@
 
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod
 from lightning_unlearn.unlearn.freeze import FreezeGuard
+from lightning_unlearn.unlearn.functional import unlearn_model
 from lightning_unlearn.unlearn.iterative import Finetune, NegGradPlus
 from lightning_unlearn.unlearn.module import UnlearnModule
 from lightning_unlearn.unlearn.one_step import FirstOrder, SecondOrder
@@ -32,4 +33,5 @@ __all__ = [
     "UnlearnMethod",
     "UnlearnModule",
     "get_method",
+    "unlearn_model",
 ]

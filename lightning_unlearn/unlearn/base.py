@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -69,6 +71,25 @@ def weighted_mean(
     weight = weight.to(values.dtype)
     count = weight.sum() if count is None else torch.as_tensor(count, dtype=values.dtype, device=values.device)
     return (weight * values).sum() / count.clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def check_trainer(trainer: Any) -> None:
+    """Refuse the strategies and precisions an unlearning fit cannot honour (called in ``UnlearnModule.setup``)."""
+    strategy = trainer.strategy
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+        raise MisconfigurationException(
+            f"UnlearnModule does not support `strategy={type(strategy).__name__}`: use a single device or DDP "
+            "(`strategy='ddp'`, 'ddp_spawn', 'ddp_fork'). Sharded strategies (FSDP, DeepSpeed) would split the "
+            "parameters the hard freeze and the one-step update address."
+        )
+    precision = str(getattr(trainer, "precision", "32-true"))
+    if precision in ("16-true", "bf16-true", "64-true"):
+        raise MisconfigurationException(
+            f"UnlearnModule does not support `precision={precision!r}`: it would convert the trained network's "
+            "weights, so the hard freeze could not keep them bit-identical and the validation and evaluation "
+            "passes would feed them inputs of another dtype. Use precision='16-mixed' or 'bf16-mixed' (autocast; "
+            "one-step gradients are computed in float32 anyway) or the default '32-true'."
+        )
 
 
 @runtime_checkable
@@ -147,6 +168,8 @@ class UnlearnMethod:
     one_step = False
     #: Whether parameters outside the selection are frozen (Sharp MinMax trains them with another objective).
     freezes_unselected = True
+    #: Whether the method needs the forget samples' corrected labels (it replaces their labels, not only ascends).
+    needs_corrected_labels = False
 
     def train_dataloader(self, module: UnlearnContext) -> Any:
         raise NotImplementedError

@@ -11,6 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 
 HVP = Callable[[torch.Tensor], torch.Tensor]
 
@@ -114,3 +117,37 @@ def lissa(
             break
     x = y / scale
     return x, SolveInfo(it, _residual(hvp, x, b, damping), status)
+
+
+def dataset_hvp(
+    net: nn.Module,
+    params: list[nn.Parameter],
+    dataset: Dataset,
+    num_samples: int,
+    device: torch.device,
+    scale: float = 1.0,
+) -> HVP:
+    """``v ↦ scale · H v`` on flat vectors, ``H`` the Hessian of the mean cross-entropy of ``net`` (in eval mode) over
+    the first ``num_samples`` items ``(x, y, ...)`` of ``dataset``, restricted to ``params`` (the batches are loaded
+    once, so the operator is deterministic)."""
+    subset = Subset(dataset, range(min(num_samples, len(dataset))))  # type: ignore[arg-type]
+    batches = [(b[0].to(device), b[1].to(device)) for b in DataLoader(subset, batch_size=512)]
+    total = sum(len(y) for _, y in batches)
+
+    def hvp(v: torch.Tensor) -> torch.Tensor:
+        net.eval()
+        out = torch.zeros_like(v)
+        parts, offset = [], 0
+        for p in params:
+            parts.append(v[offset : offset + p.numel()].reshape(p.shape).to(p.dtype))
+            offset += p.numel()
+        with torch.enable_grad():
+            for x, y in batches:
+                loss = F.cross_entropy(net(x), y, reduction="sum") / total
+                grads = torch.autograd.grad(loss, params, create_graph=True)
+                dot = sum((g * u).sum() for g, u in zip(grads, parts, strict=True))
+                hv = torch.autograd.grad(dot, params)
+                out += torch.cat([h.reshape(-1) for h in hv]).to(v.dtype)
+        return scale * out
+
+    return hvp

@@ -30,6 +30,18 @@ class LearningRateSearch:
         self._best: dict[str, Any] = {}
         self._best_weights: dict[str, torch.Tensor] | None = None
 
+    @staticmethod
+    def check_grid(grid: list[float] | None, method: Any) -> list[float] | None:
+        """``grid`` as floats, or a clear error: it must be a non-empty list of positive rates, for an iterative
+        ``method``."""
+        if grid is None:
+            return None
+        if method.one_step:
+            raise ValueError(f"`lr_grid` applies to iterative methods; {method.name!r} searches its step size itself.")
+        if not grid or any(not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)) for lr in grid):
+            raise ValueError(f"`lr_grid` must be a non-empty list of positive learning rates, got {grid!r}.")
+        return [float(lr) for lr in grid]
+
     def block_epoch(self, epoch: int) -> int:
         """The epoch within its rate's block (what the samplers shuffle by)."""
         return epoch % self.epochs

@@ -3,31 +3,32 @@
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
-from lightning_unlearn.curvature import SharpnessProfile, profile_model, weights_fingerprint
-from lightning_unlearn.distributed import all_reduce_flat
+from lightning_unlearn.batches import flatten_loaders
+from lightning_unlearn.curvature import SharpnessProfile, weights_fingerprint
+from lightning_unlearn.data.protocol import require_corrected_labels
+from lightning_unlearn.distributed import all_reduce_flat, all_reduce_tensor
 from lightning_unlearn.evaluation.cost import FitMeter, main_process_device
-from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer, Validated
-from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted
+from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted, check_trainer
 from lightning_unlearn.unlearn.freeze import FreezeGuard
+from lightning_unlearn.unlearn.inverse_hvp import dataset_hvp
 from lightning_unlearn.unlearn.lr_search import LearningRateSearch
 from lightning_unlearn.unlearn.one_step import FirstOrder
+from lightning_unlearn.unlearn.results import RequestEvaluation
+from lightning_unlearn.unlearn.source import profile_training_set, resolve_source
 from lightning_unlearn.unlearn.validation import FrozenActivationCache, accuracy_and_loss
 
 #: Trainer settings every unlearning run needs: ``UnlearnModule`` shards its data exactly itself (no distributed
@@ -47,37 +48,47 @@ def unlearn_trainer(**kwargs: Any) -> Trainer:
     """A quiet single-device ``Trainer`` for programmatic requests: :data:`TRAINER_DEFAULTS`, no logger, no progress
     bar, one device; ``kwargs`` override any of them."""
     settings = {**TRAINER_DEFAULTS, "devices": 1, "logger": False, "enable_progress_bar": False, **kwargs}
+    settings.setdefault("max_epochs", 1)  # the module sets its own schedule in `setup`; this only avoids a warning
     return Trainer(**settings)
 
 
 class UnlearnModule(LightningModule):
-    """Unlearn the poisoned samples recorded by a training run, changing only the selected parameters.
+    """Unlearn a forget set from a trained classifier, changing only the selected parameters.
 
-    Loads the trained classifier from ``run`` (a run directory or checkpoint file; not Lightning's ``ckpt_path``,
-    which would resume the old loop state), loads that run's curvature profile (or computes it and saves it into the
-    run directory), selects parameters with ``selection``, hard-freezes every other parameter and unlearns with
-    ``method``. Its own dataloaders come from the run's data module, sharded exactly across ranks.
+    What to unlearn, either (exactly one of ``run`` and ``model``):
 
-    Distributed: runs under ``SingleDeviceStrategy`` and every ``DDPStrategy`` flavour (``ddp``, ``ddp_spawn``,
-    ``ddp_fork``, any number of devices and nodes); other strategies (FSDP, DeepSpeed, ...) are refused in ``setup``.
-    Under DDP a profile computed here is computed once: by the parent process of spawned ranks, or sharded across
-    ranks launched as scripts and all-reduced (rank zero writes it). One-step methods sum the forget gradient over
-    all ranks; SAM-style methods all-reduce the gradient that defines the perturbation, so every rank moves to the
-    same perturbed point; iterative updates use DDP's averaged gradients. Batch sizes are per rank.
+    * ``run``: a training run of this library (its directory or a checkpoint inside it): the ``ClassifierModule``,
+      its data and poison record; its profile is loaded from the run directory, or computed and saved there;
+    * ``model`` and ``data``: **your own** ``nn.Module`` or ``LightningModule`` (or the path of a ``LightningModule``
+      checkpoint, with ``model_class`` unless ``LightningCLI`` wrote it) and its data through the protocol of
+      :mod:`lightning_unlearn.data.protocol` (:class:`~lightning_unlearn.data.UnlearnData` over your datasets or
+      loaders, or a ``LightningDataModule`` with ``forget_dataloader``, ``retain_dataloader``, ``val_dataloader``).
+      Parameter names are the model's own (profiles from ``SharpnessProfiler`` on it fit as they are).
+
+    Then it selects parameters with ``selection`` from the curvature profile, hard-freezes every other parameter and
+    unlearns with ``method``; with ``evaluate`` it logs before / after (/ reference) metrics (:attr:`report`).
+
+    Distributed: a single device or any ``DDPStrategy`` flavour (``ddp``, ``ddp_spawn``, ``ddp_fork``); FSDP and
+    DeepSpeed are refused in ``setup``. A missing profile is computed once (by the parent of spawned ranks, or
+    sharded across script-launched ranks and all-reduced). One-step methods sum the forget gradient over all ranks,
+    SAM-style methods all-reduce the gradient that defines the perturbation, iterative updates use DDP's averaged
+    gradients. Batch sizes are per rank.
 
     Args:
         run: Training run directory (or a checkpoint inside one) holding the checkpoint and ``poison.json``.
         method: The unlearning method (``FirstOrder``, ``SecondOrder``, ``Finetune``, ``NegGradPlus``, ``SamForget``,
             ``SharpMinMax``).
         selection: Which parameters may change (``SmallestLayer``, ``LargestLayer``, ``TopKParameters``,
-            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``).
-        profile: Path of a ``sharpness_profile.pt``; default: the run's own, computed and saved if missing.
+            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``Validated``).
+        profile: A :class:`SharpnessProfile` or the path of a saved one; default: a run's own (computed and saved if
+            missing), or for ``model`` computed on the data's training set (``profile_dataloader()``, default retain
+            then forget set) and kept in memory (:attr:`profile`).
         estimator: Estimator for a profile computed here (``exact``, ``mc``, ``hutchinson``, ``fisher``).
         profile_max_samples: Training samples for a profile computed here (None: all).
-        allow_stale_profile: Accept a profile whose weights fingerprint differs from the checkpoint's.
+        allow_stale_profile: Accept a profile whose weights fingerprint differs from the model's.
         optimizer: Optimizer factory for iterative methods; default ``SGD(lr=0.01, momentum=0.9)``.
-        eval_batch_size: Batch size of evaluation and validation passes.
-        num_workers: DataLoader workers.
+        eval_batch_size: Batch size of evaluation and validation passes (of a run's data).
+        num_workers: DataLoader workers (of a run's data).
         seed: Seed of shuffling (iterative methods).
         validation_cache_mb: Memory for the activations a step-size search caches (the part of the network before
             the selected parameters is evaluated once on the validation split, see
@@ -87,15 +98,24 @@ class UnlearnModule(LightningModule):
             budget (``epochs``) once per rate, each time from the original weights with a fresh optimizer state; the
             weights with the lowest validation loss are kept, "no change" (the original weights) included, so the
             model is never left worse on validation than before. Every rate's validation loss and accuracy go to
-            :attr:`lr_search` (and ``report.json``). None: one run with the optimizer's own rate.
+            :attr:`lr_search` (and the report). None: one run with the optimizer's own rate.
+        model: Your own model (``nn.Module``, ``LightningModule``, or a ``LightningModule`` checkpoint path).
+        data: With ``model``: the forget / retain / validation data (see above).
+        model_class: With a checkpoint path as ``model``: its ``LightningModule`` class (or ``"pkg.module.Class"``).
+        output_transform: With ``model``: maps its forward output to logits, for models that return more (e.g.
+            ``lambda out: out[0]`` for ``(logits, features)``).
+        reference: A model retrained without the forget set (``nn.Module``) or its metrics: the report then compares
+            with it (ToW, % restored, the poison's harm and fit).
+        evaluate: Evaluate before and after the update (accuracies; global rank zero) and log ``before/``,
+            ``after/``, ``reference/``, ``comparison/`` and ``poison/`` scalars to the Trainer's loggers.
     """
 
     def __init__(
         self,
-        run: str,
+        run: str | None = None,
         method: UnlearnMethod | None = None,
         selection: SelectionStrategy | None = None,
-        profile: str | None = None,
+        profile: str | SharpnessProfile | None = None,
         estimator: str = "exact",
         profile_max_samples: int | None = None,
         allow_stale_profile: bool = False,
@@ -105,9 +125,16 @@ class UnlearnModule(LightningModule):
         seed: int = 0,
         validation_cache_mb: float = 1024.0,
         lr_grid: list[float] | None = None,
+        model: nn.Module | str | None = None,
+        data: Any = None,
+        model_class: Any = None,
+        output_transform: Callable[[Any], torch.Tensor] | None = None,
+        reference: nn.Module | dict[str, float] | None = None,
+        evaluate: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["method", "selection", "optimizer"])
+        objects = ["method", "selection", "optimizer", "model", "data", "model_class", "output_transform", "reference"]
+        self.save_hyperparameters(ignore=objects + ([] if isinstance(profile, (str, type(None))) else ["profile"]))
         self.automatic_optimization = False
         self.method = method if method is not None else FirstOrder()
         self.selection = selection if selection is not None else SmallestLayer()
@@ -115,35 +142,33 @@ class UnlearnModule(LightningModule):
             raise TypeError(f"`method` must be an UnlearnMethod, got {type(self.method).__name__}.")
         if not isinstance(self.selection, SelectionStrategy):
             raise TypeError(f"`selection` must be a SelectionStrategy, got {type(self.selection).__name__}.")
-        self.training_run = TrainingRun.from_path(run)
-        classifier = self.training_run.load_classifier()
-        self.net: nn.Module = classifier.net
-        self.classifier_hparams = dict(classifier.hparams)
-        self.datamodule = self.training_run.datamodule(eval_batch_size=eval_batch_size, num_workers=num_workers)
-        self.profile_path = profile
+        source = resolve_source(run, model, data, model_class, output_transform, eval_batch_size, num_workers)
+        self.training_run = source.training_run
+        self.net: nn.Module = source.net
+        # not a registered submodule: the same parameters as `net`'s, named as the user's model names them
+        self.__dict__["_names_root"] = source.names_root
+        self.classifier_hparams = source.classifier_hparams
+        self.datamodule = source.datamodule
+        self.profile_path = str(profile) if isinstance(profile, (str, os.PathLike)) else None
         self.estimator = estimator
         self.profile_max_samples = profile_max_samples
         self.allow_stale_profile = allow_stale_profile
         self.optimizer_factory = optimizer
         self.profile: SharpnessProfile | None = None
+        self._given_profile = profile if isinstance(profile, SharpnessProfile) else None
+        if not (profile is None or isinstance(profile, (str, os.PathLike, SharpnessProfile))):
+            raise TypeError(f"`profile` must be a path, a SharpnessProfile or None, got {type(profile).__name__}.")
         self.mask: ParameterMask | None = None
         self.guard: FreezeGuard | None = None
         self.selected_names: set[str] = set()
         self.timings: dict[str, Any] = {}
+        #: Before / after / reference metrics, the comparison and the method's choices (``evaluate=True``).
+        self.evaluation = RequestEvaluation(reference) if evaluate else None
         if validation_cache_mb < 0:
             raise ValueError(f"`validation_cache_mb` must be >= 0 (0 disables the cache), got {validation_cache_mb}.")
         self.validation_cache_mb = validation_cache_mb
         self._validation: FrozenActivationCache | None = None
-        if lr_grid is not None:
-            if self.method.one_step:
-                raise ValueError(
-                    f"`lr_grid` applies to iterative methods; {self.method.name!r} searches its step size itself."
-                )
-            if not lr_grid or any(
-                not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)) for lr in lr_grid
-            ):
-                raise ValueError(f"`lr_grid` must be a non-empty list of positive learning rates, got {lr_grid!r}.")
-        self.lr_grid = None if lr_grid is None else [float(lr) for lr in lr_grid]
+        self.lr_grid = LearningRateSearch.check_grid(lr_grid, self.method)
         #: The learning-rate search's record (``lr_grid``): candidates with their validation scores, the chosen rate.
         self.lr_search: dict[str, Any] = {}
         self._lr_searcher: LearningRateSearch | None = None
@@ -153,9 +178,15 @@ class UnlearnModule(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @property
+    def names_root(self) -> nn.Module:
+        """The module whose parameter names profiles, masks and reports use: the model handed over as ``model``, or
+        for a ``run`` this module (``net.<layer>``, the names of the trained ``ClassifierModule``)."""
+        return self.__dict__["_names_root"] or self
+
     def net_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Parameters by the names profiles use (``net.<...>``, as in the trained ``ClassifierModule``)."""
-        return list(self.named_parameters())
+        """Parameters by the names profiles use (see :attr:`names_root`)."""
+        return list(self.names_root.named_parameters())
 
     @property
     def attacked_class(self) -> int | None:
@@ -174,6 +205,8 @@ class UnlearnModule(LightningModule):
         if self.guard is not None:
             return
         self.datamodule.setup("fit")
+        if self.method.needs_corrected_labels:
+            require_corrected_labels(self.datamodule, f"The method {self.method.name!r}")
         self.require_profile(device)
         start = time.perf_counter()
         if isinstance(self.selection, Validated) and not self.method.one_step:
@@ -185,8 +218,8 @@ class UnlearnModule(LightningModule):
         self.timings["selection_seconds"] = time.perf_counter() - start
         self.selected_names = set(self.mask.trainable)
         freeze_mask = self.mask if self.method.freezes_unselected else AllLayers()(self.profile)
-        self.guard = FreezeGuard(self, freeze_mask)
-        total = sum(p.numel() for p in self.parameters())
+        self.guard = FreezeGuard(self.names_root, freeze_mask)
+        total = sum(p.numel() for p in self.names_root.parameters())
         rank_zero_info(
             f"Selection {self.mask.strategy!r}: {self.mask.num_selected:,} of {total:,} parameters "
             f"({', '.join(self.mask.layers) or 'element-wise'}); method {self.method.name!r}."
@@ -220,29 +253,36 @@ class UnlearnModule(LightningModule):
         """
         if self.profile is not None:
             return self.profile
-        path = self.profile_path or self.training_run.profile_path
+        run = self.training_run
+        path = self.profile_path or (run.profile_path if run is not None else None)
         start = time.perf_counter()
-        if self._profile_exists:
+        if self._given_profile is not None:
+            profile, source = self._given_profile, "given"
+        elif self._profile_exists:
             profile = SharpnessProfile.load(path)
             source = f"loaded from {path}"
         else:
             profile = self._compute_profile(device)
-            if self._trainer is None or self.trainer.is_global_zero:
-                profile.save(path)
-            if self._distributed:
-                self.trainer.strategy.barrier("unlearn_profile")
-            source = f"computed ({self.estimator}) and saved to {path}"
+            source = f"computed ({self.estimator})"
+            if path is not None:  # a run's own profile is saved into the run directory
+                if self._trainer is None or self.trainer.is_global_zero:
+                    profile.save(path)
+                if self._distributed:
+                    self.trainer.strategy.barrier("unlearn_profile")
+                source += f" and saved to {path}"
+        model = (
+            f"checkpoint: {str(run.checkpoint)!r}" if run is not None else f"model: {type(self.names_root).__name__}"
+        )
+        where = f"profile: {str(path) if path else source}, {model}"
         try:
-            profile.check_compatible(self)
+            profile.check_compatible(self.names_root)
         except ValueError as err:
-            checkpoint = str(self.training_run.checkpoint)
-            raise ValueError(f"{err} (profile: {str(path)!r}, checkpoint: {checkpoint!r})") from err
-        weights = weights_fingerprint(self)
+            raise ValueError(f"{err} ({where}; parameter names must be the model's own)") from err
+        weights = weights_fingerprint(self.names_root)
         if profile.weights != weights and not self.allow_stale_profile:
             raise ValueError(
-                f"The profile at {str(path)!r} was computed for other weights than the checkpoint "
-                f"{str(self.training_run.checkpoint)!r} (weights fingerprints {profile.weights} vs {weights}). "
-                "Recompute it, or pass `allow_stale_profile=True`."
+                f"The profile was computed for other weights than the model's ({where}; weights fingerprints "
+                f"{profile.weights} vs {weights}). Recompute it, or pass `allow_stale_profile=True`."
             )
         self.timings["profile_seconds"] = time.perf_counter() - start
         self.timings["profile_source"] = source
@@ -252,7 +292,9 @@ class UnlearnModule(LightningModule):
     @property
     def _profile_exists(self) -> bool:
         """Whether a profile is given or saved in the run directory (else :meth:`require_profile` computes one)."""
-        return self.profile_path is not None or self.training_run.profile_path.is_file()
+        if self._given_profile is not None or self.profile_path is not None:
+            return True
+        return self.training_run is not None and self.training_run.profile_path.is_file()
 
     @property
     def _distributed(self) -> bool:
@@ -273,26 +315,14 @@ class UnlearnModule(LightningModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._distributed else (0, 1)
         if device is None and self._trainer is not None:
             device = self.trainer.strategy.root_device
-        self.datamodule.setup("fit")
-        dataset = self.datamodule.train_dataset()
-        total = len(dataset) if self.profile_max_samples is None else min(self.profile_max_samples, len(dataset))
-        pin = torch.device(device or self.device).type == "cuda"  # pinned batches make the copies asynchronous
-        shard = DataLoader(Subset(dataset, range(rank, total, world)), batch_size=256, pin_memory=pin)
         reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._distributed else None
         home = self.device
         self.to(device or home)
         try:
-            return profile_model(
-                self,
-                shard,
-                self.estimator,
-                dataset=self.datamodule.dataset,
-                reduce=reduce,
-                world_size=world,
-                device=self.device,
-                progress=rank == 0,
-                rank=rank,
-            )
+            return profile_training_set(
+                self.net, self.names_root, self.datamodule, self.estimator, self.profile_max_samples,
+                rank=rank, world_size=world, reduce=reduce, device=self.device,
+            )  # fmt: skip
         finally:
             self.to(home)
 
@@ -327,21 +357,7 @@ class UnlearnModule(LightningModule):
         """Sum each tensor over all ranks with one all-reduce (identity with one process)."""
         if not self._distributed:
             return tensors
-        return all_reduce_flat(tensors, lambda flat: self._all_reduce(flat, "sum"))
-
-    def _all_reduce(self, flat: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """All-reduce one tensor (in place) over all ranks with ``op`` (``"sum"`` or ``"max"``): one collective.
-
-        ``strategy.reduce`` puts a barrier before every all-reduce (a second collective, and a host synchronisation
-        on NCCL); the ranks of a step run in lockstep anyway, so the all-reduce is called directly when a default
-        process group exists (DDP's), through the strategy otherwise.
-        """
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-            return flat
-        return self.trainer.strategy.reduce(flat, reduce_op=op)
+        return all_reduce_flat(tensors, lambda flat: all_reduce_tensor(self.trainer.strategy, flat, "sum"))
 
     @contextlib.contextmanager
     def validation_cache(self, trainable: list[nn.Parameter] | None = None) -> Iterator[FrozenActivationCache | None]:
@@ -372,48 +388,14 @@ class UnlearnModule(LightningModule):
     def training_hvp(self, names: list[str], num_samples: int, scale: float = 1.0) -> Any:
         """``v ↦ scale · H v`` for the mean training loss restricted to parameters ``names`` (flat vectors), on the
         first ``num_samples`` training samples (fixed, so the operator is deterministic)."""
-        params = dict(self.named_parameters())
-        chosen = [params[n] for n in names]
+        params = dict(self.names_root.named_parameters())
         dataset = self.datamodule.train_dataset()
-        subset = Subset(dataset, range(min(num_samples, len(dataset))))
-        batches = [(x.to(self.device), y.to(self.device)) for x, y, _ in DataLoader(subset, batch_size=512)]
-        total = sum(len(y) for _, y in batches)
-
-        def hvp(v: torch.Tensor) -> torch.Tensor:
-            self.net.eval()
-            out = torch.zeros_like(v)
-            parts, offset = [], 0
-            for p in chosen:
-                parts.append(v[offset : offset + p.numel()].reshape(p.shape).to(p.dtype))
-                offset += p.numel()
-            with torch.enable_grad():
-                for x, y in batches:
-                    loss = F.cross_entropy(self.net(x), y, reduction="sum") / total
-                    grads = torch.autograd.grad(loss, chosen, create_graph=True)
-                    dot = sum((g * u).sum() for g, u in zip(grads, parts, strict=True))
-                    hv = torch.autograd.grad(dot, chosen)
-                    out += torch.cat([h.reshape(-1) for h in hv]).to(v.dtype)
-            return scale * out
-
-        return hvp
+        return dataset_hvp(self.net, [params[n] for n in names], dataset, num_samples, self.device, scale)
 
     # ------------------------------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
+        check_trainer(self.trainer)
         strategy = self.trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
-            raise MisconfigurationException(
-                f"UnlearnModule does not support `strategy={type(strategy).__name__}`: use a single device or DDP "
-                "(`strategy='ddp'`, 'ddp_spawn', 'ddp_fork'). Sharded strategies (FSDP, DeepSpeed) would split the "
-                "parameters the hard freeze and the one-step update address."
-            )
-        precision = str(getattr(self.trainer, "precision", "32-true"))
-        if precision in ("16-true", "bf16-true", "64-true"):
-            raise MisconfigurationException(
-                f"UnlearnModule does not support `precision={precision!r}`: it would convert the trained network's "
-                "weights, so the hard freeze could not keep them bit-identical and the validation and evaluation "
-                "passes would feed them inputs of another dtype. Use precision='16-mixed' or 'bf16-mixed' (autocast; "
-                "one-step gradients are computed in float32 anyway) or the default '32-true'."
-            )
         self.trainer.fit_loop.max_epochs = self.max_epochs  # not Lightning's default 1000: one step is one epoch
         self._fit_meter.start(strategy.root_device)  # this rank's fit, from here to `on_train_end`
         self.prepare(strategy.root_device)
@@ -427,7 +409,8 @@ class UnlearnModule(LightningModule):
             return
         peak = cost.peak_bytes
         if self._distributed:
-            peak = int(self._all_reduce(torch.tensor([float(peak)], dtype=torch.float64, device=self.device), "max"))
+            peaks = torch.tensor([float(peak)], dtype=torch.float64, device=self.device)
+            peak = int(all_reduce_tensor(self.trainer.strategy, peaks, "max"))
         self.timings.update(fit_peak_bytes=peak, fit_memory_method=cost.method, fit_memory_device=cost.device)
 
     def teardown(self, stage: str) -> None:
@@ -436,12 +419,20 @@ class UnlearnModule(LightningModule):
     def get_extra_state(self) -> dict[str, Any]:
         """What a run measured and chose besides weights (timings, the method's results, the learning-rate search),
         so that it survives the trip from the spawned rank zero back to the main process under ``ddp_spawn``."""
-        return {"timings": dict(self.timings), "method": self.method.state_dict(), "lr_search": dict(self.lr_search)}
+        report = self.evaluation.report if self.evaluation is not None else {}
+        return {
+            "timings": dict(self.timings),
+            "method": self.method.state_dict(),
+            "lr_search": dict(self.lr_search),
+            "report": report,
+        }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.timings.update(state.get("timings", {}))
         self.method.load_state_dict(state.get("method", {}))
         self.lr_search = dict(state.get("lr_search", {}))
+        if self.evaluation is not None and state.get("report"):
+            self.evaluation.report = state["report"]
 
     def train_dataloader(self) -> Any:
         self.prepare()
@@ -451,6 +442,18 @@ class UnlearnModule(LightningModule):
         self.prepare()
         return self.method.configure_optimizers(self)
 
+    def on_train_start(self) -> None:
+        if self.evaluation is not None and self.trainer.is_global_zero:
+            self.evaluation.start(self)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The request's report after the fit (``evaluate=True``): ``before``, ``after`` and with a ``reference`` its
+        metrics, ``poison_effect``, ``comparison`` and ``restored``; the ``selection``, the ``method``'s choices
+        (chosen step and every candidate's validation score, or the learning-rate search), ``profile``, ``timings``.
+        Empty before the fit, with ``evaluate=False`` and on ranks other than zero."""
+        return self.evaluation.report if self.evaluation is not None else {}
+
     def on_train_epoch_start(self) -> None:
         self._fit_start = getattr(self, "_fit_start", time.perf_counter())
         loaders = self.trainer.train_dataloader
@@ -459,7 +462,7 @@ class UnlearnModule(LightningModule):
         if self.lr_grid is not None and (search is None or self.current_epoch == 0):
             search = self._lr_searcher = LearningRateSearch(self.lr_grid, int(getattr(self.method, "epochs", 1)))
         epoch = search.block_epoch(self.current_epoch) if search is not None else self.current_epoch
-        for loader in _flatten_loaders(loaders):
+        for loader in flatten_loaders(loaders):
             if isinstance(getattr(loader, "sampler", None), ShardSampler):
                 loader.sampler.set_epoch(epoch)
         if search is not None:
@@ -477,6 +480,8 @@ class UnlearnModule(LightningModule):
     def on_train_end(self) -> None:
         self.timings["unlearn_seconds"] = time.perf_counter() - getattr(self, "_fit_start", time.perf_counter())
         self._stop_fit_meter()
+        if self.evaluation is not None and self.trainer.is_global_zero:
+            self.evaluation.finish(self)
 
     @property
     def max_epochs(self) -> int:
@@ -485,16 +490,3 @@ class UnlearnModule(LightningModule):
         if self.method.one_step:
             return 1
         return int(getattr(self.method, "epochs", 1)) * (len(self.lr_grid) if self.lr_grid is not None else 1)
-
-
-def _flatten_loaders(loaders: Any) -> list[Any]:
-    if loaders is None:
-        return []
-    if isinstance(loaders, DataLoader):
-        return [loaders]
-    if isinstance(loaders, dict):
-        return [l for v in loaders.values() for l in _flatten_loaders(v)]  # noqa: E741
-    if isinstance(loaders, (list, tuple)):
-        return [l for v in loaders for l in _flatten_loaders(v)]  # noqa: E741
-    flattened = getattr(loaders, "flattened", None)
-    return list(flattened) if flattened is not None else []

@@ -142,6 +142,7 @@ class OneStepMethod(UnlearnMethod):
     """
 
     one_step = True
+    needs_corrected_labels = True  # Warnecke's update: ∇ℓ(x, corrected) − ∇ℓ(x, trained-on)
     default_steps: tuple[float, ...] = ()
 
     def __init__(

@@ -179,6 +179,7 @@ class SamForget(SharpnessAware):
     """
 
     name = "sam_forget"
+    needs_corrected_labels = True  # L_forget = CE(corrected) − CE(trained-on)
 
     def __init__(
         self,
@@ -203,7 +204,8 @@ class SamForget(SharpnessAware):
             lambda: forget_loss(module, xf, yp, yt, wf, nf),
             lambda: cross_entropy(module.net(xr), yr, wr, nr),
         )
-        module.log_dict({"unlearn/forget_loss_sharp": sharp, "unlearn/retain_loss": retain}, prog_bar=True)
+        losses = {"unlearn/forget_loss_sharp": sharp, "unlearn/retain_loss": retain}
+        module.log_dict(losses, prog_bar=True, on_step=True, on_epoch=True)
         return sharp + self.lam * retain
 
     def step(
@@ -392,7 +394,8 @@ class SharpMinMax(SharpnessAware):
 
         retain = self.branch_step(module, retain_opt, retain_branch, retain_loss, lam=self.lam_retain, sign=1.0)
         forget = self.branch_step(module, forget_opt, forget_branch, neggrad_loss, lam=self.lam, sign=-1.0)
-        module.log_dict({"unlearn/retain_objective": retain, "unlearn/forget_objective": forget}, prog_bar=True)
+        objectives = {"unlearn/retain_objective": retain, "unlearn/forget_objective": forget}
+        module.log_dict(objectives, prog_bar=True, on_step=True, on_epoch=True)
         return retain + forget
 
     def branch_step(

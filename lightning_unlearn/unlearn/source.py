@@ -1,0 +1,209 @@
+"""What an :class:`~lightning_unlearn.unlearn.UnlearnModule` unlearns: a training run of the library, or any model.
+
+Either way the result is a :class:`ModelSource`: the network that maps inputs to logits (``net``), the module whose
+parameter names profiles, masks and reports use (``names_root``: the model the user handed over, or for a run the
+``ClassifierModule``, whose names are ``net.<layer>``), and the data (:mod:`lightning_unlearn.data.protocol`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_unlearn.curvature import SharpnessProfile, profile_model
+from lightning_unlearn.data.protocol import as_unlearn_data
+from lightning_unlearn.run import TrainingRun
+
+__all__ = [
+    "ModelSource",
+    "LogitsOf",
+    "resolve_source",
+    "from_run",
+    "from_model",
+    "load_model",
+    "rename_profile",
+    "profile_training_set",
+]
+
+#: Applied to a model's forward output to get the logits, e.g. ``lambda out: out[0]`` for ``(logits, features)``.
+OutputTransform = Callable[[Any], torch.Tensor]
+
+
+class LogitsOf(nn.Module):
+    """``model`` followed by ``output_transform`` (a model whose ``forward`` returns more than logits)."""
+
+    def __init__(self, model: nn.Module, output_transform: OutputTransform) -> None:
+        super().__init__()
+        self.model = model
+        self.output_transform = output_transform
+
+    def forward(self, x: Any) -> torch.Tensor:
+        return self.output_transform(self.model(x))
+
+
+@dataclass
+class ModelSource:
+    """The network to unlearn, the module that names its parameters, and its data."""
+
+    net: nn.Module
+    #: Parameter names of profiles, masks and reports are ``names_root.named_parameters()``'s; None: the
+    #: ``UnlearnModule`` itself (a run: ``net.<layer>``, the trained ``ClassifierModule``'s names).
+    names_root: nn.Module | None
+    datamodule: Any
+    training_run: TrainingRun | None = None
+    #: The ``ClassifierModule``'s hyper-parameters (runs), written into the unlearned checkpoint.
+    classifier_hparams: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def from_run(run: str | Path, eval_batch_size: int, num_workers: int) -> ModelSource:
+    training_run = TrainingRun.from_path(run)
+    classifier = training_run.load_classifier()
+    return ModelSource(
+        net=classifier.net,
+        names_root=None,
+        datamodule=training_run.datamodule(eval_batch_size=eval_batch_size, num_workers=num_workers),
+        training_run=training_run,
+        classifier_hparams=dict(classifier.hparams),
+        description=f"run {training_run.directory}",
+    )
+
+
+def resolve_source(
+    run: str | Path | None,
+    model: nn.Module | str | Path | None,
+    data: Any,
+    model_class: type | str | None,
+    output_transform: OutputTransform | None,
+    eval_batch_size: int,
+    num_workers: int,
+) -> ModelSource:
+    """``UnlearnModule``'s source: exactly one of a ``run`` and a ``model`` (with ``data``)."""
+    if (run is None) == (model is None):
+        raise ValueError(
+            "Pass exactly one of `run` (a training run of this library: its directory or checkpoint) and `model` "
+            "(your own nn.Module or LightningModule, or its checkpoint, with `data`)."
+        )
+    if run is None:
+        return from_model(model, data, model_class, output_transform)  # type: ignore[arg-type]
+    if data is not None or model_class is not None or output_transform is not None:
+        raise ValueError("`data`, `model_class` and `output_transform` go with `model`; a `run` has its own.")
+    return from_run(run, eval_batch_size, num_workers)
+
+
+def _import(path: str, argument: str) -> type:
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"`{argument}`: cannot import {path!r} ({err}); give 'package.module.ClassName'.") from None
+
+
+def load_model(checkpoint: str | Path, model_class: type | str | None = None) -> nn.Module:
+    """A LightningModule from its checkpoint: ``model_class.load_from_checkpoint`` (a class or its import path), or
+    without one the class the checkpoint records (checkpoints written by ``LightningCLI``).
+
+    Raises:
+        ValueError: If the file is missing, or no class is given and the checkpoint records none.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f"`model`: no checkpoint file at {str(path)!r}.")
+    if isinstance(model_class, str):
+        model_class = _import(model_class, "model_class")
+    if model_class is None:
+        try:
+            return LightningModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        except (NotImplementedError, TypeError, KeyError) as err:
+            raise ValueError(
+                f"`model`: the checkpoint {str(path)!r} does not record its LightningModule's class (only LightningCLI "
+                "runs do); pass `model_class` (the class, or 'package.module.ClassName')."
+            ) from err
+    if not (isinstance(model_class, type) and issubclass(model_class, LightningModule)):
+        raise ValueError(f"`model_class` must be a LightningModule subclass, got {model_class!r}.")
+    return model_class.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+
+
+def from_model(
+    model: nn.Module | str | Path,
+    data: Any,
+    model_class: type | str | None = None,
+    output_transform: OutputTransform | None = None,
+) -> ModelSource:
+    """A user's model (an ``nn.Module``, a ``LightningModule`` or the path of its checkpoint) and data."""
+    if isinstance(model, (str, Path)):
+        model = load_model(model, model_class)
+    elif model_class is not None:
+        raise ValueError("`model_class` applies to a checkpoint path given as `model`; `model` is already an object.")
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`model` must be an nn.Module, a LightningModule or the path of a LightningModule checkpoint, got "
+            f"{type(model).__name__}."
+        )
+    if data is None:
+        raise ValueError(
+            "`data` is required with `model`: an UnlearnData (forget, retain and validation sets) or a data module "
+            "with forget_dataloader(), retain_dataloader() and val_dataloader(); see lightning_unlearn.data.protocol."
+        )
+    if output_transform is not None and not callable(output_transform):
+        raise TypeError(f"`output_transform` must be callable (model output → logits), got {output_transform!r}.")
+    net = model if output_transform is None else LogitsOf(model, output_transform)
+    return ModelSource(
+        net=net,
+        names_root=model,
+        datamodule=as_unlearn_data(data),
+        description=f"model {type(model).__name__}",
+    )
+
+
+def rename_profile(profile: SharpnessProfile, profiled: nn.Module, names_root: nn.Module) -> SharpnessProfile:
+    """``profile`` of ``profiled`` re-keyed by ``names_root``'s names of the same parameter objects (a profile
+    computed on the logits network, named as the user's model names its parameters)."""
+    if profiled is names_root:
+        return profile
+    name_of = {id(p): name for name, p in names_root.named_parameters()}
+    params = dict(profiled.named_parameters())
+    diagonals = {name_of[id(params[name])]: d for name, d in profile.diagonals.items()}
+    kwargs = {"dataset": profile.dataset, "metadata": profile.metadata}
+    return SharpnessProfile.from_model(names_root, diagonals, profile.estimator, profile.num_samples, **kwargs)
+
+
+def profile_training_set(
+    net: nn.Module,
+    names_root: nn.Module,
+    datamodule: Any,
+    estimator: str,
+    max_samples: int | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> SharpnessProfile:
+    """The curvature profile of ``net`` on ``datamodule``'s training set as trained on (its first ``max_samples``),
+    this rank's shard ``rank, rank + world_size, …`` all-reduced with ``reduce``, named by ``names_root``."""
+    datamodule.setup("fit")
+    dataset = datamodule.train_dataset()
+    total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    pin = device is not None and torch.device(device).type == "cuda"  # pinned batches: asynchronous copies
+    shard = DataLoader(Subset(dataset, range(rank, total, world_size)), batch_size=256, pin_memory=pin)
+    profile = profile_model(
+        net,
+        shard,
+        estimator,
+        dataset=getattr(datamodule, "dataset", None),
+        reduce=reduce,
+        world_size=world_size,
+        device=device,
+        progress=rank == 0,
+        rank=rank,
+    )
+    return rename_profile(profile, net, names_root)
