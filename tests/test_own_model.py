@@ -201,7 +201,7 @@ def test_lightning_module_checkpoint_with_tuple_output_and_its_own_profile(poiso
     assert module.report["after"]["forget/acc"] <= module.report["before"]["forget/acc"]
 
 
-def test_profile_from_the_callback_on_the_users_trainer_fits_as_it_is(poisoned):
+def test_profile_from_the_callback_on_the_users_trainer_fits_as_it_is(poisoned, tmp_path):
     _, data, raw = poisoned
     torch.manual_seed(0)
 
@@ -223,7 +223,12 @@ def test_profile_from_the_callback_on_the_users_trainer_fits_as_it_is(poisoned):
     train_loader = torch.utils.data.DataLoader(TensorDataset(raw["x"], raw["poisoned"]), batch_size=50)
     profiler = SharpnessProfiler(dataloader=train_loader, progress=False, log_histograms=False, log_figure=False)
     trainer = pl.Trainer(
-        max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[profiler]
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[profiler],
+        default_root_dir=tmp_path,  # where the profiler saves its file
     )
     trainer.fit(model, train_loader)
     module = UnlearnModule(model=model, data=data, profile=profiler.profile, method=FirstOrder(), selection=LastLayer())
