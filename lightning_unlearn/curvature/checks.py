@@ -67,7 +67,14 @@ def find_inexact_modules(model: nn.Module) -> list[str]:
     Args:
         model: The network.
     """
-    problems: list[str] = []
+    return [problem for problem, _ in _problems(model)]
+
+
+def _problems(model: nn.Module) -> list[tuple[str, bool]]:
+    """``(description, computable)`` of every module that breaks ``diag(H) = diag(GGN)``; ``computable``: whether the
+    ``exact`` engine can still compute the GGN diagonal (``False``: a parameter-holding layer it has no rule for, or
+    one whose rule refuses it in eval mode, such as a BatchNorm without running statistics)."""
+    problems: list[tuple[str, bool]] = []
     skipped: list[str] = []
     for name, module in model.named_modules():
         kind = type(module).__name__
@@ -82,14 +89,27 @@ def find_inexact_modules(model: nn.Module) -> list[str]:
         if rule is not None:
             reason = rule.inexact(module)
             if reason is not None:
-                problems.append(f"{display(name)} ({kind}) {reason}")
+                problems.append((f"{display(name)} ({kind}) {reason}", _computable_in_eval(rule, name, module)))
         elif has_own_params:
-            problems.append(f"{display(name)} ({kind}) holds parameters but is not one of {supported_names()}")
+            problems.append((f"{display(name)} ({kind}) holds parameters but is not one of {supported_names()}", False))
         elif is_leaf and not isinstance(module, (*PIECEWISE_LINEAR_MODULES, *_CONTAINERS)):
-            problems.append(f"{display(name)} ({kind}) is not known to be piecewise linear")
+            problems.append((f"{display(name)} ({kind}) is not known to be piecewise linear", True))
         elif isinstance(module, _DROPOUTS) and module.training:
-            problems.append(f"{display(name)} ({kind}) is in training mode")
+            problems.append((f"{display(name)} ({kind}) is in training mode", True))
     return problems
+
+
+def _computable_in_eval(rule: type, name: str, module: nn.Module) -> bool:
+    """Whether the engine's rule accepts ``module`` once the profiling loop has put it in eval mode."""
+    training = module.training
+    module.training = False
+    try:
+        rule.check(name, module, "exact")
+        return True
+    except ValueError:
+        return False
+    finally:
+        module.training = training
 
 
 def check_exact(model: nn.Module, *, strict: bool = True) -> list[str]:
@@ -106,18 +126,32 @@ def check_exact(model: nn.Module, *, strict: bool = True) -> list[str]:
     cannot be detected by walking modules: a model that uses them passes this check although its GGN diagonal is not
     its Hessian diagonal. Use the ``hutchinson`` estimator for such models.
 
+    What ``strict=False`` allows: the ``exact`` estimator backpropagates through any parameter-free differentiable
+    operation, so on a network with GELU, tanh, softmax, ... between its supported layers it computes the GGN diagonal
+    (which is then not the Hessian's). It cannot compute anything for a parameter-holding layer other than
+    :data:`SUPPORTED_LAYERS` (LayerNorm, Embedding, ...) or a BatchNorm without running statistics: such models are
+    refused whatever ``strict`` (``mc`` and ``fisher`` share the engine and refuse them too; ``hutchinson`` works).
+
     Args:
         model: The network (in the mode it will be evaluated in; the profiling loop puts it in eval mode first).
         strict: ``True``: raise when the check fails. ``False``: only warn that the result is then the GGN diagonal,
-            not the Hessian's.
+            not the Hessian's (layers the engine cannot compute at all are still refused).
 
     Returns:
         The list of problems found (empty when the diagonal is exact).
 
     Raises:
-        ValueError: With ``strict=True``, naming every offending module (qualified name and type).
+        ValueError: With ``strict=True``, naming every offending module (qualified name and type); whatever
+            ``strict``, for layers the ``exact`` estimator cannot compute, advising ``estimator='hutchinson'``.
     """
-    problems = find_inexact_modules(model)
+    found = _problems(model)
+    problems = [problem for problem, _ in found]
+    uncomputable = [problem for problem, computable in found if not computable]
+    if uncomputable:
+        raise ValueError(
+            f"The 'exact' estimator cannot profile this {type(model).__name__}, whatever `strict`: "
+            f"{'; '.join(uncomputable)}. Use estimator='hutchinson', which works for any differentiable network."
+        )
     if problems:
         listing = "; ".join(problems)
         if strict:

@@ -51,7 +51,7 @@ class LayerStats:
     max: float
 
 
-@dataclass
+@dataclass(repr=False)
 class SharpnessProfile:
     """The diagonal of the training-loss Hessian at the learned parameters, per parameter.
 
@@ -93,6 +93,15 @@ class SharpnessProfile:
             weights=weights_fingerprint(model),
             layer_types=layer_types,
             **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        """One line: estimator, samples, size and fingerprints, never the diagonals themselves."""
+        dataset = f", dataset={self.dataset!r}" if self.dataset else ""
+        return (
+            f"{type(self).__name__}(estimator={self.estimator!r}, num_samples={self.num_samples}{dataset}, "
+            f"parameters={self.total} in {len(self.layers)} layers, architecture={self.architecture!r}, "
+            f"weights={self.weights!r})"
         )
 
     # ---------------------------------------------------------------------------------------------------- layers
