@@ -36,7 +36,8 @@ from lightning_unlearn.run import (
     check_profile,
     verify_archive,
 )
-from lightning_unlearn.unlearn.results import finite, lr_search_record, request_scalars
+from lightning_unlearn.unlearn.results import finite, lr_search_record, poison_kind, request_scalars
+from lightning_unlearn.unlearn.source import LogitsOf, ModelSource, load_model, profile_training_set
 from lightning_unlearn.utils import TEMP_PATTERN, atomic_write, atomic_write_text, disk_full
 
 REPORT_FILENAME = "report.json"
@@ -132,17 +133,18 @@ def evaluate_reference(
     reference_run: str | Path,
     datamodule: PoisonedDataModule,
     options: EvaluationOptions | None = None,
-    poisoned: TrainingRun | None = None,
+    poisoned: TrainingRun | ModelSource | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[EvaluationOptions, dict[str, float], dict[str, Any] | None]:
     """Calibrate the relearning attack with the reference model on the validation split (see
     :func:`~lightning_unlearn.evaluation.suite.calibrated_options`), then evaluate the reference with it.
 
     Args:
-        reference_run: The reference's run directory or checkpoint.
+        reference_run: The reference's run directory or checkpoint (for an own model: a checkpoint of its class).
         datamodule: The poisoned run's data module (its exact splits).
         options: What to evaluate besides accuracies.
-        poisoned: The poisoned run: the reference is checked against it (:func:`check_reference`).
+        poisoned: The poisoned run: the reference is checked against it (:func:`check_reference`); or an own
+            model's source (``UnlearnModule.source``): the reference is loaded like it.
         device: Where to calibrate and evaluate: the device the request's own evaluations run on
             (:func:`~lightning_unlearn.evaluation.cost.main_process_device` of its Trainer); None: the CPU.
 
@@ -155,7 +157,14 @@ def evaluate_reference(
     return options, evaluate_model(net, datamodule, options, device), calibration
 
 
-def _reference_net(reference_run: str | Path, poisoned: TrainingRun | None) -> torch.nn.Module:
+def _reference_net(reference_run: str | Path, poisoned: TrainingRun | Any | None) -> torch.nn.Module:
+    """The reference's logits network: a training run's classifier, or with ``poisoned`` an own-model module (a
+    :class:`~lightning_unlearn.unlearn.source.ModelSource`) a checkpoint of the same class."""
+    if isinstance(poisoned, ModelSource):
+        if Path(reference_run).resolve() == (poisoned.checkpoint or Path()).resolve():
+            raise ValueError(f"`reference` {str(reference_run)!r} is the model to unlearn itself.")
+        net = load_model(reference_run, poisoned.model_class or type(poisoned.names_root))
+        return net if poisoned.output_transform is None else LogitsOf(net, poisoned.output_transform)
     reference = TrainingRun.from_path(reference_run)
     if poisoned is not None:
         check_reference(reference, poisoned)
@@ -214,7 +223,8 @@ def run_unlearning(
             f"epochs ({expected} for {module.method.name!r}). Set the method's `epochs` (`--model.method.init_args."
             "epochs`) instead, and leave `max_epochs` unset."
         )
-    module.training_run.check_unlearnable(module.datamodule.record, module.datamodule.drop_poisoned)
+    if module.training_run is not None:
+        module.training_run.check_unlearnable(module.datamodule.record, module.datamodule.drop_poisoned)
     claim, folder = _claim_output(trainer, module, out_dir, overwrite)
     try:
         report = _unlearn(trainer, module, reference, folder, claim, evaluation, before, overwrite, calibration)
@@ -250,6 +260,8 @@ def _claim_output(
                     "`overwrite=True` (`--overwrite` on the command line) to replace it, or choose another folder."
                 )
             return None, folder
+    if out_dir is None and module.training_run is None:
+        raise ValueError("An own model's request needs an output folder: pass `out_dir` (`--output_dir`) or a logger.")
     if out_dir is None:
         name = f"{type(module.method).__name__}_{type(module.selection).__name__}".lower()
         parent = module.training_run.directory / "unlearn" / name
@@ -269,14 +281,17 @@ def _prepare_profile(module: Any, device: torch.device) -> None:
     """Before the module loads or computes its profile: verify the file's checksums; compute a profile that
     ``profile=PATH`` names but that does not exist yet, into that path (a read-only run can be unlearned with a
     profile elsewhere); refuse early when the run directory cannot take a computed profile."""
-    if module.profile is not None:
-        return
+    if module.profile is not None or (module.training_run is None and not getattr(module, "profile_path", None)):
+        return  # an own model's profile: given as an object, or computed by the module on its training data
     given = getattr(module, "profile_path", None)
     path = Path(given) if given else module.training_run.profile_path
     if path.is_file():  # checked before the module loads it and selects with it
         verify_archive(path, "sharpness profile")
         check_profile(
-            SharpnessProfile.load(path), module, str(path), bool(getattr(module, "allow_stale_profile", False))
+            SharpnessProfile.load(path),
+            module.names_root,
+            str(path),
+            bool(getattr(module, "allow_stale_profile", False)),
         )
         return
     if given is None:
@@ -288,28 +303,17 @@ def _prepare_profile(module: Any, device: torch.device) -> None:
         return
     if not launched_as_rank_zero():
         return  # rank zero computes it before its ranks meet in `fit`
-    from torch.utils.data import DataLoader, Subset
-
-    from lightning_unlearn.curvature import profile_model
-
-    module.datamodule.setup("fit")
-    dataset = module.datamodule.train_dataset()
-    limit = getattr(module, "profile_max_samples", None)
-    total = len(dataset) if limit is None else min(limit, len(dataset))
     home = module.device
     module.to(device)
     try:
-        profile = profile_model(
-            module,
-            DataLoader(Subset(dataset, range(total)), batch_size=256),
-            module.estimator,
-            dataset=module.datamodule.dataset,
-            device=device,
-            progress=True,
+        limit = getattr(module, "profile_max_samples", None)
+        profile = profile_training_set(
+            module.net, module.names_root, module.datamodule, module.estimator, limit, device=torch.device(device)
         )
     finally:
         module.to(home)
-    profile.metadata.update(split="train", checkpoint=str(module.training_run.checkpoint))
+    checkpoint = module.training_run.checkpoint if module.training_run is not None else module.source.checkpoint
+    profile.metadata.update(split="train", checkpoint=str(checkpoint))
     profile.save(path)
 
 
@@ -318,9 +322,10 @@ def _check_prepared(module: Any, after_fit: bool = False) -> None:
     it averages fewer samples than the training set. After ``fit`` (ranks that prepared in ``setup``) the weights have
     moved: their fingerprint was checked when the profile was loaded, before the update."""
     profile = module.profile
-    where = str(getattr(module, "profile_path", None) or module.training_run.profile_path)
+    run = module.training_run
+    where = str(getattr(module, "profile_path", None) or (run.profile_path if run is not None else "computed"))
     stale = after_fit or bool(getattr(module, "allow_stale_profile", False))
-    check_profile(profile, module, where, allow_stale=stale)
+    check_profile(profile, module.names_root, where, allow_stale=stale)
     total = len(module.datamodule.train_dataset())
     if profile.num_samples < total:
         rank_zero_warn(
@@ -343,7 +348,8 @@ def _unlearn(
     evaluation = evaluation or EvaluationOptions()
     # this process's device: the Trainer's, except the CPU when ranks will be forked onto CUDA devices (ddp_fork)
     device = main_process_device(trainer)
-    training = module.training_run.training_status()
+    run = module.training_run
+    training = run.training_status() if run is not None else {"complete": None}
     if training["complete"] is False:
         rank_zero_warn(
             f"The training run {str(module.training_run.directory)!r} looks interrupted: its checkpoint is from "
@@ -371,13 +377,18 @@ def _unlearn(
     preparation = (module.timings.get("profile_seconds") or 0.0) + selection if prepared_in_fit else 0.0
     seconds = cost.seconds - preparation + selection
     after = evaluate_model(module.net, module.datamodule, evaluation, device)
-    total = sum(p.numel() for p in module.parameters())
+    total = sum(p.numel() for p in module.names_root.parameters())
+    dm = module.datamodule
+    source = {"run": str(run.directory), "checkpoint": str(run.checkpoint)} if run is not None else {
+        "model": type(module.names_root).__name__,
+        "checkpoint": None if module.source.checkpoint is None else str(module.source.checkpoint),
+    }  # fmt: skip
+    poison = dm.spec.to_dict() if hasattr(dm, "spec") else {"kind": poison_kind(dm), "target": dm.attacked_class}
     report: dict[str, Any] = {
-        "run": str(module.training_run.directory),
-        "checkpoint": str(module.training_run.checkpoint),
+        **source,
         "training": training,
-        "poison": module.datamodule.spec.to_dict(),
-        "forget_samples": len(module.datamodule.record),
+        "poison": poison,
+        "forget_samples": len(dm.record),
         "selection": module.mask.summary(total),
         "method": module.method.report() | lr_search_record(module),
         "profile": {
@@ -398,7 +409,7 @@ def _unlearn(
     }
     if reference is not None:
         report["reference"] = reference
-        report["poison_effect"] = finite(poison_effect(before, reference, module.datamodule.spec.kind))
+        report["poison_effect"] = finite(poison_effect(before, reference, poison["kind"]))
         report["comparison"] = finite(compare(before, after, reference))
         report["restored"] = {k: v for k, v in report["comparison"].items() if "_restored/" in k}
     if calibration is not None:
@@ -441,7 +452,10 @@ def save_unlearned(module: Any, path: Path, exclusive: bool = False) -> Path:
     """Save the unlearned network as a ``ClassifierModule`` checkpoint (atomically), which reopens wherever a training
     checkpoint does (``unlearn.py --model.run``, ``lightning-unlearn profile``, ``sweep``, :class:`TrainingRun`):
     the classifier's and the data module's own hyper-parameters, the poison record (in the data module's state, as
-    Lightning stores it) and where it came from (``unlearned_from``)."""
+    Lightning stores it) and where it came from (``unlearned_from``). An own model: see :func:`_own_checkpoint`."""
+    if module.training_run is None:
+        state = _own_checkpoint(module)
+        return atomic_write(path, lambda handle: torch.save(state, handle), exclusive=exclusive)
     datamodule = module.datamodule
     data = {k: v for k, v in dict(datamodule.hparams).items() if not str(k).startswith("_")}
     data["poison_record"] = None  # the record travels inside the checkpoint, not as a path
@@ -460,6 +474,25 @@ def save_unlearned(module: Any, path: Path, exclusive: bool = False) -> Path:
         "pytorch-lightning_version": __import__("lightning").__version__,
     }
     return atomic_write(path, lambda handle: torch.save(state, handle), exclusive=exclusive)
+
+
+def _own_checkpoint(module: Any) -> dict[str, Any]:
+    """An own model's unlearned weights: its checkpoint as it was given, with the unlearned ``state_dict`` (it reopens
+    with the same ``load_from_checkpoint``) and without the optimizer and scheduler states of the old weights; for a
+    model given as an object, its ``state_dict``. Both with ``unlearned_from``."""
+    given = module.source.checkpoint
+    state = torch.load(given, map_location="cpu", weights_only=False) if given is not None else {}
+    for key in ("optimizer_states", "lr_schedulers"):
+        state.pop(key, None)
+    state["state_dict"] = {k: v.detach().cpu() for k, v in module.names_root.state_dict().items()}
+    mask = getattr(module, "mask", None)
+    state["unlearned_from"] = {
+        "model": type(module.names_root).__name__,
+        "checkpoint": None if given is None else str(given),
+        "method": module.method.name,
+        "selection": None if mask is None else mask.strategy,
+    }
+    return state
 
 
 def _jsonable(value: Any) -> Any:

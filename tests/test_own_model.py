@@ -309,3 +309,44 @@ def test_a_run_that_is_not_the_librarys_points_to_model_and_data(tmp_path):
     trainer.save_checkpoint(tmp_path / "own.ckpt")
     with pytest.raises(ValueError, match=r"not a checkpoint of this library's ClassifierModule.*pass `model=`"):
         UnlearnModule(run=str(tmp_path / "own.ckpt"))
+
+
+def test_the_request_pipeline_writes_an_own_checkpoint_that_reopens_unlearned(poisoned, tmp_path):
+    """``run_unlearning`` (what ``unlearn.py`` runs) on an own LightningModule checkpoint: report.json, and an
+    ``unlearned.ckpt`` that reopens with the model's own class and holds exactly the unlearned weights."""
+    import json
+
+    from lightning_unlearn.pipeline import evaluate_reference, run_unlearning
+
+    _, data, raw = poisoned
+    torch.manual_seed(0)
+    model = TupleOutput()
+    loader = torch.utils.data.DataLoader(TensorDataset(raw["x"], raw["poisoned"]), batch_size=50, shuffle=True)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(model, loader)
+    trainer.save_checkpoint(tmp_path / "poisoned.ckpt")
+    trainer.fit(
+        TupleOutput(),
+        torch.utils.data.DataLoader(TensorDataset(raw["x"][_keep(raw)], _clean_labels(raw)[_keep(raw)]), batch_size=50),
+    )
+    trainer.save_checkpoint(tmp_path / "retrained.ckpt")
+
+    module = UnlearnModule(
+        model=str(tmp_path / "poisoned.ckpt"),
+        model_class=TupleOutput,
+        data=data,
+        method=FirstOrder(),
+        selection=LastLayer(),
+        output_transform=lambda out: out[0],
+    )
+    options, reference, _ = evaluate_reference(tmp_path / "retrained.ckpt", data, poisoned=module.source)
+    report = run_unlearning(unlearn_trainer(), module, reference, out_dir=tmp_path / "out", evaluation=options)
+    written = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert written["checkpoint"] == str(tmp_path / "poisoned.ckpt") and written["model"] == "TupleOutput"
+    assert written["poison_effect"]["metric"] == "test/acc_attacked" and "comparison" in written
+    assert report["after"]["test/acc_attacked"] == written["after"]["test/acc_attacked"]
+    reopened = TupleOutput.load_from_checkpoint(tmp_path / "out" / "unlearned.ckpt", weights_only=False)
+    for name, p in module.names_root.named_parameters():
+        assert torch.equal(dict(reopened.named_parameters())[name], p.detach().cpu()), name
+    with pytest.raises(ValueError, match="is the model to unlearn itself"):
+        evaluate_reference(tmp_path / "poisoned.ckpt", data, poisoned=module.source)

@@ -201,13 +201,16 @@ def calibrated_options(
 ) -> tuple[EvaluationOptions, dict[str, Any] | None]:
     """``options`` with the relearning attack's learning rate calibrated on the validation split with ``reference``
     (a model retrained without the poison), and the calibration's record; unchanged (record None) when the attack or
-    its calibration is off, or there is no poison."""
+    its calibration is off, or there is no poison; for data without a poisoned validation split (a user's
+    ``UnlearnData``) the attack keeps its own ``relearn_lr``, uncalibrated (``relearn_calibrate`` false)."""
     options = options or EvaluationOptions()
     if not (options.relearn and options.relearn_calibrate):
         return options, None
     datamodule.setup("fit")
     if datamodule.record is None or not len(datamodule.record):
         return options, None
+    if not hasattr(datamodule, "poisoned_validation_dataloader"):  # a user's data: no poisoned validation split
+        return replace(options, relearn_calibrate=False), None
     record = calibrate_relearning(
         reference,
         datamodule.poisoned_validation_dataloader(),

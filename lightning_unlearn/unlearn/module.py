@@ -143,6 +143,7 @@ class UnlearnModule(LightningModule):
         if not isinstance(self.selection, SelectionStrategy):
             raise TypeError(f"`selection` must be a SelectionStrategy, got {type(self.selection).__name__}.")
         source = resolve_source(run, model, data, model_class, output_transform, eval_batch_size, num_workers)
+        self.source = source
         self.training_run = source.training_run
         self.net: nn.Module = source.net
         # not a registered submodule: the same parameters as `net`'s, named as the user's model names them
@@ -270,18 +271,16 @@ class UnlearnModule(LightningModule):
                 if self._distributed:
                     self.trainer.strategy.barrier("unlearn_profile")
                 source += f" and saved to {path}"
-        model = (
-            f"checkpoint: {str(run.checkpoint)!r}" if run is not None else f"model: {type(self.names_root).__name__}"
-        )
-        where = f"profile: {str(path) if path else source}, {model}"
+        named = f"at {str(path)!r}" if path else f"({source})"
+        model = f"the checkpoint {str(run.checkpoint)!r}" if run else f"the model ({type(self.names_root).__name__})"
         try:
             profile.check_compatible(self.names_root)
         except ValueError as err:
-            raise ValueError(f"{err} ({where}; parameter names must be the model's own)") from err
+            raise ValueError(f"{err} (profile {named}, {model}; parameter names must be the model's own)") from err
         weights = weights_fingerprint(self.names_root)
         if profile.weights != weights and not self.allow_stale_profile:
             raise ValueError(
-                f"The profile was computed for other weights than the model's ({where}; weights fingerprints "
+                f"The profile {named} was computed for other weights than {model} (weights fingerprints "
                 f"{profile.weights} vs {weights}). Recompute it, or pass `allow_stale_profile=True`."
             )
         self.timings["profile_seconds"] = time.perf_counter() - start

@@ -62,6 +62,11 @@ class ModelSource:
     #: The ``ClassifierModule``'s hyper-parameters (runs), written into the unlearned checkpoint.
     classifier_hparams: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    #: A user's model given as a checkpoint: its path and class (the unlearned checkpoint is written like it, and a
+    #: reference checkpoint is loaded with the same class and output transform).
+    checkpoint: Path | None = None
+    model_class: type | str | None = None
+    output_transform: OutputTransform | None = None
 
 
 def from_run(run: str | Path, eval_batch_size: int, num_workers: int) -> ModelSource:
@@ -72,7 +77,9 @@ def from_run(run: str | Path, eval_batch_size: int, num_workers: int) -> ModelSo
         names_root=None,
         datamodule=training_run.datamodule(eval_batch_size=eval_batch_size, num_workers=num_workers),
         training_run=training_run,
-        classifier_hparams=dict(classifier.hparams),
+        # the checkpoint's own record (under LightningCLI a module built inside another's __init__ is given the
+        # outer module's hyper-parameters); LightningCLI's private keys dropped
+        classifier_hparams={k: v for k, v in training_run.state()["hyper_parameters"].items() if k[:1] != "_"},
         description=f"run {training_run.directory}",
     )
 
@@ -139,7 +146,9 @@ def from_model(
     output_transform: OutputTransform | None = None,
 ) -> ModelSource:
     """A user's model (an ``nn.Module``, a ``LightningModule`` or the path of its checkpoint) and data."""
+    checkpoint = None
     if isinstance(model, (str, Path)):
+        checkpoint = Path(model)
         model = load_model(model, model_class)
     elif model_class is not None:
         raise ValueError("`model_class` applies to a checkpoint path given as `model`; `model` is already an object.")
@@ -161,6 +170,9 @@ def from_model(
         names_root=model,
         datamodule=as_unlearn_data(data),
         description=f"model {type(model).__name__}",
+        checkpoint=checkpoint,
+        model_class=model_class,
+        output_transform=output_transform,
     )
 
 
