@@ -175,15 +175,19 @@ class TupleOutput(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=0.03)
 
 
+def fit_tuple_model(x: torch.Tensor, y: torch.Tensor, path) -> None:
+    """Train a :class:`TupleOutput` on ``(x, y)`` (3 epochs) and save its checkpoint at ``path``."""
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=50, shuffle=True)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(TupleOutput(), loader)
+    trainer.save_checkpoint(path)
+
+
 def test_lightning_module_checkpoint_with_tuple_output_and_its_own_profile(poisoned, tmp_path):
     _, data, raw = poisoned
-    torch.manual_seed(0)
-    model = TupleOutput()
-    loader = torch.utils.data.DataLoader(TensorDataset(raw["x"], raw["poisoned"]), batch_size=50, shuffle=True)
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.fit(model, loader)
     path = tmp_path / "own.ckpt"
-    trainer.save_checkpoint(path)
+    fit_tuple_model(raw["x"], raw["poisoned"], path)
 
     module = UnlearnModule(
         model=str(path),
@@ -319,17 +323,8 @@ def test_the_request_pipeline_writes_an_own_checkpoint_that_reopens_unlearned(po
     from lightning_unlearn.pipeline import evaluate_reference, run_unlearning
 
     _, data, raw = poisoned
-    torch.manual_seed(0)
-    model = TupleOutput()
-    loader = torch.utils.data.DataLoader(TensorDataset(raw["x"], raw["poisoned"]), batch_size=50, shuffle=True)
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.fit(model, loader)
-    trainer.save_checkpoint(tmp_path / "poisoned.ckpt")
-    trainer.fit(
-        TupleOutput(),
-        torch.utils.data.DataLoader(TensorDataset(raw["x"][_keep(raw)], _clean_labels(raw)[_keep(raw)]), batch_size=50),
-    )
-    trainer.save_checkpoint(tmp_path / "retrained.ckpt")
+    fit_tuple_model(raw["x"], raw["poisoned"], tmp_path / "poisoned.ckpt")
+    fit_tuple_model(raw["x"][_keep(raw)], _clean_labels(raw)[_keep(raw)], tmp_path / "retrained.ckpt")
 
     module = UnlearnModule(
         model=str(tmp_path / "poisoned.ckpt"),
