@@ -15,7 +15,7 @@ from lightning_unlearn.console import quiet
 
 #: command → (function taking the remaining arguments, one-line description)
 COMMANDS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
-    "train": (cli.train_main, "train a classifier on poisoned data (LightningCLI: fit, test, ...)"),
+    "train": (cli.train_main, "train a model (LightningCLI: fit, test, ...), by default a classifier on poisoned data"),
     "unlearn": (cli.unlearn_main, "unlearn a training run's poisoned samples, write report.json"),
     "profile": (cli.profile_main, "the Hessian-diagonal profile of a trained checkpoint"),
     "sweep": (sweep.main, "update each weight layer alone: improvement vs sharpness"),

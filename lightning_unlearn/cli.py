@@ -1,82 +1,49 @@
 """The training, unlearning and profiling commands, built on ``LightningCLI`` (``lightning_unlearn.__main__``
 dispatches the ``lightning-unlearn`` command to them, to ``sweep.py`` and to ``demo.py``).
 
-* ``lightning-unlearn train …`` (= ``python train.py …``): ``fit -c configs/mnist_cnn_targeted.yaml`` trains a
-  classifier on poisoned data, then (unless ``--test_after_fit false``) tests it, prints a results table and writes
-  ``results.json`` into the run directory, which also holds the checkpoint, ``poison.json``, the resolved
-  ``config.yaml``, the TensorBoard events and (with the profiler attached) ``sharpness_profile.pt``.
+* ``lightning-unlearn train …`` (= ``python train.py …``; :class:`~lightning_unlearn.train_cli.TrainCLI`):
+  ``fit -c configs/mnist_cnn_targeted.yaml`` trains a classifier on poisoned data, then (unless ``--test_after_fit
+  false``) tests it, prints a results table and writes ``results.json`` into the run directory, which also holds the
+  checkpoint, ``poison.json``, the resolved ``config.yaml``, the TensorBoard events and (with the profiler attached)
+  ``sharpness_profile.pt``. ``--model`` and ``--data`` take any ``LightningModule`` / ``LightningDataModule`` by class
+  path (LightningCLI's subclass mode; the defaults are ``ClassifierModule`` and ``PoisonedDataModule``), and
+  ``--trainer.callbacks+=SharpnessProfiler`` attaches the profiler by its short name.
 * ``lightning-unlearn unlearn …`` (= ``python unlearn.py …``): ``-c configs/unlearn/sa_first_order.yaml --model.run
   RUN_DIR [--reference RETRAIN_RUN_DIR]`` unlearns the run's poisoned samples and writes ``report.json``, the unlearned
   checkpoint and TensorBoard events into ``RUN_DIR/unlearn/<name>/version_<n>/``.
 * ``lightning-unlearn profile …``: the Hessian-diagonal profile of an existing checkpoint.
+
+The parsers of these commands and of ``sweep`` are named after their command (``usage: lightning-unlearn profile
+…``) and take ``-c`` as well as ``--config``.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import ActionYesNo
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
 
-from lightning_unlearn.data.datamodule import PoisonedDataModule
-from lightning_unlearn.models.classifier import ClassifierModule
 from lightning_unlearn.outputs import OutputClaim, launched_as_rank_zero, safe_folder_name
-from lightning_unlearn.reporting import accuracy_rows, format_table, print_report
+from lightning_unlearn.reporting import print_report
 from lightning_unlearn.run import RESULTS_FILENAME
-from lightning_unlearn.utils import atomic_write, atomic_write_text
+from lightning_unlearn.train_cli import PROG, TrainCLI, parser_kwargs
+from lightning_unlearn.utils import atomic_write
 
-
-class TrainCLI(LightningCLI):
-    """``LightningCLI`` for :class:`ClassifierModule` on :class:`PoisonedDataModule`, with dataset → model links."""
-
-    def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
-        # checkpoints written atomically beside their final path (a run killed mid-save keeps its last checkpoint)
-        atomic = {"class_path": "lightning_unlearn.run.AtomicCheckpointIO"}
-        kwargs["trainer_defaults"] = {"plugins": [atomic], **kwargs.get("trainer_defaults", {})}
-        super().__init__(ClassifierModule, PoisonedDataModule, args=args, **kwargs)
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for attr in ("num_classes", "in_channels", "image_size"):
-            parser.link_arguments(f"data.{attr}", f"model.{attr}", apply_on="instantiate")
-        parser.add_argument(
-            "--test_after_fit", type=bool, default=True, help="After `fit`, test the final model and print a table."
-        )
-
-    def before_fit(self) -> None:
-        # Fix the run directory (the logger's version) now: ranks spawned by `ddp_spawn` get this process's logger,
-        # so the parent, the ranks and the test that follows all use one directory instead of one each.
-        _ = self.trainer.log_dir
-
-    def after_fit(self) -> None:
-        if not self.config[self.subcommand].get("test_after_fit", True) or self.trainer.fast_dev_run:
-            return
-        results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-        metrics = {key: float(value) for result in results for key, value in result.items()}
-        self.report(metrics, self.trainer.log_dir)  # `log_dir` on every rank: under DDP it is a collective
-
-    @rank_zero_only
-    def report(self, metrics: dict[str, float], log_dir: str | None) -> None:
-        splits = list(getattr(self.datamodule, "test_split_names", ["test"]))
-        kind, count = self.datamodule.poison.kind, len(self.datamodule.record or [])
-        if getattr(self.datamodule, "drop_poisoned", False):
-            print(f"\nModel retrained without the {count} poisoned samples ({kind}; the reference):")
-        else:
-            print(f"\nPoisoned model ({kind} poisoning, {count} samples):")
-        print(format_table(accuracy_rows(metrics, splits)))
-        if log_dir is not None:
-            payload = {"metrics": metrics, "checkpoint": self._best_checkpoint()}
-            path = atomic_write_text(Path(log_dir) / RESULTS_FILENAME, json.dumps(payload, indent=1))
-            print(f"Run directory: {log_dir}  (results: {path.name}, TensorBoard: tensorboard --logdir {log_dir})")
-
-    def _best_checkpoint(self) -> str | None:
-        callback = self.trainer.checkpoint_callback
-        return getattr(callback, "best_model_path", None) or getattr(callback, "last_model_path", None) or None
+__all__ = [
+    "RESULTS_FILENAME",
+    "TrainCLI",
+    "UnlearnCLI",
+    "function_main",
+    "profile_checkpoint",
+    "profile_main",
+    "train_main",
+    "unlearn_main",
+]
 
 
 def _choices_hint(message: str) -> str:
@@ -92,16 +59,36 @@ def _choices_hint(message: str) -> str:
     return "\n".join(hints)
 
 
+def _option_hint(message: str, parser: LightningArgumentParser) -> str:
+    """Where the unlearning request's optimizer and data are set, when a parse error is about LightningCLI's
+    top-level ``--optimizer`` / ``--lr_scheduler`` / ``--data``, which the request has not (one way to set each)."""
+    hints = []
+    if "--optimizer" in message or "--lr_scheduler" in message:
+        hints.append(
+            "The optimizer of iterative methods is `--model.optimizer` (e.g. `--model.optimizer Adam "
+            "--model.optimizer.lr 0.001`); a request has no `--optimizer` or `--lr_scheduler`."
+        )
+    if "--data" in message.replace("--model.data", ""):
+        own = " or `--model.data`" if "--model.data" in parser._option_string_actions else ""
+        hints.append(f"A request's data comes from its training run (`--model.run`){own}; it has no `--data`.")
+    return "\n".join(hints)
+
+
 class UnlearnArgumentParser(LightningArgumentParser):
-    """The unlearning parser: an unknown method or selection class gets the list of known ones in its error."""
+    """The unlearning parser: an unknown method or selection class gets the list of known ones in its error, an
+    unknown ``--optimizer`` / ``--data`` where to set them instead."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        hint = _choices_hint(message)
+        hint = "\n".join(h for h in (_choices_hint(message), _option_hint(message, self)) if h)
         super().error(f"{message}\n{hint}" if hint else message, ex)
 
 
 class UnlearnCLI(LightningCLI):
     """``LightningCLI`` for :class:`~lightning_unlearn.unlearn.UnlearnModule` (no subcommands: one request per call).
+
+    No option but the module's sets its data or its optimizer: the data comes from the run (``--model.run``), the
+    optimizer of iterative methods is ``--model.optimizer`` (LightningCLI's own ``--data``, ``--optimizer`` and
+    ``--lr_scheduler``, which were ignored or replaced it, are not added).
 
     Outputs go to ``<run>/unlearn/<name>/version_<n>/`` unless the config sets a logger ``save_dir``. Before anything
     is instantiated the request is checked (the run's poison record against its checkpoint, a forget set to unlearn,
@@ -116,7 +103,10 @@ class UnlearnCLI(LightningCLI):
 
         self.output_claim: OutputClaim | None = None
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        kwargs["parser_kwargs"] = parser_kwargs(
+            kwargs, "unlearn", "Unlearn a training run's poisoned samples (one request); writes report.json."
+        )
+        kwargs.setdefault("auto_configure_optimizers", False)  # no top-level --optimizer / --lr_scheduler
         from lightning_unlearn.unlearn.module import TRAINER_DEFAULTS
 
         defaults = {
@@ -129,6 +119,12 @@ class UnlearnCLI(LightningCLI):
         kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
         kwargs.setdefault("parser_class", UnlearnArgumentParser)
         super().__init__(UnlearnModule, None, args=args, run=False, **kwargs)
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The trainer's and the module's arguments; no ``--data`` (LightningCLI adds one, which nothing would read)."""
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -385,8 +381,20 @@ def train_main(args: list[str]) -> None:
     TrainCLI(args=args)
 
 
+def function_main(function: Callable[..., Any], command: str, args: list[str] | None) -> Any:
+    """Call ``function`` with the arguments parsed from ``args`` (``jsonargparse.auto_cli`` with the parser named
+    ``lightning-unlearn <command>`` and ``-c`` as well as ``--config``, like ``train`` and ``unlearn``)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    description = (inspect.getdoc(function) or "").split("\n\n")[0]
+    parser = ArgumentParser(prog=f"{PROG} {command}", description=description, default_env=False)
+    parser.add_argument("-c", "--config", action=ActionConfigFile, help="Path to a configuration file (yaml or json).")
+    parser.add_function_arguments(function, as_positional=True)
+    config = parser.parse_args(args)
+    config.pop("config", None)
+    return function(**parser.instantiate_classes(config).as_dict())
+
+
 def profile_main(args: list[str]) -> None:
     """``lightning-unlearn profile ARGS``: :func:`profile_checkpoint` from the command line."""
-    from jsonargparse import auto_cli
-
-    auto_cli(profile_checkpoint, args=args)
+    function_main(profile_checkpoint, "profile", args)

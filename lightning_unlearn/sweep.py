@@ -200,6 +200,7 @@ def sweep_figure(rows: list[dict[str, Any]], key: str, rho: float) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import auto_cli
+    """``lightning-unlearn sweep ARGS``: :func:`layer_sweep` from the command line (``-c`` / ``--config`` too)."""
+    from lightning_unlearn.cli import function_main
 
-    auto_cli(layer_sweep, args=sys.argv[1:] if argv is None else argv)
+    function_main(layer_sweep, "sweep", sys.argv[1:] if argv is None else argv)

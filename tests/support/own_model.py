@@ -1,0 +1,117 @@
+"""A user's own LightningModule and LightningDataModule, the kind ``lightning-unlearn train --model --data`` takes.
+
+Importable by class path from the tests (``support.own_model.TinyClassifier``: pytest puts ``tests/`` on
+``sys.path``). Synthetic tensors, a two-layer MLP: a whole ``fit`` takes well under a second on one CPU thread.
+
+* :class:`TinyClassifier` / :class:`TinyData`: both have ``num_classes`` and ``in_channels`` (the model as arguments,
+  the data module as attributes), so the CLI's data → model links apply to them as to the library's classes;
+* :class:`BareModule` / :class:`BareData`: neither has them (and the module no ``configure_optimizers`` or
+  ``test_step``): the links must leave them alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import LightningDataModule, LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def synthetic(n: int, features: int, num_classes: int, seed: int) -> TensorDataset:
+    """``n`` Gaussian samples labelled by a fixed random linear rule (learnable: accuracy rises within a few steps)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=generator)
+    weights = torch.randn(features, num_classes, generator=torch.Generator().manual_seed(1234))
+    return TensorDataset(x, (x @ weights).argmax(1))
+
+
+class TinyData(LightningDataModule):
+    """Synthetic ``(x, y)`` batches; ``num_classes`` / ``in_channels`` attributes (linked into the model's arguments).
+
+    Args:
+        num_classes: Number of classes.
+        in_channels: Features per sample.
+        n: Training samples (validation and test: ``n // 2`` each).
+        batch_size: Batch size of every loader.
+        seed: Seed of the samples.
+    """
+
+    def __init__(self, num_classes: int = 3, in_channels: int = 4, n: int = 64, batch_size: int = 16, seed: int = 0):
+        super().__init__()
+        self.num_classes, self.in_channels, self.n, self.batch_size = num_classes, in_channels, n, batch_size
+        self.seed = seed
+
+    def _loader(self, n: int, offset: int) -> DataLoader:
+        return DataLoader(synthetic(n, self.in_channels, self.num_classes, self.seed + offset), self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.n, 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.n // 2, 1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.n // 2, 2)
+
+
+class TinyClassifier(LightningModule):
+    """A two-layer MLP with its own optimizer (SGD, ``lr``); logs ``val/acc`` and ``test/acc``.
+
+    Args:
+        num_classes: Outputs (linked from the data module by the CLI).
+        in_channels: Inputs (linked from the data module by the CLI).
+        hidden: Hidden units.
+        lr: SGD learning rate.
+    """
+
+    def __init__(self, num_classes: int = 2, in_channels: int = 4, hidden: int = 16, lr: float = 0.5):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(in_channels, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def _accuracy(self, batch, split: str) -> None:
+        x, y = batch
+        self.log(f"{split}/acc", 100.0 * (self(x).argmax(1) == y).float().mean())
+
+    def validation_step(self, batch, batch_idx):
+        self._accuracy(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._accuracy(batch, "test")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class BareData(LightningDataModule):
+    """Synthetic ``(x, y)`` training batches of 4 features and 2 classes; no ``num_classes`` / ``in_channels``."""
+
+    def __init__(self, n: int = 32):
+        super().__init__()
+        self.n = n
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(synthetic(self.n, 4, 2, 0), batch_size=16)
+
+
+class BareModule(LightningModule):
+    """A linear model of 4 features and 2 classes: no ``num_classes`` argument, no optimizer of its own (LightningCLI's
+    ``--optimizer`` gives it one), no ``test_step``."""
+
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.net = nn.Linear(4, 2, bias=bias)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
