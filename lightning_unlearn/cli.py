@@ -86,11 +86,18 @@ class UnlearnArgumentParser(LightningArgumentParser):
 class UnlearnCLI(LightningCLI):
     """``LightningCLI`` for :class:`~lightning_unlearn.unlearn.UnlearnModule` (no subcommands: one request per call).
 
-    No option but the module's sets its data or its optimizer: the data comes from the run (``--model.run``), the
-    optimizer of iterative methods is ``--model.optimizer`` (LightningCLI's own ``--data``, ``--optimizer`` and
-    ``--lr_scheduler``, which were ignored or replaced it, are not added).
+    What to unlearn: a training run of this library (``--model.run``), or your own LightningModule's checkpoint
+    (``--model.model CKPT [--model.model_class pkg.Module] --model.data pkg.DataModule`` with the data module's
+    ``--model.data.init_args.*``; the data module implements the loaders of :mod:`lightning_unlearn.data.protocol`;
+    ``--reference`` is then a checkpoint of the same class retrained without the forget set).
 
-    Outputs go to ``<run>/unlearn/<name>/version_<n>/`` unless the config sets a logger ``save_dir``. Before anything
+    No option but the module's sets its data or its optimizer: the data comes from the run or ``--model.data``, the
+    optimizer of iterative methods is ``--model.optimizer`` (LightningCLI's own ``--data``, ``--optimizer`` and
+    ``--lr_scheduler``, which were ignored or replaced it, are not added; nor the module's Python-only ``reference``
+    and ``evaluate``, which ``--reference`` and the request's own evaluation replace).
+
+    Outputs go to ``<run>/unlearn/<name>/version_<n>/`` (own model: ``<checkpoint's folder>/unlearn/…``) unless the
+    config sets a logger ``save_dir``. Before anything
     is instantiated the request is checked (the run's poison record against its checkpoint, a forget set to unlearn,
     a reference that is not the run itself, ``--name``) and its output folder claimed
     (:func:`~lightning_unlearn.pipeline.claim_request_folder`): the TensorBoard logger writes into the claim's staging
@@ -124,7 +131,10 @@ class UnlearnCLI(LightningCLI):
         """The trainer's and the module's arguments; no ``--data`` (LightningCLI adds one, which nothing would read)."""
         parser.add_lightning_class_args(self.trainer_class, "trainer")
         parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
-        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        # as `add_lightning_class_args` does, less the Python-only options (`--reference` is the command line's)
+        parser.add_class_arguments(
+            self._model_class, "model", fail_untyped=False, sub_configs=True, skip={"reference", "evaluate"}
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -132,7 +142,8 @@ class UnlearnCLI(LightningCLI):
             type=str | None,
             default=None,
             help="Run directory of a model retrained without the poisoned samples (`train.py fit ... "
-            "--data.drop_poisoned true`): adds its accuracies and % restored to the report.",
+            "--data.drop_poisoned true`), or with --model.model a checkpoint of the same class retrained without the "
+            "forget set: adds its accuracies and % restored to the report.",
         )
         parser.add_argument(
             "--name",
@@ -171,18 +182,42 @@ class UnlearnCLI(LightningCLI):
                 safe_folder_name(config.name, "--name")
             except ValueError as err:
                 self.parser.error(str(err))
-        training_run = TrainingRun.from_path(config.model.run)
-        training_run.check_unlearnable()  # the record verified against the checkpoint, before any output or work
-        if config.get("reference"):
-            check_reference(TrainingRun.from_path(config.reference), training_run)
+        if config.model.get("model") is not None:
+            home = self._check_own_model(config)
+        else:
+            if config.model.run is None:
+                self.parser.error("Give `--model.run` (a training run of this library) or `--model.model` (your own).")
+            training_run = TrainingRun.from_path(config.model.run)
+            training_run.check_unlearnable()  # the record verified against the checkpoint, before any output or work
+            if config.get("reference"):
+                check_reference(TrainingRun.from_path(config.reference), training_run)
+            home = training_run.directory
         logger = config.trainer.logger
         init = getattr(logger, "init_args", None)
         if init is not None and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
             if not init.save_dir:
-                init.save_dir = str(training_run.directory / "unlearn")
+                init.save_dir = str(home / "unlearn")
             if not init.name:
                 init.name = config.name or _default_name(config.model)
             self._claim_logger_folder(init, bool(config.get("overwrite", False)))
+
+    def _check_own_model(self, config: Any) -> Path:
+        """``--model.model``: a checkpoint file, with ``--model.data`` and without ``--model.run``; returns the folder
+        its requests go under by default."""
+        model = config.model.model
+        if config.model.run is not None:
+            self.parser.error("`--model.run` and `--model.model` exclude each other: give one.")
+        if not isinstance(model, str) or not Path(model).is_file():
+            self.parser.error(f"`--model.model` must be the path of a LightningModule checkpoint file, got {model!r}.")
+        if config.model.get("data") is None:
+            self.parser.error(
+                "`--model.model` needs `--model.data`: a LightningDataModule class path whose module implements "
+                "forget_dataloader, retain_dataloader and val_dataloader (lightning_unlearn.data.protocol)."
+            )
+        reference = config.get("reference")
+        if reference and Path(reference).resolve() == Path(model).resolve():
+            self.parser.error(f"`--reference` {reference!r} is the model to unlearn itself.")
+        return Path(model).resolve().parent
 
     def _claim_logger_folder(self, init: Any, overwrite: bool) -> None:
         """Claim ``save_dir/name/version_<n>`` (the next free version unless ``version`` is given) and point the
@@ -248,7 +283,7 @@ def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:
                 reference_dir,
                 cli.model.datamodule,
                 options,
-                poisoned=cli.model.training_run,
+                poisoned=cli.model.training_run or cli.model.source,
                 device=main_process_device(cli.trainer),
             )
         overwrite = bool(cli.config.get("overwrite", False))

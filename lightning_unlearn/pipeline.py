@@ -37,7 +37,13 @@ from lightning_unlearn.run import (
     verify_archive,
 )
 from lightning_unlearn.unlearn.results import finite, lr_search_record, poison_kind, request_scalars
-from lightning_unlearn.unlearn.source import LogitsOf, ModelSource, load_model, profile_training_set
+from lightning_unlearn.unlearn.source import (
+    LogitsOf,
+    ModelSource,
+    load_model,
+    own_unlearned_checkpoint,
+    profile_training_set,
+)
 from lightning_unlearn.utils import TEMP_PATTERN, atomic_write, atomic_write_text, disk_full
 
 REPORT_FILENAME = "report.json"
@@ -452,9 +458,10 @@ def save_unlearned(module: Any, path: Path, exclusive: bool = False) -> Path:
     """Save the unlearned network as a ``ClassifierModule`` checkpoint (atomically), which reopens wherever a training
     checkpoint does (``unlearn.py --model.run``, ``lightning-unlearn profile``, ``sweep``, :class:`TrainingRun`):
     the classifier's and the data module's own hyper-parameters, the poison record (in the data module's state, as
-    Lightning stores it) and where it came from (``unlearned_from``). An own model: see :func:`_own_checkpoint`."""
+    Lightning stores it) and where it came from (``unlearned_from``). An own model's: its own checkpoint's layout
+    (:func:`~lightning_unlearn.unlearn.source.own_unlearned_checkpoint`)."""
     if module.training_run is None:
-        state = _own_checkpoint(module)
+        state = own_unlearned_checkpoint(module)
         return atomic_write(path, lambda handle: torch.save(state, handle), exclusive=exclusive)
     datamodule = module.datamodule
     data = {k: v for k, v in dict(datamodule.hparams).items() if not str(k).startswith("_")}
@@ -474,25 +481,6 @@ def save_unlearned(module: Any, path: Path, exclusive: bool = False) -> Path:
         "pytorch-lightning_version": __import__("lightning").__version__,
     }
     return atomic_write(path, lambda handle: torch.save(state, handle), exclusive=exclusive)
-
-
-def _own_checkpoint(module: Any) -> dict[str, Any]:
-    """An own model's unlearned weights: its checkpoint as it was given, with the unlearned ``state_dict`` (it reopens
-    with the same ``load_from_checkpoint``) and without the optimizer and scheduler states of the old weights; for a
-    model given as an object, its ``state_dict``. Both with ``unlearned_from``."""
-    given = module.source.checkpoint
-    state = torch.load(given, map_location="cpu", weights_only=False) if given is not None else {}
-    for key in ("optimizer_states", "lr_schedulers"):
-        state.pop(key, None)
-    state["state_dict"] = {k: v.detach().cpu() for k, v in module.names_root.state_dict().items()}
-    mask = getattr(module, "mask", None)
-    state["unlearned_from"] = {
-        "model": type(module.names_root).__name__,
-        "checkpoint": None if given is None else str(given),
-        "method": module.method.name,
-        "selection": None if mask is None else mask.strategy,
-    }
-    return state
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,6 +7,7 @@ bit-identity of frozen parameters, the user's own parameter names).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -345,3 +346,61 @@ def test_the_request_pipeline_writes_an_own_checkpoint_that_reopens_unlearned(po
         assert torch.equal(dict(reopened.named_parameters())[name], p.detach().cpu()), name
     with pytest.raises(ValueError, match="is the model to unlearn itself"):
         evaluate_reference(tmp_path / "poisoned.ckpt", data, poisoned=module.source)
+
+
+def test_unlearn_cli_takes_an_own_lightning_module_checkpoint_and_data_module(tmp_path, capsys):
+    """``unlearn.py --model.model CKPT --model.model_class … --model.data …``: the request runs on the user's classes,
+    writes under the checkpoint's folder, and its ``unlearned.ckpt`` reopens with the user's class."""
+    import json
+
+    from support.own_model import ForgetData, TinyClassifier
+
+    from lightning_unlearn.cli import unlearn_main
+
+    data = ForgetData()
+    for name, labels in (("poisoned", data.poisoned), ("retrained", None)):
+        torch.manual_seed(0)
+        model = TinyClassifier(num_classes=3, in_channels=4, lr=0.3)
+        x, y = (data.x, labels) if labels is not None else (data.x[data.keep], data.y[data.keep])
+        trainer = pl.Trainer(max_epochs=30, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(model, torch.utils.data.DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True))
+        trainer.save_checkpoint(tmp_path / f"{name}.ckpt")
+
+    args = [
+        "-c",
+        "configs/unlearn/sa_first_order.yaml",
+        "--model.model",
+        str(tmp_path / "poisoned.ckpt"),
+        "--model.model_class",
+        "support.own_model.TinyClassifier",
+        "--model.data",
+        "support.own_model.ForgetData",
+        "--model.selection",
+        "LastLayer",
+        "--reference",
+        str(tmp_path / "retrained.ckpt"),
+        "--evaluation.mia",
+        "false",
+        "--evaluation.relearn",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+    ]
+    report = unlearn_main(args)
+    folder = Path(report["output_dir"])
+    assert folder.parent.parent == tmp_path / "unlearn"  # beside the checkpoint, as a run's requests are
+    written = json.loads((folder / "report.json").read_text())
+    assert written["model"] == "TinyClassifier" and written["selection"]["layers"] == ["net.2"]
+    assert written["poison_effect"]["metric"] == "test/acc_attacked"
+    reopened = TinyClassifier.load_from_checkpoint(folder / "unlearned.ckpt", weights_only=False)
+    before = TinyClassifier.load_from_checkpoint(tmp_path / "poisoned.ckpt", weights_only=False)
+    assert torch.equal(reopened.net[0].weight, before.net[0].weight)  # hard-frozen
+    assert not torch.equal(reopened.net[2].weight, before.net[2].weight)  # unlearned
+
+    for bad, message in (
+        (["--model.model", str(tmp_path / "poisoned.ckpt")], "needs `--model.data`"),
+        (["--model.model", str(tmp_path / "nothing.ckpt"), "--model.data", "support.own_model.ForgetData"], "path of"),
+    ):
+        with pytest.raises(SystemExit):
+            unlearn_main(["-c", "configs/unlearn/sa_first_order.yaml", *bad])
+        assert message in capsys.readouterr().err

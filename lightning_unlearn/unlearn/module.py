@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.batches import flatten_loaders
 from lightning_unlearn.curvature import SharpnessProfile, weights_fingerprint
-from lightning_unlearn.data.protocol import require_corrected_labels
+from lightning_unlearn.data.protocol import UnlearnData, require_corrected_labels
 from lightning_unlearn.distributed import all_reduce_flat, all_reduce_tensor
 from lightning_unlearn.evaluation.cost import FitMeter, main_process_device
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer, Validated
@@ -126,7 +126,7 @@ class UnlearnModule(LightningModule):
         validation_cache_mb: float = 1024.0,
         lr_grid: list[float] | None = None,
         model: nn.Module | str | None = None,
-        data: Any = None,
+        data: LightningDataModule | UnlearnData | None = None,
         model_class: Any = None,
         output_transform: Callable[[Any], torch.Tensor] | None = None,
         reference: nn.Module | dict[str, float] | None = None,

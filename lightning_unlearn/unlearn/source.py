@@ -31,6 +31,7 @@ __all__ = [
     "load_model",
     "rename_profile",
     "profile_training_set",
+    "own_unlearned_checkpoint",
 ]
 
 #: Applied to a model's forward output to get the logits, e.g. ``lambda out: out[0]`` for ``(logits, features)``.
@@ -219,3 +220,22 @@ def profile_training_set(
         rank=rank,
     )
     return rename_profile(profile, net, names_root)
+
+
+def own_unlearned_checkpoint(module: Any) -> dict[str, Any]:
+    """An own model's unlearned weights: its checkpoint as it was given, with the unlearned ``state_dict`` (it reopens
+    with the same ``load_from_checkpoint``) and without the optimizer and scheduler states of the old weights; for a
+    model given as an object, its ``state_dict``. Both with ``unlearned_from``."""
+    given = module.source.checkpoint
+    state = torch.load(given, map_location="cpu", weights_only=False) if given is not None else {}
+    for key in ("optimizer_states", "lr_schedulers"):
+        state.pop(key, None)
+    state["state_dict"] = {k: v.detach().cpu() for k, v in module.names_root.state_dict().items()}
+    mask = getattr(module, "mask", None)
+    state["unlearned_from"] = {
+        "model": type(module.names_root).__name__,
+        "checkpoint": None if given is None else str(given),
+        "method": module.method.name,
+        "selection": None if mask is None else mask.strategy,
+    }
+    return state

@@ -115,3 +115,55 @@ class BareModule(LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         return F.cross_entropy(self.net(x), y)
+
+
+class ForgetData(LightningDataModule):
+    """A poisoned training set and the loaders of ``lightning_unlearn.data.protocol``: ``flipped`` training samples of
+    class ``source`` labelled ``target`` (the forget set), the rest (retain), clean validation and test splits.
+
+    Args:
+        num_classes: Number of classes.
+        in_channels: Features per sample.
+        n: Training samples (validation and test: ``n // 2`` each).
+        flipped: Samples of ``source`` relabelled ``target``.
+        source: The attacked class.
+        target: The label the flipped samples get.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 3,
+        in_channels: int = 4,
+        n: int = 192,
+        flipped: int = 30,
+        source: int = 0,
+        target: int = 1,
+    ):
+        super().__init__()
+        self.num_classes, self.in_channels, self.n = num_classes, in_channels, n
+        self.attacked_class = source
+        x, y = synthetic(n, in_channels, num_classes, 0).tensors
+        self.positions = torch.nonzero(y == source).flatten()[:flipped]
+        poisoned = y.clone()
+        poisoned[self.positions] = target
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[self.positions] = False
+        self.x, self.y, self.poisoned, self.keep = x, y, poisoned, keep
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x, self.poisoned), batch_size=32, shuffle=True)
+
+    def forget_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[self.positions], self.poisoned[self.positions]), batch_size=32)
+
+    def corrected_forget_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[self.positions], self.y[self.positions]), batch_size=32)
+
+    def retain_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(self.x[self.keep], self.y[self.keep]), batch_size=32)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(synthetic(self.n // 2, self.in_channels, self.num_classes, 1), batch_size=32)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(synthetic(self.n // 2, self.in_channels, self.num_classes, 2), batch_size=32)
