@@ -275,6 +275,7 @@ def test_finetune_logs_its_loss_per_epoch_with_few_steps(poisoned, tmp_path):
     [
         ({"run": "somewhere", "model": nn.Linear(2, 2)}, "exactly one of `run`"),
         ({}, "exactly one of `run`"),
+        ({"run": nn.Linear(2, 2)}, "pass your own model as `model=`"),  # was a raw pathlib TypeError
         ({"model": nn.Linear(2, 2)}, "`data` is required"),
         ({"model": 3, "data": object()}, "`model` must be an nn.Module"),
         ({"model": "/nonexistent.ckpt", "data": object()}, "no checkpoint file"),

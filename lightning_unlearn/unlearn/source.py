@@ -102,6 +102,11 @@ def resolve_source(
         )
     if run is None:
         return from_model(model, data, model_class, output_transform)  # type: ignore[arg-type]
+    if not isinstance(run, (str, Path)):
+        raise TypeError(
+            f"`run` is the path of a training run of this library, got a {type(run).__name__}: pass your own model as "
+            "`model=` (with `data=`)."
+        )
     if data is not None or model_class is not None or output_transform is not None:
         raise ValueError("`data`, `model_class` and `output_transform` go with `model`; a `run` has its own.")
     return from_run(run, eval_batch_size, num_workers)
