@@ -405,3 +405,35 @@ def test_unlearn_cli_takes_an_own_lightning_module_checkpoint_and_data_module(tm
         with pytest.raises(SystemExit):
             unlearn_main(["-c", "configs/unlearn/sa_first_order.yaml", *bad])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_own_model_under_ddp_spawn_equals_one_process(poisoned):
+    """Two gloo ranks (``ddp_spawn``) on an own model and ``UnlearnData``: the forget gradient is summed over the ranks'
+    exact shards, so the one-step update equals one process's; rank zero's report comes back to the caller."""
+    from lightning_unlearn.unlearn.module import TRAINER_DEFAULTS
+
+    net, data, _ = poisoned
+    results = {}
+    for strategy in ("auto", "ddp_spawn"):
+        copy = make_net()
+        copy.load_state_dict(net.state_dict())
+        method = FirstOrder(steps=[3e-3], criterion="fixed", batch_size=16)  # several batches per rank
+        module = UnlearnModule(model=copy, data=data, method=method, selection=LastLayer())
+        devices = 2 if strategy == "ddp_spawn" else 1
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=devices,
+            strategy=strategy,
+            logger=False,
+            enable_progress_bar=False,
+            max_epochs=1,
+            **TRAINER_DEFAULTS,
+        )
+        trainer.fit(module)
+        results[strategy] = (snapshot(module.names_root), module.report)
+    (one, one_report), (two, two_report) = results["auto"], results["ddp_spawn"]
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7)
+    assert two_report["after"] == pytest.approx(one_report["after"])
