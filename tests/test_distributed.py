@@ -125,7 +125,7 @@ def _rank_worker(rank: int, port: int, run: str, out: str) -> None:
     torch.set_num_threads(1)
     results = {}
     for name, (method, selection) in METHODS.items():
-        module = UnlearnModule(run, method(BATCH), selection())
+        module = UnlearnModule(run, method(BATCH), selection(), evaluate=False)  # weights compared, not metrics
         trainer = _ddp_trainer("ddp", max_epochs=module.max_epochs)
         assert trainer.strategy.launcher is None or not trainer.strategy.launcher.is_interactive_compatible
         trainer.fit(module)
@@ -161,7 +161,7 @@ def test_every_method_under_ddp_equals_one_process(odd_run, tmp_path):
 
     original = _state(UnlearnModule(str(odd_run)))
     for name, (method, selection) in METHODS.items():
-        module = UnlearnModule(str(odd_run), method(WORLD * BATCH), selection())
+        module = UnlearnModule(str(odd_run), method(WORLD * BATCH), selection(), evaluate=False)
         unlearn_trainer(max_epochs=module.max_epochs, accelerator="cpu").fit(module)
         single, report = _state(module), module.method.report()
         state, ddp_report, selected = distributed[name]
