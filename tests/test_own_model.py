@@ -247,8 +247,9 @@ def test_removal_only_data_works_with_ascent_methods_and_is_refused_by_label_rep
     data, _ = make_data(corrected=False, test=False)
     copy = make_net()
     copy.load_state_dict(net.state_dict())
-    with pytest.raises(ValueError, match="corrected_labels"):
-        UnlearnModule(model=copy, data=data, method=FirstOrder(), selection=LastLayer()).prepare()
+    for method in (FirstOrder(), NegGradPlus(corrected_weight=0.5)):  # both use the corrected labels
+        with pytest.raises(ValueError, match="corrected_labels"):
+            UnlearnModule(model=copy, data=data, method=method, selection=LastLayer()).prepare()
     before = snapshot(copy)
     sgd = lambda params: torch.optim.SGD(params, lr=0.5)  # noqa: E731
     module = UnlearnModule(model=copy, data=data, method=NegGradPlus(epochs=3), selection=LastLayer(), optimizer=sgd)

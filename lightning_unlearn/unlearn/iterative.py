@@ -160,6 +160,7 @@ class NegGradPlus(PairedMethod):
             raise ValueError(f"`corrected_weight` must be >= 0 (0 = NegGrad+ proper), got {corrected_weight}.")
         self.alpha = alpha
         self.corrected_weight = corrected_weight
+        self.needs_corrected_labels = corrected_weight > 0  # the corrected-label term; NegGrad+ proper needs none
 
     def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> torch.Tensor:
         module.net.eval()
