@@ -7,8 +7,9 @@
 ``forget_dataloader()``                   D_f: the samples to forget, with the labels the model was trained on
 ``corrected_forget_dataloader()``         D̃_f (optional): the same samples in the same order with their correct
                                           labels; methods that replace the forget set's labels need it
-                                          (``FirstOrder``, ``SecondOrder``, ``SamForget``), ascent-only methods
-                                          (``NegGradPlus``, ``SharpMinMax``) and ``Finetune`` do not
+                                          (``FirstOrder``, ``SecondOrder``, ``SamForget``, ``NegGradPlus`` with
+                                          ``corrected_weight > 0``); ascent-only methods (``NegGradPlus``,
+                                          ``SharpMinMax``) and ``Finetune`` do not
 ``retain_dataloader()``                   D_r: the training samples to keep
 ``val_dataloader()``                      a clean validation split (step-size and learning-rate searches)
 ``test_dataloader()``                     optional: a test split (or a list of loaders, the first is the test split)
