@@ -314,8 +314,9 @@ def _prepare_profile(module: Any, device: torch.device) -> None:
     try:
         limit = getattr(module, "profile_max_samples", None)
         profile = profile_training_set(
-            module.net, module.names_root, module.datamodule, module.estimator, limit, device=torch.device(device)
-        )
+            module.names_root, module.source.output_transform, module.datamodule, module.estimator, limit,
+            device=torch.device(device),
+        )  # fmt: skip
     finally:
         module.to(home)
     checkpoint = module.training_run.checkpoint if module.training_run is not None else module.source.checkpoint

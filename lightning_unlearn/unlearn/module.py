@@ -319,8 +319,8 @@ class UnlearnModule(LightningModule):
         self.to(device or home)
         try:
             return profile_training_set(
-                self.net, self.names_root, self.datamodule, self.estimator, self.profile_max_samples,
-                rank=rank, world_size=world, reduce=reduce, device=self.device,
+                self.names_root, self.source.output_transform, self.datamodule, self.estimator,
+                self.profile_max_samples, rank=rank, world_size=world, reduce=reduce, device=self.device,
             )  # fmt: skip
         finally:
             self.to(home)

@@ -29,7 +29,6 @@ __all__ = [
     "from_run",
     "from_model",
     "load_model",
-    "rename_profile",
     "profile_training_set",
     "own_unlearned_checkpoint",
 ]
@@ -182,21 +181,9 @@ def from_model(
     )
 
 
-def rename_profile(profile: SharpnessProfile, profiled: nn.Module, names_root: nn.Module) -> SharpnessProfile:
-    """``profile`` of ``profiled`` re-keyed by ``names_root``'s names of the same parameter objects (a profile
-    computed on the logits network, named as the user's model names its parameters)."""
-    if profiled is names_root:
-        return profile
-    name_of = {id(p): name for name, p in names_root.named_parameters()}
-    params = dict(profiled.named_parameters())
-    diagonals = {name_of[id(params[name])]: d for name, d in profile.diagonals.items()}
-    kwargs = {"dataset": profile.dataset, "metadata": profile.metadata}
-    return SharpnessProfile.from_model(names_root, diagonals, profile.estimator, profile.num_samples, **kwargs)
-
-
 def profile_training_set(
-    net: nn.Module,
-    names_root: nn.Module,
+    model: nn.Module,
+    output_transform: OutputTransform | None,
     datamodule: Any,
     estimator: str,
     max_samples: int | None = None,
@@ -206,17 +193,19 @@ def profile_training_set(
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | None = None,
 ) -> SharpnessProfile:
-    """The curvature profile of ``net`` on ``datamodule``'s training set as trained on (its first ``max_samples``),
-    this rank's shard ``rank, rank + world_size, …`` all-reduced with ``reduce``, named by ``names_root``."""
+    """The curvature profile of ``model`` (its outputs through ``output_transform``; its own parameter names) on
+    ``datamodule``'s training set as trained on (its first ``max_samples``), this rank's shard
+    ``rank, rank + world_size, …`` all-reduced with ``reduce``."""
     datamodule.setup("fit")
     dataset = datamodule.train_dataset()
     total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     pin = device is not None and torch.device(device).type == "cuda"  # pinned batches: asynchronous copies
     shard = DataLoader(Subset(dataset, range(rank, total, world_size)), batch_size=256, pin_memory=pin)
-    profile = profile_model(
-        net,
+    return profile_model(
+        model,
         shard,
         estimator,
+        output_transform=output_transform,
         dataset=getattr(datamodule, "dataset", None),
         reduce=reduce,
         world_size=world_size,
@@ -224,7 +213,6 @@ def profile_training_set(
         progress=rank == 0,
         rank=rank,
     )
-    return rename_profile(profile, net, names_root)
 
 
 def own_unlearned_checkpoint(module: Any) -> dict[str, Any]:
