@@ -73,6 +73,11 @@ class Row:
     label: str
     config: str
     args: tuple[str, ...] = ()
+    key: str = ""  # the row's name in the results (default: ``config``; rows sharing a config need their own)
+
+    @property
+    def name(self) -> str:
+        return self.key or self.config
 
 
 MNIST_ROWS = (
@@ -182,11 +187,20 @@ COMPARED_WITH = ("first_order_last_layer", "first_order_largest", "finetune_all"
 
 # --------------------------------------------------------------------------------------------------------- running
 def run_seed(
-    name: str, setting: Setting, seed: int, runs: Path, rows: list[Row], overlays: tuple[str, ...] = ()
+    name: str,
+    setting: Setting,
+    seed: int,
+    runs: Path,
+    rows: list[Row],
+    overlays: tuple[str, ...] = (),
+    cache_name: str = "rows.json",
 ) -> dict[str, Any]:
-    """Train, retrain and unlearn one seed of one setting; returns ``{"before", "reference", "rows", ...}``."""
+    """Train, retrain and unlearn one seed of one setting; returns ``{"before", "reference", "rows", ...}``.
+
+    Finished rows are kept in ``<runs>/<setting>/seed<k>/<cache_name>`` (another benchmark over the same trained
+    models keeps its rows in a file of its own)."""
     folder = runs / name / f"seed{seed}"
-    cache = folder / "rows.json"
+    cache = folder / cache_name
     result: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {"rows": {}}
     seeds = ("--seed_everything", str(seed), "--data.poison.seed", str(seed))
     configs = [*setting.configs, *overlays]
@@ -218,10 +232,10 @@ def run_seed(
     print(f"== {name} seed {seed}: {result['effect']['statement']}", flush=True)
     options = EvaluationOptions(**result["options"])
     for row in rows:
-        if row.config in result["rows"]:
+        if row.name in result["rows"]:
             continue
         extra = ("--model.selection.init_args.seed", str(seed)) if row.config == "first_order_random" else ()
-        print(f"== {name} seed {seed}: {row.config}", flush=True)
+        print(f"== {name} seed {seed}: {row.name}", flush=True)
         report = unlearn(
             row.config,
             run_dir,
@@ -232,7 +246,7 @@ def run_seed(
             evaluation=options,
             calibration=result["calibration"],
         )
-        result["rows"][row.config] = {
+        result["rows"][row.name] = {
             "after": report["after"],
             "comparison": report.get("comparison", {}),
             "seconds": report["cost"]["seconds"],
@@ -374,7 +388,7 @@ def setting_table(name: str, results: dict[str, dict[str, Any]]) -> str:
 
     table_rows = [line("poisoned model (before)", [_row_metrics(results[s], "before") for s in seeds])]
     for row in setting.rows:
-        per_seed = [_row_metrics(results[s], row.config) for s in seeds]
+        per_seed = [_row_metrics(results[s], row.name) for s in seeds]
         if any(per_seed):
             table_rows.append(line(row.label, [m for m in per_seed if m]))
     table_rows.append(line(RETRAIN_LABEL, [_row_metrics(results[s], None) for s in seeds]))

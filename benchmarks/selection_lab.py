@@ -1,0 +1,221 @@
+"""The selection lab: every parameter selection under every applicable method, per forgetting scenario, over seeds.
+
+Which parameters should an unlearning request update? For each scenario (a poison the model learns, class-wise
+forgetting, random-sample forgetting) and seed this script reuses the trained and retrained models of
+``benchmarks/reproduce.py`` (training them if missing, in the same ``--runs`` folder), then runs one request per
+(selection, method) pair — exactly what ``unlearn.py`` runs, with ``--model.selection`` / ``--model.method`` replaced —
+and evaluates it like every reproduction row: the attacked metric, ToW against the retrained model, the MIA scores,
+the relearning attack, seconds and cost as a fraction of retraining.
+
+A pair is skipped (and listed as such) when it cannot apply: methods that need corrected labels (first- and
+second-order, which replace the forget samples' labels) in scenarios that have none (class-wise and random-sample
+forgetting remove samples: there the first-order *removal* update runs instead), and the ``Validated`` selection
+with methods that are not one-step updates.
+
+Everything is resumable per request (``<runs>/<scenario>/seed<k>/lab_rows.json``; the before/reference evaluation is
+taken from the reproduction's ``rows.json`` when there is one). The iterative methods run with their configs'
+learning rates unless ``--lr-grid`` asks for the validation search of the reproduction (five times the cost).
+
+Usage::
+
+    python benchmarks/selection_lab.py mnist_label_flip --seeds 0 1 2          # one scenario, 3 seeds
+    python benchmarks/selection_lab.py --seeds 0 --methods first_order ssd      # every scenario, two methods
+    python benchmarks/selection_lab.py --tables                                # rebuild the tables only
+
+Writes ``benchmarks/results/selection_lab/<scenario>.json`` and ``.md`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import reproduce  # noqa: E402
+
+from lightning_unlearn.reporting import format_table  # noqa: E402
+from lightning_unlearn.utils import atomic_write_text  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "selection_lab"
+CACHE = "lab_rows.json"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of the lab: the request config it starts from and what it needs."""
+
+    config: str
+    one_step: bool
+    needs_corrected_labels: bool
+    args: tuple[str, ...] = ()
+
+
+#: Selections by label: the ``--model.selection`` value (class path and arguments); ``{seed}`` is the run's seed.
+SELECTIONS: dict[str, dict[str, Any]] = {
+    "smallest-diagonal layer": {"class_path": "lightning_unlearn.selection.SmallestLayer"},
+    "largest-diagonal layer": {"class_path": "lightning_unlearn.selection.LargestLayer"},
+    "last layer": {"class_path": "lightning_unlearn.selection.LastLayer"},
+    "top 1 % diagonal": {
+        "class_path": "lightning_unlearn.selection.TopKParameters",
+        "init_args": {"fraction": 0.01, "largest": True},
+    },
+    "saliency top 1 %": {"class_path": "lightning_unlearn.Saliency", "init_args": {"fraction": 0.01}},
+    "Fisher ratio": {"class_path": "lightning_unlearn.FisherRatio"},
+    "random layer": {"class_path": "lightning_unlearn.selection.RandomLayer", "init_args": {"seed": "{seed}"}},
+    "all parameters": {"class_path": "lightning_unlearn.selection.AllLayers"},
+    "validated": {"class_path": "lightning_unlearn.selection.Validated"},
+}
+
+#: Methods by name: the request config each row starts from (its selection is replaced).
+METHODS: dict[str, Method] = {
+    "first_order": Method("first_order_all", one_step=True, needs_corrected_labels=True),
+    "first_order_removal": Method("first_order_removal", one_step=True, needs_corrected_labels=False),
+    "second_order": Method("second_order_diag", one_step=True, needs_corrected_labels=True),
+    "finetune": Method("finetune_all", one_step=False, needs_corrected_labels=False),
+    "random_label": Method("random_label", one_step=False, needs_corrected_labels=False),
+    "ssd": Method("ssd", one_step=False, needs_corrected_labels=False),
+}
+
+#: Scenarios: a setting of ``benchmarks/reproduce.py`` and whether its forget set has corrected labels.
+SCENARIOS: dict[str, bool] = {"mnist_label_flip": True, "mnist_classwise": False, "mnist_random10": False}
+
+
+def applicable(method: Method, selection: str, corrected: bool) -> str | None:
+    """Why the pair cannot run (None: it can)."""
+    if method.needs_corrected_labels and not corrected:
+        return "needs corrected labels"
+    if selection == "validated" and not method.one_step:
+        return "validated compares one-step updates"
+    return None
+
+
+def rows(seed: int, corrected: bool, methods: list[str], selections: list[str]) -> tuple[list[Any], dict[str, str]]:
+    """The requests of one seed (``reproduce.Row`` each) and the skipped pairs with their reason."""
+    out, skipped = [], {}
+    for method_name in methods:
+        method = METHODS[method_name]
+        for label in selections:
+            key = f"{method_name} × {label}"
+            reason = applicable(method, label, corrected)
+            if reason:
+                skipped[key] = reason
+                continue
+            selection = json.loads(json.dumps(SELECTIONS[label]).replace('"{seed}"', str(seed)))
+            out.append(
+                reproduce.Row(key, method.config, (*method.args, "--model.selection", json.dumps(selection)), key=key)
+            )
+    return out, skipped
+
+
+def seed_cache(runs: Path, scenario: str, seed: int) -> None:
+    """Start the lab's cache from the reproduction's evaluation of the same models (before, reference, calibration)."""
+    folder = runs / scenario / f"seed{seed}"
+    lab, reproduction = folder / CACHE, folder / "rows.json"
+    if lab.is_file() or not reproduction.is_file():
+        return
+    shared = {k: v for k, v in json.loads(reproduction.read_text()).items() if k not in ("rows", "sweep")}
+    atomic_write_text(lab, json.dumps(shared | {"rows": {}}, indent=1))
+
+
+def table(scenario: str, results: dict[str, Any]) -> str:
+    seeds = sorted(results["seeds"], key=int)
+    per_seed = [results["seeds"][s] for s in seeds]
+    kind = reproduce._kind(results["seeds"])
+    keys = ["attacked", "test", "tow", "mia", "relearn", "cost"]
+    lines = [
+        f"### {reproduce.SETTINGS[scenario].label}",
+        "",
+        f"Seeds {', '.join(seeds)} (n = {len(seeds)}); mean ± std over seeds. Regenerate: "
+        f"`python benchmarks/selection_lab.py {scenario} --seeds {' '.join(seeds)}`.",
+        "",
+        reproduce.effect_summary(results["seeds"]),
+        "",
+    ]
+    body = []
+    for method in METHODS:
+        for label in SELECTIONS:
+            key = f"{method} × {label}"
+            metrics = [reproduce._row_metrics(r, key) for r in per_seed]
+            metrics = [m for m in metrics if m]
+            if not metrics:
+                continue
+            row = {"method": method, "selection": label}
+            for k in keys:
+                row[reproduce._header(kind, k)] = reproduce._mean_std(
+                    [m.get(k) for m in metrics], reproduce.COLUMNS[k][1]
+                )
+            row["n"] = str(len(metrics))
+            body.append(row)
+    lines.append(format_table(body) if body else "(no request finished yet)")
+    skipped = results.get("skipped", {})
+    if skipped:
+        reasons: dict[str, list[str]] = {}
+        for key, reason in skipped.items():
+            reasons.setdefault(reason, []).append(key)
+        lines += ["", "Not applicable: " + "; ".join(f"{r}: {', '.join(k)}" for r, k in reasons.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), help=f"of {list(SCENARIOS)}")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"of {list(METHODS)}")
+    parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), help=f"of {list(SELECTIONS)}")
+    parser.add_argument("--runs", default="runs/reproduce", help="the reproduction's runs folder (models are shared)")
+    parser.add_argument("--results", default=str(RESULTS), help="folder for the results files and tables")
+    parser.add_argument("--lr-grid", action="store_true", help="iterative methods: search the lr on validation")
+    parser.add_argument("--tables", action="store_true", help="only rebuild the tables from the results files")
+    args = parser.parse_args(argv)
+    for name, values, known in (
+        ("scenarios", args.scenarios, SCENARIOS),
+        ("--methods", args.methods, METHODS),
+        ("--selections", args.selections, SELECTIONS),
+    ):
+        bad = [v for v in values if v not in known]
+        if bad:
+            parser.error(f"unknown {name} {bad}; choose from {list(known)}")
+    folder = Path(args.results)
+    folder.mkdir(parents=True, exist_ok=True)
+    for scenario in args.scenarios:
+        path = folder / f"{scenario}.json"
+        results = json.loads(path.read_text()) if path.is_file() else {"scenario": scenario, "seeds": {}}
+        if not args.tables:
+            setting = replace(reproduce.SETTINGS[scenario], sweep=False)  # the layer sweep is the reproduction's
+            for seed in args.seeds:
+                todo, skipped = rows(seed, SCENARIOS[scenario], args.methods, args.selections)
+                if args.lr_grid:
+                    todo = [
+                        reproduce.Row(r.label, r.config, (*r.args, "--model.lr_grid", reproduce.LR_GRID), key=r.key)
+                        if not METHODS[r.key.split(" × ")[0]].one_step
+                        else r
+                        for r in todo
+                    ]
+                seed_cache(Path(args.runs), scenario, seed)
+                result = reproduce.run_seed(scenario, setting, seed, Path(args.runs), todo, cache_name=CACHE)
+                results["seeds"][str(seed)] = result
+                results["skipped"] = results.get("skipped", {}) | skipped
+                results["lr_grid"] = args.lr_grid
+                atomic_write_text(path, json.dumps(results, indent=1))
+        if results["seeds"]:
+            atomic_write_text(path.with_suffix(".md"), table(scenario, results))
+    parts = []
+    for scenario in SCENARIOS:
+        path = folder / f"{scenario}.md"
+        if path.is_file():
+            parts.append(path.read_text())
+    atomic_write_text(
+        folder / "summary.md", "# The selection lab (generated by `benchmarks/selection_lab.py`)\n\n" + "\n".join(parts)
+    )
+    print("\n".join(parts))
+
+
+if __name__ == "__main__":
+    main()
