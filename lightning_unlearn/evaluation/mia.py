@@ -15,8 +15,9 @@ a fraction, × 100). With ``p = softmax(z)`` of a sample's logits ``z`` over ``C
 * ``correctness`` = 1[argmax_j p_j = y] (0 or 1);
 * ``confidence`` = p_y, the **headline** (SalUn's "MIA-Efficacy"; the same feature as the OPTML SVC score above);
 * ``entropy`` = −Σ_j p_j log p_j (0 · log 0 = 0);
-* ``m_entropy``, the modified entropy of Song & Mittal (USENIX Security 2021, eq. 6):
-  −(1 − p_y) log p_y − Σ_{j≠y} p_j log(1 − p_j), logarithms of arguments below 1e-30 taken at 1e-30 as in their code.
+* ``m_entropy``, the modified entropy of Song & Mittal (USENIX Security 2021; their code: inspire-group/
+  membership-inference-evaluation, ``_m_entr_comp``): −(1 − p_y) log p_y − Σ_{j≠y} p_j log(1 − p_j), logarithms of
+  arguments below 1e-30 taken at 1e-30 as there.
   SalUn's ``m_entropy`` computes something else: it indexes ``[:, labels]`` (for every sample, every class that is the
   label of *any* sample of the set) and takes ``log p`` where ``log(1 − p)`` belongs, so for a set that holds every
   class it is −Σ_j (1 − p_j) log p_j, independent of the label. The formula above is the published one;
