@@ -54,6 +54,7 @@ def test_evaluate_model_matches_independent_references(poisoned_run):
     import torch
 
     from lightning_unlearn.evaluation import mia_summary, relearning_attack
+    from lightning_unlearn.evaluation.mia import mia_salun
     from lightning_unlearn.evaluation.suite import EvaluationOptions, evaluate_model
     from lightning_unlearn.run import TrainingRun
 
@@ -84,6 +85,13 @@ def test_evaluate_model_matches_independent_references(poisoned_run):
     assert metrics["mia/svc"] == pytest.approx(mia["mia_svc"])
     assert metrics["mia/loss_auc_retain"] == pytest.approx(mia["mia_loss_auc_retain"], abs=1e-6)
     assert metrics["mia/loss_auc_forget"] == pytest.approx(mia["mia_loss_auc_forget"], abs=1e-6)
+    salun = mia_salun(
+        net, datamodule.retain_dataloader(), test, datamodule.forget_dataloader(), max_samples=options.mia_samples
+    )
+    assert {f"mia/salun_{k}": v for k, v in salun.items()} == pytest.approx(
+        {k: metrics[k] for k in metrics if "salun" in k}
+    )
+    assert salun["nonmembers"] == min(options.mia_samples, len(test.dataset))
     attack = relearning_attack(net, datamodule.forget_dataloader(), test, fraction=0.2, steps=3, seed=5)
     assert metrics["relearn/forget_acc_after"] == pytest.approx(attack["forget_acc_after"])
     assert metrics["relearn/recovery"] == pytest.approx(attack["recovery"])

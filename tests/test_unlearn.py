@@ -360,8 +360,20 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, retrained_ru
     assert report["method"]["val_loss"] <= no_change["val_loss"]  # chosen on validation loss, never worse
     assert report["method"]["seconds_update"] > 0 and report["method"]["seconds_search"] > 0  # timed (no bound)
     # the evaluation suite: every model judged on accuracies, MIA and the relearning attack, compared by ToW
+    salun = {f"mia/salun_{name}" for name in ("correctness", "confidence", "entropy", "m_entropy", "prob")}
     for model in ("before", "after", "reference"):
-        assert {"mia/svc", "mia/loss_auc_forget", "relearn/recovery"} <= set(report[model]), model
+        assert {"mia/svc", "mia/loss_auc_forget", "relearn/recovery", *salun} <= set(report[model]), model
+        assert report[model]["mia/salun_members"] == report[model]["mia/salun_nonmembers"] == 2000  # 3,800 retain
+        assert report[model]["mia/salun_forget"] == report["forget_samples"]
+    assert "gap_mia_salun_confidence" in report["comparison"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in out.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {f"{model}/mia/salun_confidence" for model in ("before", "after", "reference")} <= tags
     from lightning_unlearn.evaluation import tow
 
     split = {"forget": "forget/acc", "retain": "retain/acc", "test": "test/acc"}

@@ -1,4 +1,5 @@
-"""Evaluation of unlearning: accuracies, % restored, Tug-of-War, membership inference, relearning attack, cost."""
+"""Evaluation of unlearning: accuracies, % restored, Tug-of-War, membership inference (OPTML/SalUn SVC, loss AUC; LiRA's
+statistics in :mod:`~lightning_unlearn.evaluation.lira`), relearning attack, cost."""
 
 from lightning_unlearn.evaluation.cost import METHODS, Cost, measure
 from lightning_unlearn.evaluation.metrics import (
@@ -11,7 +12,16 @@ from lightning_unlearn.evaluation.metrics import (
     percent_restored,
     tow,
 )
-from lightning_unlearn.evaluation.mia import SVC_PARAMS, label_probabilities, losses, mia_loss_auc, mia_summary, mia_svc
+from lightning_unlearn.evaluation.mia import (
+    SVC_PARAMS,
+    label_probabilities,
+    losses,
+    mia_loss_auc,
+    mia_salun,
+    mia_summary,
+    mia_svc,
+    salun_scores,
+)
 from lightning_unlearn.evaluation.relearn import attack_size, calibrate_relearning, curve_area, relearning_attack
 
 __all__ = [
@@ -30,10 +40,12 @@ __all__ = [
     "losses",
     "measure",
     "mia_loss_auc",
+    "mia_salun",
     "mia_summary",
     "mia_svc",
     "model_device",
     "percent_restored",
     "relearning_attack",
+    "salun_scores",
     "tow",
 ]

@@ -1,9 +1,33 @@
-"""Membership-inference attacks (MIA) on an unlearned model: the SVC attack of OPTML's code and a loss-threshold AUC.
+"""Membership-inference attacks (MIA) on an unlearned model: the SVC attacks of OPTML's code and a loss-threshold AUC.
 
 *SVC form* (compatible with the OPTML unlearning code base): an RBF support-vector classifier is fitted on a single
 feature, the softmax probability the model gives a sample's label, to separate *members* (the first ``|test|`` samples
 of the retain set, label 1) from *non-members* (the test set, label 0). The score is the share of **forget** samples it
 calls non-members, in % ("MIA-efficacy"): high = the forget set looks unseen, as it would for a retrained model.
+
+*SalUn form* (:func:`salun_scores`, :func:`mia_salun`; anchor: OPTML-Group/Unlearn-Saliency,
+``Classification/evaluation/SVC_MIA.py`` as ``main_forget.py`` calls it for ``SVC_MIA_forget_efficacy``): the same
+attack on five features, each with its own ``SVC(C=3, gamma="auto", kernel="rbf")`` fitted on members (shadow-train:
+the first ``|test|`` retain samples, label 1) against non-members (shadow-test: the test set, label 0) and applied to
+the forget set (target, no target members). Each score is the % of forget samples called non-members (SalUn's number,
+a fraction, × 100). With ``p = softmax(z)`` of a sample's logits ``z`` over ``C`` classes and ``y`` its label:
+
+* ``correctness`` = 1[argmax_j p_j = y] (0 or 1);
+* ``confidence`` = p_y, the **headline** (SalUn's "MIA-Efficacy"; the same feature as the OPTML SVC score above);
+* ``entropy`` = −Σ_j p_j log p_j (0 · log 0 = 0);
+* ``m_entropy``, the modified entropy of Song & Mittal (USENIX Security 2021; their code: inspire-group/
+  membership-inference-evaluation, ``_m_entr_comp``): −(1 − p_y) log p_y − Σ_{j≠y} p_j log(1 − p_j), logarithms of
+  arguments below 1e-30 taken at 1e-30 as there.
+  SalUn's ``m_entropy`` computes something else: it indexes ``[:, labels]`` (for every sample, every class that is the
+  label of *any* sample of the set) and takes ``log p`` where ``log(1 − p)`` belongs, so for a set that holds every
+  class it is −Σ_j (1 − p_j) log p_j, independent of the label. The formula above is the published one;
+* ``prob`` = the whole vector p (a C-dimensional feature, ``gamma = 1/C``).
+
+SalUn fits on all ``|test|`` members and non-members (MNIST: 20,000 points; on a 4,000-sample debug run, 3,800 + 3,800
+took 50 s for the five features on this project's shared 2-core machine); here each side is a seeded random subsample
+of at most ``max_samples`` (default :data:`SALUN_MAX_SAMPLES`: 9 s for the five there) of SalUn's sets, and the sizes
+are returned with the scores (``max_samples=None``: SalUn's exact sets, where ``confidence`` equals the OPTML SVC
+score). A retain set shorter than the test set cuts the test set to its length (SalUn's code would fail there).
 
 *Loss threshold*: the ROC-AUC of ``-loss`` as a score separating members (1) from non-members (0). 0.5 = the sets are
 indistinguishable, 1 = every member has a lower loss than every non-member. Run it on retain-vs-test (how much the
@@ -14,16 +38,22 @@ scikit-learn is needed for the attacks (``pip install lightning-unlearn[eval]``)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from lightning_unlearn.evaluation.metrics import evaluating, iter_logits
+from lightning_unlearn.batches import unpack_batch
+from lightning_unlearn.evaluation.metrics import evaluating, iter_logits, predictions
 
 SVC_PARAMS: dict[str, Any] = {"C": 3, "gamma": "auto", "kernel": "rbf"}
+#: The SalUn attack's features, in their code's order; ``confidence`` is the headline.
+SALUN_FEATURES = ("correctness", "confidence", "entropy", "m_entropy", "prob")
+#: Default cap on the SalUn attack's members and on its non-members (each a seeded random subsample of SalUn's set).
+SALUN_MAX_SAMPLES = 2000
+_LOG_FLOOR = 1e-30  # Song & Mittal's `small_value`: log of anything smaller is log(1e-30)
 
 
 def _per_sample(
@@ -120,21 +150,153 @@ def mia_svc(
 def svc_score(members: torch.Tensor, nonmembers: torch.Tensor, forget: torch.Tensor) -> float:
     """The SVC attack on precomputed label probabilities (see :func:`mia_svc`): fit
     ``SVC(**SVC_PARAMS)`` on ``members`` (1) vs ``nonmembers`` (0), return the % of ``forget`` called non-members."""
-    from sklearn.svm import SVC
-
     for name, values in (("members", members), ("nonmembers", nonmembers), ("forget", forget)):
         _require(values, name)
+    return svc_nonmember_share(members.reshape(-1, 1), nonmembers.reshape(-1, 1), forget.reshape(-1, 1))
+
+
+def svc_nonmember_share(members: torch.Tensor, nonmembers: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fit ``SVC(**SVC_PARAMS)`` on feature rows ``members`` (label 1) vs ``nonmembers`` (label 0), both ``(n, d)``;
+    return the % of ``targets`` rows (``(m, d)``) it predicts to be non-members."""
     import numpy as np
+    from sklearn.svm import SVC
 
     features = torch.cat([members, nonmembers]).double().numpy()
-    targets = torch.cat([torch.ones(len(members)), torch.zeros(len(nonmembers))]).double().numpy()
-    # A confident model gives many samples the same probability (1.0 in float32): each distinct (feature, label) pair
-    # is fitted once with its count as sample weight, which is the same SVM problem (a weight scales that point's C,
-    # as repeating it does) at a fraction of the kernel's size (MNIST: 20,000 points -> ~10,000, ~3x faster)
-    pairs, counts = np.unique(np.stack([features, targets], axis=1), axis=0, return_counts=True)
-    clf = SVC(**SVC_PARAMS).fit(pairs[:, :1], pairs[:, 1], sample_weight=counts.astype(np.float64))
-    predicted_member = clf.predict(forget.double().numpy().reshape(-1, 1))
+    targets_np = torch.cat([torch.ones(len(members)), torch.zeros(len(nonmembers))]).double().numpy()
+    # A confident model gives many samples the same feature (probability 1.0 in float32): each distinct (feature,
+    # label) row is fitted once with its count as sample weight, which is the same SVM problem (a weight scales that
+    # point's C, as repeating it does) at a fraction of the kernel's size (MNIST: 20,000 points -> ~10,000, ~3x faster)
+    rows, counts = np.unique(np.column_stack([features, targets_np]), axis=0, return_counts=True)
+    clf = SVC(**SVC_PARAMS).fit(rows[:, :-1], rows[:, -1], sample_weight=counts.astype(np.float64))
+    predicted_member = clf.predict(targets.double().numpy().reshape(len(targets), -1))
     return float(100.0 * (1.0 - predicted_member.mean()))
+
+
+def salun_features(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SalUn's five attack features of each sample, in float64 (formulas: the module docstring).
+
+    Args:
+        logits: ``(n, C)`` logits.
+        labels: ``(n,)`` labels (the ones the model is asked about: for a forget set, those it was trained with).
+
+    Returns:
+        ``{name: tensor}`` for :data:`SALUN_FEATURES`: ``(n,)`` tensors, ``prob`` ``(n, C)``.
+    """
+    z = logits.double()
+    y = labels.long().unsqueeze(1)
+    p = torch.softmax(z, dim=-1)
+    p_y = p.gather(1, y).squeeze(1)
+    floor = torch.tensor(_LOG_FLOOR, dtype=torch.float64)
+    log_p = torch.log(torch.maximum(p, floor))
+    log_not_p = torch.log(torch.maximum(1.0 - p, floor))
+    is_label = torch.zeros_like(p, dtype=torch.bool).scatter_(1, y, True)
+    m_entropy = -torch.where(is_label, (1.0 - p) * log_p, p * log_not_p).sum(dim=1)
+    return {
+        "correctness": (z.argmax(dim=1) == labels.long()).double(),
+        "confidence": p_y,
+        "entropy": -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(dim=1),
+        "m_entropy": m_entropy,
+        "prob": p,
+    }
+
+
+def _subsample(count: int, max_samples: int | None, generator: torch.Generator) -> torch.Tensor:
+    """Positions ``0..count-1``, or a random ``max_samples`` of them in increasing order."""
+    if max_samples is None or count <= max_samples:
+        return torch.arange(count)
+    return torch.randperm(count, generator=generator)[:max_samples].sort().values
+
+
+def salun_scores(
+    members: tuple[torch.Tensor, torch.Tensor],
+    nonmembers: tuple[torch.Tensor, torch.Tensor],
+    forget: tuple[torch.Tensor, torch.Tensor],
+    *,
+    max_samples: int | None = SALUN_MAX_SAMPLES,
+    seed: int = 0,
+) -> dict[str, float]:
+    """SalUn's SVC attack (forget efficacy) on precomputed outputs: one SVC per feature, % of forget samples called
+    non-members (module docstring).
+
+    Args:
+        members: ``(logits, labels)`` of the retain set in its fixed order; its first ``n = min(|retain|, |test|)``
+            are SalUn's shadow-train set.
+        nonmembers: ``(logits, labels)`` of the test set (shadow-test: its first ``n``, all of it when the retain
+            set is the longer, as in SalUn).
+        forget: ``(logits, labels)`` of the forget set (the target), with the labels the model was trained with.
+        max_samples: At most this many members and this many non-members, each a random subsample of SalUn's set
+            (None: all of them, SalUn's exact sets).
+        seed: Seed of the subsample.
+
+    Returns:
+        ``{feature: %}`` for :data:`SALUN_FEATURES` and the sizes used: ``members``, ``nonmembers``, ``forget``.
+
+    Raises:
+        ValueError: If a set is empty or ``max_samples`` is not a positive integer or None.
+    """
+    if max_samples is not None and (int(max_samples) != max_samples or max_samples < 1):
+        raise ValueError(f"`max_samples` must be an integer >= 1 or None, got {max_samples!r}.")
+    for name, (logits, _) in (("members", members), ("nonmembers", nonmembers), ("forget", forget)):
+        _require(logits, name)
+    # SalUn: the first |test| retain samples are the members, the test set the non-members; a retain set shorter than
+    # the test set cuts the test set to its size, as the OPTML SVC score does (balanced classes)
+    count = min(len(members[0]), len(nonmembers[0]))
+    generator = torch.Generator().manual_seed(int(seed))
+    keep_in = _subsample(count, max_samples, generator)
+    keep_out = _subsample(count, max_samples, generator)
+    inside = salun_features(members[0][:count][keep_in], members[1][:count][keep_in])
+    outside = salun_features(nonmembers[0][:count][keep_out], nonmembers[1][:count][keep_out])
+    target = salun_features(*forget)
+    scores = {
+        name: svc_nonmember_share(
+            inside[name].reshape(len(keep_in), -1),
+            outside[name].reshape(len(keep_out), -1),
+            target[name].reshape(len(forget[0]), -1),
+        )
+        for name in SALUN_FEATURES
+    }
+    return scores | {"members": len(keep_in), "nonmembers": len(keep_out), "forget": len(forget[0])}
+
+
+def mia_salun(
+    model: nn.Module,
+    retain_loader: Iterable[Any],
+    test_loader: Iterable[Any],
+    forget_loader: Iterable[Any],
+    *,
+    max_samples: int | None = SALUN_MAX_SAMPLES,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> dict[str, float]:
+    """SalUn's SVC attack of ``model`` (:func:`salun_scores`) from loaders.
+
+    Args:
+        model: The (unlearned) classifier.
+        retain_loader: Retain set D_r, in a fixed order (its first |test| samples are the members).
+        test_loader: Test set (non-members).
+        forget_loader: Forget set D_f, with the labels the model was trained with.
+        max_samples: Cap on members and on non-members (see :func:`salun_scores`).
+        seed: Seed of the subsample.
+        device: Where to run; default: the model's device.
+
+    Returns:
+        As :func:`salun_scores`.
+    """
+    with evaluating(model, device) as dev:
+        test = predictions(model, test_loader, dev)
+        retain = predictions(model, _take(retain_loader, len(test[1])), dev)
+        forget = predictions(model, forget_loader, dev)
+    return salun_scores(retain, test, forget, max_samples=max_samples, seed=seed)
+
+
+def _take(loader: Iterable[Any], count: int) -> Iterator[Any]:
+    """The batches of ``loader`` until ``count`` samples have been yielded (the last batch whole)."""
+    seen = 0
+    for batch in loader:
+        if seen >= count:
+            return
+        yield batch
+        seen += len(unpack_batch(batch)[1])
 
 
 def mia_loss_auc(
@@ -199,12 +361,18 @@ def mia_summary(
 
 
 __all__ = [
+    "SALUN_FEATURES",
+    "SALUN_MAX_SAMPLES",
     "SVC_PARAMS",
     "label_probabilities",
     "loss_auc",
     "losses",
     "mia_loss_auc",
+    "mia_salun",
     "mia_summary",
     "mia_svc",
+    "salun_features",
+    "salun_scores",
+    "svc_nonmember_share",
     "svc_score",
 ]

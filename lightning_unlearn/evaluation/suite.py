@@ -7,7 +7,11 @@
   other classes classified as the target class), ``forget/acc`` (forget set w.r.t. its poisoned labels: the *fit*),
   ``forget_true/acc`` (w.r.t. its true labels), ``retain/acc``, ``val/acc``;
 * membership inference (with ``EvaluationOptions.mia``): ``mia/svc`` (OPTML's SVC score of the forget set, %),
-  ``mia/loss_auc_retain`` and ``mia/loss_auc_forget`` (loss-threshold ROC-AUC against the test set);
+  ``mia/loss_auc_retain`` and ``mia/loss_auc_forget`` (loss-threshold ROC-AUC against the test set), and SalUn's SVC
+  attack on five features, % of forget samples called non-members (``mia/salun_correctness``,
+  ``mia/salun_confidence`` (the headline), ``mia/salun_entropy``, ``mia/salun_m_entropy``, ``mia/salun_prob``) with
+  the sizes it used (``mia/salun_members``, ``mia/salun_nonmembers``, ``mia/salun_forget``; formulas in
+  :mod:`~lightning_unlearn.evaluation.mia`);
 * the relearning attack (with ``EvaluationOptions.relearn``): ``relearn/forget_acc_before``,
   ``relearn/forget_acc_after`` (poisoned-label accuracy on the forget samples the attack did not use),
   ``relearn/recovery`` (after − before, points), ``relearn/auc`` (the mean of the recovery curve over the attack, %),
@@ -33,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_unlearn.evaluation.metrics import accuracy_of, evaluating, gap, percent_restored, predictions, tow
-from lightning_unlearn.evaluation.mia import loss_auc, svc_score
+from lightning_unlearn.evaluation.mia import SALUN_MAX_SAMPLES, loss_auc, salun_scores, svc_score
 from lightning_unlearn.evaluation.relearn import calibrate_relearning, relearning_attack
 
 #: The splits ToW multiplies over (EVALUATION.md): forget (poisoned labels), retain and test accuracy.
@@ -62,7 +66,11 @@ class EvaluationOptions:
     """What every model of an unlearning request (before, after, reference) is evaluated on besides accuracies.
 
     Args:
-        mia: Run the membership-inference attacks (SVC score and loss-threshold AUCs; needs scikit-learn).
+        mia: Run the membership-inference attacks (SVC score, loss-threshold AUCs, SalUn's five-feature SVC attack;
+            needs scikit-learn).
+        mia_samples: The SalUn attack's cap on members and on non-members: a seeded random subsample of each of
+            its sets (None: all, as SalUn; MNIST: 10,000 each, a minute or more per model on a CPU).
+        mia_seed: Seed of that subsample (the same for every model, so all are attacked on the same samples).
         relearn: Run the relearning attack.
         relearn_fraction: Share of the forget set the attacker fine-tunes on, in (0, 1].
         relearn_steps: SGD steps of the attack (>= 1).
@@ -80,6 +88,8 @@ class EvaluationOptions:
     """
 
     mia: bool = True
+    mia_samples: int | None = SALUN_MAX_SAMPLES
+    mia_seed: int = 0
     relearn: bool = True
     relearn_fraction: float = 0.1
     relearn_steps: int = 50
@@ -91,6 +101,8 @@ class EvaluationOptions:
     retain_samples: int | None = None
 
     def __post_init__(self) -> None:
+        if self.mia_samples is not None and (int(self.mia_samples) != self.mia_samples or self.mia_samples < 1):
+            raise ValueError(f"`mia_samples` must be an integer >= 1 or None, got {self.mia_samples!r}.")
         if not 0.0 < float(self.relearn_fraction) <= 1.0:
             raise ValueError(f"`relearn_fraction` must lie in (0, 1], got {self.relearn_fraction!r}.")
         if int(self.relearn_steps) != self.relearn_steps or self.relearn_steps < 1:
@@ -167,6 +179,14 @@ def evaluate_model(
         metrics["mia/svc"] = svc_score(probs["retain"][:n], probs["test"][:n], probs["forget"])
         metrics["mia/loss_auc_retain"] = loss_auc(loss["retain"], loss["test"])
         metrics["mia/loss_auc_forget"] = loss_auc(loss["forget"], loss["test"])
+        salun = salun_scores(
+            outputs["retain"],
+            outputs["test"],
+            outputs["forget"],
+            max_samples=options.mia_samples,
+            seed=options.mia_seed,
+        )
+        metrics |= {f"mia/salun_{name}": value for name, value in salun.items()}
     if options.relearn:
         attack = relearning_attack(
             net,
@@ -248,7 +268,7 @@ def compare(before: dict[str, float], after: dict[str, float], reference: dict[s
         "tow_signed": tow(unlearned, retrained, splits, signed=True),
         "avg_gap": gap(unlearned, retrained),
     }
-    for key in ("mia/svc", "relearn/forget_acc_after", "relearn/auc"):
+    for key in ("mia/svc", "mia/salun_confidence", "relearn/forget_acc_after", "relearn/auc"):
         if key in after and key in reference:
             out[f"gap_{key.replace('/', '_')}"] = abs(after[key] - reference[key])
     return out | restored(before, after, reference)
