@@ -9,6 +9,8 @@ bit-identical. Every phase fits in one batch, so the order of samples inside a b
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +35,7 @@ from lightning_unlearn import (
     UnlearnModule,
     unlearn_model,
 )
+from lightning_unlearn.__main__ import main
 from lightning_unlearn.unlearn.module import unlearn_trainer
 
 Params = dict[str, torch.Tensor]
@@ -320,3 +323,41 @@ def test_first_order_removal_on_an_own_model_where_first_order_is_refused(own):
     assert report["method"]["step"] > 0
     assert report["after"]["forget/acc"] < report["before"]["forget/acc"]
     assert report["after"]["val/acc"] > report["before"]["val/acc"]
+
+
+# ------------------------------------------------------------------------------------- on a run of the library
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda: RandomLabel(epochs=1, batch_size=64),
+        lambda: L1Sparse(epochs=1, batch_size=64, alpha=1e-4),
+        lambda: SCRUB(epochs=1, batch_size=64, forget_batch_size=256, msteps=1),  # 1 max step (a zero gradient), 2 min
+        lambda: FirstOrderRemoval(steps=[1e-5], criterion="fixed"),
+    ],
+    ids=["random_label", "l1_sparse", "scrub", "first_order_removal"],
+)
+def test_each_runs_on_a_training_run_and_freezes_the_rest(poisoned_run, method):
+    """The library's ``PoisonedDataModule`` (MNIST CNN, debug run): a few steps on the smallest-diagonal layer."""
+    module = UnlearnModule(str(poisoned_run), method(), LastLayer(), evaluate=False)
+    before = {n: p.detach().clone() for n, p in module.net_named_parameters()}
+    unlearn_trainer(accelerator="cpu", limit_train_batches=3).fit(module)
+    after = dict(module.net_named_parameters())
+    assert module.selected_names and all(
+        torch.equal(after[n], v) != (n in module.selected_names) for n, v in before.items()
+    )
+
+
+def test_scrub_from_the_command_line_writes_its_settings_into_the_report(poisoned_run, tmp_path):
+    """``unlearn.py -c configs/unlearn/scrub.yaml`` on a run (a short budget): the report names the method and its
+    settings; the unlearned checkpoint holds the student only."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "unlearn" / "scrub.yaml"
+    short = ["--model.method.init_args.epochs", "1", "--model.method.init_args.forget_batch_size", "256"]
+    short += ["--model.selection", "LastLayer", "--trainer.limit_train_batches", "3", "--trainer.accelerator", "cpu"]
+    short += ["--evaluation.mia", "false", "--evaluation.relearn", "false", "--trainer.enable_progress_bar", "false"]
+    logger = ["--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.logger.init_args.name", "scrub"]
+    main(["unlearn", "-c", str(config), "--model.run", str(poisoned_run), *short, *logger])
+    (report_path,) = tmp_path.glob("scrub/version_*/report.json")
+    report = json.loads(report_path.read_text())
+    assert report["method"] | {"method": "scrub", "msteps": 2, "temperature": 4.0, "epochs": 1} == report["method"]
+    state = torch.load(report_path.parent / "unlearned.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert not any("teacher" in key for key in state)
