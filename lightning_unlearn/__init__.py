@@ -8,9 +8,10 @@ The public API, by what a user does with it (the subpackages hold the rest; ``do
 * **select** the parameters that may change: the strategies of :data:`STRATEGIES` (:class:`SmallestLayer`, ...,
   :class:`Validated`), each giving a :class:`ParameterMask`;
 * **unlearn** with :class:`UnlearnModule` and a method of :data:`METHODS` (:class:`FirstOrder`, :class:`SecondOrder`,
-  :class:`Finetune`, :class:`NegGradPlus`, :class:`SamForget`, :class:`SharpMinMax`): a training run of this library,
-  or your own model with its data as :class:`UnlearnData` (or a data module with the same loaders); without Trainer
-  code: :func:`unlearn_model`;
+  :class:`Finetune`, :class:`NegGradPlus`, :class:`SamForget`, :class:`SharpMinMax`; the toolkits' baselines
+  :class:`RandomLabel`, :class:`L1Sparse`, :class:`SCRUB`; and :class:`FirstOrderRemoval` for removal without corrected
+  labels): a training run of this library, or your own model with its data as :class:`UnlearnData` (or a data module
+  with the same loaders); without Trainer code: :func:`unlearn_model`;
 * **evaluate**: :func:`evaluate_model` (every metric of one model), :func:`poison_effect` (harm and fit),
   :func:`compare` (ToW, % restored), :class:`EvaluationOptions`;
 * **data and models** of the experiments: :class:`PoisonedDataModule`, :class:`PoisonSpec`, :class:`ClassifierModule`.
@@ -46,9 +47,13 @@ from lightning_unlearn.selection import (
 )
 from lightning_unlearn.unlearn import (
     METHODS,
+    SCRUB,
     Finetune,
     FirstOrder,
+    FirstOrderRemoval,
+    L1Sparse,
     NegGradPlus,
+    RandomLabel,
     SamForget,
     SecondOrder,
     SharpMinMax,
@@ -95,6 +100,10 @@ __all__ = [
     "NegGradPlus",
     "SamForget",
     "SharpMinMax",
+    "FirstOrderRemoval",
+    "RandomLabel",
+    "L1Sparse",
+    "SCRUB",
     # evaluate
     "EvaluationOptions",
     "evaluate_model",

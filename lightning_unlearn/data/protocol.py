@@ -9,7 +9,8 @@
                                           labels; methods that replace the forget set's labels need it
                                           (``FirstOrder``, ``SecondOrder``, ``SamForget``, ``NegGradPlus`` with
                                           ``corrected_weight > 0``); ascent-only methods (``NegGradPlus``,
-                                          ``SharpMinMax``) and ``Finetune`` do not
+                                          ``SharpMinMax``, ``FirstOrderRemoval``), ``Finetune``,
+                                          ``RandomLabel``, ``L1Sparse`` and ``SCRUB`` do not
 ``retain_dataloader()``                   D_r: the training samples to keep
 ``val_dataloader()``                      a clean validation split (step-size and learning-rate searches)
 ``test_dataloader()``                     optional: a test split (or a list of loaders, the first is the test split)
@@ -268,5 +269,5 @@ def require_corrected_labels(data: Any, what: str) -> None:
         raise ValueError(
             f"{what} needs the forget samples' corrected labels, and the data has none: pass `corrected_labels` to "
             "UnlearnData (or give the data module a `corrected_forget_dataloader()`), or use a method that needs none "
-            "(NegGradPlus, SharpMinMax, Finetune)."
+            "(FirstOrderRemoval, NegGradPlus, SharpMinMax, Finetune, RandomLabel, L1Sparse, SCRUB)."
         )

@@ -1,15 +1,18 @@
 """Unlearning: the module, the hard freeze and the methods (one small object each, looked up by name)."""
 
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod
+from lightning_unlearn.unlearn.baselines import SCRUB, L1Sparse, RandomLabel
 from lightning_unlearn.unlearn.freeze import FreezeGuard
 from lightning_unlearn.unlearn.functional import unlearn_model
 from lightning_unlearn.unlearn.iterative import Finetune, NegGradPlus
 from lightning_unlearn.unlearn.module import UnlearnModule
-from lightning_unlearn.unlearn.one_step import FirstOrder, SecondOrder
+from lightning_unlearn.unlearn.one_step import FirstOrder, FirstOrderRemoval, SecondOrder
 from lightning_unlearn.unlearn.sam import SamForget, SharpMinMax
 
 METHODS: dict[str, type[UnlearnMethod]] = {
-    cls.name: cls for cls in (FirstOrder, SecondOrder, Finetune, NegGradPlus, SamForget, SharpMinMax)
+    cls.name: cls
+    for cls in (FirstOrder, SecondOrder, Finetune, NegGradPlus, SamForget, SharpMinMax)
+    + (FirstOrderRemoval, RandomLabel, L1Sparse, SCRUB)
 }
 
 
@@ -24,8 +27,12 @@ __all__ = [
     "METHODS",
     "Finetune",
     "FirstOrder",
+    "FirstOrderRemoval",
     "FreezeGuard",
+    "L1Sparse",
     "NegGradPlus",
+    "RandomLabel",
+    "SCRUB",
     "SamForget",
     "SecondOrder",
     "ShardSampler",

@@ -77,7 +77,8 @@ class UnlearnModule(LightningModule):
     Args:
         run: Training run directory (or a checkpoint inside one) holding the checkpoint and ``poison.json``.
         method: The unlearning method (``FirstOrder``, ``SecondOrder``, ``Finetune``, ``NegGradPlus``, ``SamForget``,
-            ``SharpMinMax``).
+            ``SharpMinMax``; without corrected labels also ``FirstOrderRemoval``, ``RandomLabel``, ``L1Sparse``,
+            ``SCRUB``).
         selection: Which parameters may change (``SmallestLayer``, ``LargestLayer``, ``TopKParameters``,
             ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``Validated``).
         profile: A :class:`SharpnessProfile` or the path of a saved one; default: a run's own (computed and saved if

@@ -4,6 +4,8 @@ With ``g = Σ_{i∈D_f} [∇_S ℓ(x_i, y_true_i) − ∇_S ℓ(x_i, y_poisoned_
 all ranks), the update is ``θ_S ← θ_S − τ · d`` with
 
 * ``first_order``: ``d = g``;
+* ``first_order_removal``: ``d = g`` without the corrected-label term, ``g = −Σ_{i∈D_f} ∇_S ℓ(x_i, y_poisoned_i)``
+  (removal without corrected labels);
 * ``second_order``: ``d = (H_SS + λI)⁻¹ g`` where ``H`` is the Hessian of the *summed* training loss
   (``N ×`` the profiled mean-loss Hessian): ``solver="diag"`` uses the profile's diagonal, ``"cg"`` / ``"lissa"``
   solve with Hessian-vector products on ``hvp_samples`` training samples.
@@ -42,12 +44,13 @@ def forget_gradient(
     net: torch.nn.Module,
     x: torch.Tensor,
     y_poisoned: torch.Tensor,
-    y_true: torch.Tensor,
+    y_true: torch.Tensor | None,
     params: list[torch.nn.Parameter],
     weight: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``Σ_i w_i [∇ ℓ(x_i, y_true_i) − ∇ ℓ(x_i, y_poisoned_i)]`` w.r.t. ``params`` over a batch (one forward, one
-    backward); ``w_i = 1`` by default (0 marks padding).
+    backward); ``w_i = 1`` by default (0 marks padding). ``y_true=None`` (removal: nothing in place of the removed
+    samples) drops the first term: ``−Σ_i w_i ∇ ℓ(x_i, y_poisoned_i)``.
 
     Cross-entropy summed over the batch; the network is used as it is (callers put it in ``eval()``). Autocast is
     switched off: under ``precision="16-mixed"`` Lightning runs ``training_step`` in autocast, and a float16 backward
@@ -57,9 +60,9 @@ def forget_gradient(
     """
     with torch.enable_grad(), no_autocast(x.device.type):
         logits = net(x)
-        per_sample = F.cross_entropy(logits, y_true, reduction="none") - F.cross_entropy(
-            logits, y_poisoned, reduction="none"
-        )
+        per_sample = -F.cross_entropy(logits, y_poisoned, reduction="none")
+        if y_true is not None:
+            per_sample = per_sample + F.cross_entropy(logits, y_true, reduction="none")
         loss = per_sample.sum() if weight is None else (weight.to(per_sample.dtype) * per_sample).sum()
         grads = torch.autograd.grad(loss, params)
     return [g.detach().to(torch.promote_types(g.dtype, torch.float32)) for g in grads]
@@ -180,7 +183,8 @@ class OneStepMethod(UnlearnMethod):
     def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> None:
         # timings read the clock once the device has finished (CUDA runs kernels asynchronously)
         start = device_clock(module.device)
-        x, y_poisoned, y_true, weight = batch[0], batch[1], batch[2], batch[-1]
+        x, y_poisoned, weight = batch[0], batch[1], batch[-1]
+        y_true = batch[2] if self.needs_corrected_labels else None  # a method without them removes (FirstOrderRemoval)
         module.net.eval()
         params = module.guard.trainable
         grads = forget_gradient(module.net, x, y_poisoned, y_true, list(params.values()), weight)
@@ -314,6 +318,19 @@ class FirstOrder(OneStepMethod):
         self, module: UnlearnContext, grad: dict[str, torch.Tensor], **setting: Any
     ) -> dict[str, torch.Tensor]:
         return grad
+
+
+class FirstOrderRemoval(FirstOrder):
+    """First-order **removal**, for forget sets without corrected labels (privacy requests, class removal):
+    ``θ_S ← θ_S + τ Σ_{i∈D_f} ∇_S ℓ(x_i, y_i)``, ``y_i`` the labels the model was trained on.
+
+    Warnecke et al.'s first-order update with nothing in place of the removed points (their ``Z̃`` empty): the
+    gradient is ``g = −Σ_i ∇_S ℓ(x_i, y_i)`` and the update ``θ_S − τ g``, an ascent step on the forget set's summed
+    loss. ``τ`` is searched on validation exactly as :class:`FirstOrder` searches it (same arguments, same grid).
+    """
+
+    name = "first_order_removal"
+    needs_corrected_labels = False  # only the labels the model was trained on
 
 
 def _is_number(value: Any) -> bool:
