@@ -1,4 +1,5 @@
-"""The poisoned-data ``LightningDataModule``: train (poisoned), clean validation and test, forget and retain sets."""
+"""The poisoned-data ``LightningDataModule``: train (poisoned), clean validation and test, forget and retain sets; also
+the forgetting scenarios (class-wise, random-sample) on clean data."""
 
 from __future__ import annotations
 
@@ -34,7 +35,10 @@ class PoisonedDataModule(LightningDataModule):
     :meth:`corrected_forget_dataloader` (same inputs, true labels), :meth:`retain_dataloader` (all other training
     samples), :meth:`profile_dataloader` (the training set as trained on, unshuffled, unaugmented). For evaluation:
     :meth:`triggered_test_dataloader` and :meth:`poisoned_validation_dataloader` (the same poison applied to the
-    validation split, for calibrating attacks without touching the test set). The poison record is written to
+    validation split, for calibrating attacks without touching the test set). With a forgetting scenario
+    (``poison.kind`` ``classwise`` or ``random_sample``) the training set is clean, the forget set keeps its clean
+    labels and there are no corrected labels: :attr:`has_corrected_labels` is false, methods that need them are
+    refused, and the test loaders are the test split and the forget set. The poison record is written to
     ``<trainer.log_dir>/poison.json`` when training starts and kept in checkpoints; resuming a checkpoint trained on
     another poison is refused.
 
@@ -42,10 +46,12 @@ class PoisonedDataModule(LightningDataModule):
         dataset: One of ``mnist``, ``fashion_mnist``, ``cifar10``.
         root: Dataset root (see :mod:`lightning_unlearn.data.sources`); None uses the offline copies.
         download: Allow torchvision to download into ``root`` (needs internet).
-        poison: What to poison (:class:`PoisonSpec`); ``kind: none`` trains on clean labels.
+        poison: What to poison, or which clean samples to forget (:class:`PoisonSpec`); ``kind: none`` trains on
+            clean labels with nothing to forget.
         poison_record: Path of an existing ``poison.json`` to reuse instead of drawing one from ``poison``
             (e.g. to unlearn or retrain on exactly the same split).
-        drop_poisoned: Leave the poisoned samples out of the training set (retraining from scratch, the reference).
+        drop_poisoned: Leave the poisoned samples (the forget set) out of the training set (retraining from scratch,
+            the reference).
         train_subset: Use only the first ``train_subset`` training samples (fast debugging); poisoning applies after.
         val_size: Size of the validation split carved from the end of the original training set (default per dataset).
         batch_size: Training batch size.
@@ -132,11 +138,19 @@ class PoisonedDataModule(LightningDataModule):
         return self.spec.attacked_class
 
     @property
+    def has_corrected_labels(self) -> bool:
+        """Whether the forget set has corrected labels: yes for a poison, no for a forgetting scenario (``classwise``,
+        ``random_sample``: its labels are clean, the request is to remove it; see
+        :func:`~lightning_unlearn.data.protocol.require_corrected_labels`)."""
+        return not self.spec.keeps_labels
+
+    @property
     def test_split_names(self) -> list[str]:
         """Names of the loaders returned by :meth:`test_dataloader`, in order."""
         if self.record is None or not len(self.record):
             return ["test"]
-        return ["test", "forget", "forget_true"] + (["triggered"] if self.spec.stamps_inputs else [])
+        corrected = ["forget_true"] if self.has_corrected_labels else []
+        return ["test", "forget", *corrected] + (["triggered"] if self.spec.stamps_inputs else [])
 
     # ------------------------------------------------------------------------------------------------------ lifecycle
     def prepare_data(self) -> None:
@@ -176,8 +190,9 @@ class PoisonedDataModule(LightningDataModule):
                 self._stamp_training_images()
             rank_zero_info(
                 f"{self.splits.name}: {len(self.splits.train)} train / {len(self.splits.val)} val / "
-                f"{len(self.splits.test)} test ({self.splits.source}); {len(self.record)} poisoned "
-                f"({self.spec.kind}){', dropped' if self.drop_poisoned else ''}."
+                f"{len(self.splits.test)} test ({self.splits.source}); {len(self.record)} "
+                f"{'to forget' if self.spec.keeps_labels else 'poisoned'} ({self.spec.kind})"
+                f"{', dropped' if self.drop_poisoned else ''}."
             )
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -308,7 +323,9 @@ class PoisonedDataModule(LightningDataModule):
         """
         loaders = [self._loader(self._dataset("test"))]
         if len(self.test_split_names) > 1:
-            loaders += [self.forget_dataloader(), self.corrected_forget_dataloader()]
+            loaders.append(self.forget_dataloader())
+        if "forget_true" in self.test_split_names:
+            loaders.append(self.corrected_forget_dataloader())
         if "triggered" in self.test_split_names:
             loaders.append(self.triggered_test_dataloader())
         trainer = self.trainer
@@ -327,20 +344,34 @@ class PoisonedDataModule(LightningDataModule):
         )
 
     def forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
-        """D_f: the poisoned samples with their poisoned labels."""
+        """D_f: the poisoned samples with their poisoned labels (a forgetting scenario's: their clean labels)."""
         return self._loader(self._train_dataset(self.poisoned_positions, clean=False), shuffle, batch_size)
 
     def corrected_forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
-        """D̃_f: the poisoned samples with their true labels."""
+        """D̃_f: the poisoned samples with their true labels.
+
+        Raises:
+            ValueError: For a forgetting scenario (``classwise``, ``random_sample``), which has no corrected labels.
+        """
+        if not self.has_corrected_labels:
+            raise ValueError(
+                f"The corrected forget set needs the forget samples' corrected labels, and a {self.spec.kind!r} data "
+                "module has none (its forget set keeps its clean labels: a removal request). Use a method that needs "
+                "none (NegGradPlus, SharpMinMax, Finetune)."
+            )
         return self._loader(self._train_dataset(self.poisoned_positions, clean=True), shuffle, batch_size)
 
     def forget_pairs_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
-        """D_f with both labels: batches ``(x, poisoned_label, true_label, index)``."""
+        """D_f with both labels: batches ``(x, poisoned_label, true_label, index)``; for a forgetting scenario the
+        trained-on label is the clean label and the corrected one is -1 (there is none: an invalid class, so a loss
+        that used it would fail), as :class:`~lightning_unlearn.data.protocol.UnlearnData` gives without
+        ``corrected_labels``."""
         splits = self._require_setup()
+        corrected = splits.train.labels if self.has_corrected_labels else torch.full_like(splits.train.labels, -1)
         dataset = ForgetPairDataset(
             self._images["train"],
             self._train_labels,
-            splits.train.labels,
+            corrected,
             self.poisoned_positions,
             self.repeat_channels,
         )
