@@ -162,8 +162,12 @@ class TrainCLI(LightningCLI):
         if isinstance(self.datamodule, PoisonedDataModule):
             splits = list(getattr(self.datamodule, "test_split_names", ["test"]))
             kind, count = self.datamodule.poison.kind, len(self.datamodule.record or [])
+            removal = self.datamodule.spec.keeps_labels  # a forgetting scenario: clean data, nothing poisoned
             if getattr(self.datamodule, "drop_poisoned", False):
-                print(f"\nModel retrained without the {count} poisoned samples ({kind}; the reference):")
+                what = "samples to forget" if removal else "poisoned samples"
+                print(f"\nModel retrained without the {count} {what} ({kind}; the reference):")
+            elif removal:
+                print(f"\nModel trained on clean data ({kind} forgetting scenario: {count} samples to forget):")
             else:
                 print(f"\nPoisoned model ({kind} poisoning, {count} samples):")
             print(format_table(accuracy_rows(metrics, splits)))

@@ -1,4 +1,5 @@
-"""The poisoned-data ``LightningDataModule``: train (poisoned), clean validation and test, forget and retain sets."""
+"""The poisoned-data ``LightningDataModule``: train (poisoned), clean validation and test, forget and retain sets; also
+the forgetting scenarios (class-wise, random-sample) on clean data."""
 
 from __future__ import annotations
 
@@ -14,103 +15,13 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_unlearn.data.datasets import ForgetPairDataset, ImageDataset, normalize
 from lightning_unlearn.data.poison import POISON_KINDS, PoisonRecord, PoisonSpec, make_poison
 from lightning_unlearn.data.sources import DATASETS, DatasetSplits, Split, load_dataset
 
 POISON_FILENAME = "poison.json"
 SPLITS = ("train", "val", "test")
 _CACHE: dict[tuple, DatasetSplits] = {}
-
-
-def normalize(
-    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], pad_to: int | None = None
-) -> torch.Tensor:
-    """``uint8`` images as float32, scaled to [0, 1] and standardised per channel; with ``pad_to``, zero-padded
-    (black) around the centre to ``pad_to`` × ``pad_to`` first (28×28 MNIST → 32×32, as for LeNet)."""
-    if isinstance(images, Split):
-        images = images.images
-    if pad_to is not None:
-        height, width = images.shape[-2:]
-        if pad_to < max(height, width):
-            raise ValueError(f"`pad_to`={pad_to} is smaller than the {height}×{width} images.")
-        top, left = (pad_to - height) // 2, (pad_to - width) // 2
-        padding = (left, pad_to - width - left, top, pad_to - height - top)
-        images = torch.nn.functional.pad(images, padding)
-    mean_t = torch.tensor(mean).view(1, -1, 1, 1)
-    std_t = torch.tensor(std).view(1, -1, 1, 1)
-    return (images.float().div_(255) - mean_t) / std_t
-
-
-class ImageDataset(Dataset):
-    """Samples of one split; items are ``(image, label, index)``.
-
-    ``index`` is the sample's position in its split, so forget and retain subsets stay exact however they are batched.
-
-    Args:
-        images: Normalised float images of the whole split (N×C×H×W), shared, never copied.
-        labels: Labels of the whole split (clean or poisoned), indexed like ``images``.
-        positions: Which samples of the split this dataset serves (default: all), in this order.
-        augment: Random crop (padding 4) and horizontal flip, for CIFAR-style training.
-        channels: Repeat single-channel images to this many channels on the fly (a view: no copy is stored).
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        augment: bool = False,
-        channels: int | None = None,
-    ) -> None:
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = images
-        self.labels = labels
-        self.positions = torch.arange(len(labels)) if positions is None else torch.as_tensor(positions).long()
-        self.augment = augment
-        self.channels = channels
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def image(self, index: torch.Tensor) -> torch.Tensor:
-        image = self.images[index]
-        if self.augment:
-            image = _random_crop_flip(image)
-        if self.channels is not None and image.shape[0] != self.channels:
-            image = image.expand(self.channels, *image.shape[1:])
-        return image
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        index = self.positions[item]
-        return self.image(index), self.labels[index], index
-
-
-class ForgetPairDataset(ImageDataset):
-    """The forget set with both labels: items are ``(image, poisoned_label, true_label, index)``."""
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        poisoned: torch.Tensor,
-        true: torch.Tensor,
-        positions: torch.Tensor,
-        channels: int | None = None,
-    ) -> None:
-        super().__init__(images, poisoned, positions, channels=channels)
-        self.true = true
-
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        index = self.positions[item]
-        return self.image(index), self.labels[index], self.true[index], index
-
-
-def _random_crop_flip(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
-    h, w = image.shape[-2:]
-    padded = torch.nn.functional.pad(image, (padding,) * 4)
-    top, left = torch.randint(0, 2 * padding + 1, (2,)).tolist()
-    image = padded[:, top : top + h, left : left + w]
-    return image.flip(-1) if torch.rand(()) < 0.5 else image
 
 
 class PoisonedDataModule(LightningDataModule):
@@ -124,7 +35,10 @@ class PoisonedDataModule(LightningDataModule):
     :meth:`corrected_forget_dataloader` (same inputs, true labels), :meth:`retain_dataloader` (all other training
     samples), :meth:`profile_dataloader` (the training set as trained on, unshuffled, unaugmented). For evaluation:
     :meth:`triggered_test_dataloader` and :meth:`poisoned_validation_dataloader` (the same poison applied to the
-    validation split, for calibrating attacks without touching the test set). The poison record is written to
+    validation split, for calibrating attacks without touching the test set). With a forgetting scenario
+    (``poison.kind`` ``classwise`` or ``random_sample``) the training set is clean, the forget set keeps its clean
+    labels and there are no corrected labels: :attr:`has_corrected_labels` is false, methods that need them are
+    refused, and the test loaders are the test split and the forget set. The poison record is written to
     ``<trainer.log_dir>/poison.json`` when training starts and kept in checkpoints; resuming a checkpoint trained on
     another poison is refused.
 
@@ -132,10 +46,12 @@ class PoisonedDataModule(LightningDataModule):
         dataset: One of ``mnist``, ``fashion_mnist``, ``cifar10``.
         root: Dataset root (see :mod:`lightning_unlearn.data.sources`); None uses the offline copies.
         download: Allow torchvision to download into ``root`` (needs internet).
-        poison: What to poison (:class:`PoisonSpec`); ``kind: none`` trains on clean labels.
+        poison: What to poison, or which clean samples to forget (:class:`PoisonSpec`); ``kind: none`` trains on
+            clean labels with nothing to forget.
         poison_record: Path of an existing ``poison.json`` to reuse instead of drawing one from ``poison``
             (e.g. to unlearn or retrain on exactly the same split).
-        drop_poisoned: Leave the poisoned samples out of the training set (retraining from scratch, the reference).
+        drop_poisoned: Leave the poisoned samples (the forget set) out of the training set (retraining from scratch,
+            the reference).
         train_subset: Use only the first ``train_subset`` training samples (fast debugging); poisoning applies after.
         val_size: Size of the validation split carved from the end of the original training set (default per dataset).
         batch_size: Training batch size.
@@ -222,11 +138,19 @@ class PoisonedDataModule(LightningDataModule):
         return self.spec.attacked_class
 
     @property
+    def has_corrected_labels(self) -> bool:
+        """Whether the forget set has corrected labels: yes for a poison, no for a forgetting scenario (``classwise``,
+        ``random_sample``: its labels are clean, the request is to remove it; see
+        :func:`~lightning_unlearn.data.protocol.require_corrected_labels`)."""
+        return not self.spec.keeps_labels
+
+    @property
     def test_split_names(self) -> list[str]:
         """Names of the loaders returned by :meth:`test_dataloader`, in order."""
         if self.record is None or not len(self.record):
             return ["test"]
-        return ["test", "forget", "forget_true"] + (["triggered"] if self.spec.stamps_inputs else [])
+        corrected = ["forget_true"] if self.has_corrected_labels else []
+        return ["test", "forget", *corrected] + (["triggered"] if self.spec.stamps_inputs else [])
 
     # ------------------------------------------------------------------------------------------------------ lifecycle
     def prepare_data(self) -> None:
@@ -266,8 +190,9 @@ class PoisonedDataModule(LightningDataModule):
                 self._stamp_training_images()
             rank_zero_info(
                 f"{self.splits.name}: {len(self.splits.train)} train / {len(self.splits.val)} val / "
-                f"{len(self.splits.test)} test ({self.splits.source}); {len(self.record)} poisoned "
-                f"({self.spec.kind}){', dropped' if self.drop_poisoned else ''}."
+                f"{len(self.splits.test)} test ({self.splits.source}); {len(self.record)} "
+                f"{'to forget' if self.spec.keeps_labels else 'poisoned'} ({self.spec.kind})"
+                f"{', dropped' if self.drop_poisoned else ''}."
             )
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -398,7 +323,9 @@ class PoisonedDataModule(LightningDataModule):
         """
         loaders = [self._loader(self._dataset("test"))]
         if len(self.test_split_names) > 1:
-            loaders += [self.forget_dataloader(), self.corrected_forget_dataloader()]
+            loaders.append(self.forget_dataloader())
+        if "forget_true" in self.test_split_names:
+            loaders.append(self.corrected_forget_dataloader())
         if "triggered" in self.test_split_names:
             loaders.append(self.triggered_test_dataloader())
         trainer = self.trainer
@@ -417,20 +344,34 @@ class PoisonedDataModule(LightningDataModule):
         )
 
     def forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
-        """D_f: the poisoned samples with their poisoned labels."""
+        """D_f: the poisoned samples with their poisoned labels (a forgetting scenario's: their clean labels)."""
         return self._loader(self._train_dataset(self.poisoned_positions, clean=False), shuffle, batch_size)
 
     def corrected_forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
-        """D̃_f: the poisoned samples with their true labels."""
+        """D̃_f: the poisoned samples with their true labels.
+
+        Raises:
+            ValueError: For a forgetting scenario (``classwise``, ``random_sample``), which has no corrected labels.
+        """
+        if not self.has_corrected_labels:
+            raise ValueError(
+                f"The corrected forget set needs the forget samples' corrected labels, and a {self.spec.kind!r} data "
+                "module has none (its forget set keeps its clean labels: a removal request). Use a method that needs "
+                "none (NegGradPlus, SharpMinMax, Finetune)."
+            )
         return self._loader(self._train_dataset(self.poisoned_positions, clean=True), shuffle, batch_size)
 
     def forget_pairs_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
-        """D_f with both labels: batches ``(x, poisoned_label, true_label, index)``."""
+        """D_f with both labels: batches ``(x, poisoned_label, true_label, index)``; for a forgetting scenario the
+        trained-on label is the clean label and the corrected one is -1 (there is none: an invalid class, so a loss
+        that used it would fail), as :class:`~lightning_unlearn.data.protocol.UnlearnData` gives without
+        ``corrected_labels``."""
         splits = self._require_setup()
+        corrected = splits.train.labels if self.has_corrected_labels else torch.full_like(splits.train.labels, -1)
         dataset = ForgetPairDataset(
             self._images["train"],
             self._train_labels,
-            splits.train.labels,
+            corrected,
             self.poisoned_positions,
             self.repeat_channels,
         )

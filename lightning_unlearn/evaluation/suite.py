@@ -19,8 +19,11 @@
 
 :func:`poison_effect` states what there is to unlearn before any unlearning: the **harm** (the attacked metric of the
 poisoned model against the retrained one) and the **fit** (the poisoned model's forget accuracy w.r.t. the poisoned
-labels). :func:`compare` turns the before / after / reference metrics into ToW (absolute and signed), the average
-accuracy gap to the reference and % restored. :func:`calibrated_options` sets the relearning attack's learning rate
+labels). For the forgetting scenarios (clean labels) the harm is the gap the forget set makes: ``classwise``, the
+forgotten class's test accuracy, trained minus retrained (high vs ≈ 0); ``random_sample``, the forget-set accuracy,
+trained minus retrained (on MNIST often below the noise, which the statement then says). :func:`compare` turns the
+before / after / reference metrics into ToW (absolute and signed), the average accuracy gap to the reference and %
+restored. :func:`calibrated_options` sets the relearning attack's learning rate
 on the validation split (see :func:`~lightning_unlearn.evaluation.relearn.calibrate_relearning`). The same functions
 evaluate the retrained reference, so every number of a report is computed the same way for every model.
 """
@@ -58,7 +61,12 @@ ATTACKED_METRICS: dict[str, tuple[str, int, str]] = {
     "backdoor": ("test/asr", +1, "attack success rate on triggered test images"),
     "untargeted": ("test/acc", -1, "test accuracy"),
     "pairflip": ("test/acc", -1, "test accuracy"),
+    # the forgetting scenarios (clean labels): training on the forget set raises these, forgetting should lower them
+    "classwise": ("test/acc_attacked", +1, "test accuracy of the forgotten class"),
+    "random_sample": ("forget/acc", +1, "forget-set accuracy"),
 }
+#: Kinds whose forget set is clean (a removal request, not a poison): their effect is stated as a gap to forget.
+REMOVAL = ("classwise", "random_sample")
 
 
 @dataclass
@@ -277,10 +285,16 @@ def compare(before: dict[str, float], after: dict[str, float], reference: dict[s
 def poison_effect(before: dict[str, float], reference: dict[str, float], kind: str) -> dict[str, Any]:
     """What there is to unlearn: the poison's **harm** and the poisoned model's **fit**, stated before unlearning.
 
+    For the forgetting scenarios (clean data; see :mod:`lightning_unlearn.data.poison`) the same keys say what
+    training on the forget set did: ``classwise``, harm = the forgotten class's test accuracy, trained minus retrained
+    (``test/acc_attacked``), fit = forget-set accuracy (retrained ≈ 0); ``random_sample``, harm = forget-set accuracy,
+    trained minus retrained (``forget/acc``: the generalisation gap, which equals the memorisation), fit = the same
+    forget-set accuracy.
+
     Args:
-        before: Metrics of the poisoned model (:func:`evaluate_model`).
-        reference: Metrics of the model retrained without the poison, on the same splits.
-        kind: The poison kind (``PoisonSpec.kind``).
+        before: Metrics of the poisoned (or trained-on-everything) model (:func:`evaluate_model`).
+        reference: Metrics of the model retrained without the poison (the forget set), on the same splits.
+        kind: The poison kind or forgetting scenario (``PoisonSpec.kind``).
 
     Returns:
         ``metric`` (the attacked metric's key) and ``label``; ``poisoned`` and ``retrained`` (its values); ``harm``
@@ -302,6 +316,8 @@ def poison_effect(before: dict[str, float], reference: dict[str, float], kind: s
     plain = harm >= HARM_NOISE or memorised
     out |= {"metric": key, "label": label, "poisoned": before[key], "retrained": reference[key]}
     out |= {"harm": harm, "plain": plain, "noise": HARM_NOISE}
+    if kind in REMOVAL:
+        return out | {"statement": _removal_statement(out, kind)}
     statement = (
         f"Harm {harm:.2f} points: {label} {before[key]:.2f} % poisoned vs {reference[key]:.2f} % retrained; "
         f"fit {_pct(fit)} (forget-set accuracy w.r.t. the poisoned labels; retrained {_pct(fit_retrained)})."
@@ -318,6 +334,25 @@ def poison_effect(before: dict[str, float], reference: dict[str, float], kind: s
         )
     out["statement"] = statement
     return out
+
+
+def _removal_statement(effect: dict[str, Any], kind: str) -> str:
+    """:func:`poison_effect`'s sentence for a forgetting scenario (clean labels: a gap to forget, not a harm)."""
+    label, harm, noise = effect["label"], effect["harm"], HARM_NOISE
+    statement = (
+        f"Gap to forget {harm:.2f} points: {label} {effect['poisoned']:.2f} % trained on it vs "
+        f"{effect['retrained']:.2f} % retrained without it"
+    )
+    if kind != "random_sample":
+        statement += f"; fit {_pct(effect['fit'])} (forget-set accuracy; retrained {_pct(effect['fit_retrained'])})"
+    statement += "."
+    if not effect["plain"]:
+        statement += (
+            f" The gap is below the noise level ({noise:g} points): accuracy cannot tell the trained model from the "
+            "retrained one on this forget set, so no accuracy can show that it was forgotten; membership inference "
+            "is the evidence that matters here."
+        )
+    return statement
 
 
 def _pct(value: float | None) -> str:
