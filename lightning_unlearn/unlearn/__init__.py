@@ -7,9 +7,10 @@ from lightning_unlearn.unlearn.iterative import Finetune, NegGradPlus
 from lightning_unlearn.unlearn.module import UnlearnModule
 from lightning_unlearn.unlearn.one_step import FirstOrder, SecondOrder
 from lightning_unlearn.unlearn.sam import SamForget, SharpMinMax
+from lightning_unlearn.unlearn.ssd import SSD
 
 METHODS: dict[str, type[UnlearnMethod]] = {
-    cls.name: cls for cls in (FirstOrder, SecondOrder, Finetune, NegGradPlus, SamForget, SharpMinMax)
+    cls.name: cls for cls in (FirstOrder, SecondOrder, Finetune, NegGradPlus, SamForget, SharpMinMax, SSD)
 }
 
 
@@ -27,6 +28,7 @@ __all__ = [
     "FreezeGuard",
     "NegGradPlus",
     "SamForget",
+    "SSD",
     "SecondOrder",
     "ShardSampler",
     "SharpMinMax",
