@@ -158,8 +158,8 @@ class SplitStatistics:
         gradient of each batch's mean cross-entropy, averaged over the batches of ``split`` in order (consecutive
         samples, ``batch_size`` each, the last one possibly smaller), at the labels the model was trained on.
 
-        Under DDP rank ``r`` takes batches ``r, r + world, …`` (the same batches as one process, so the result is the
-        same); their sums and the batch count are all-reduced.
+        Under DDP rank ``r`` takes batches ``r, r + world, …`` of the same batches as one process; the sums of squares
+        are all-reduced, so the result is the single-process one.
         """
         if int(batch_size) != batch_size or batch_size < 1:
             raise ValueError(f"`batch_size` must be an integer >= 1, got {batch_size!r}.")
