@@ -220,6 +220,19 @@ def test_ssd_with_another_selection_on_a_users_model_through_unlearn_model():
     assert dampened == report["method"]["dampened"]
 
 
+def test_ssd_refuses_validated_and_splits_are_checked():
+    from lightning_unlearn import Validated
+
+    net, data, _ = make_request()
+    original = [p.detach().clone() for p in net.parameters()]
+    module = UnlearnModule(model=net, data=data, method=SSD(), selection=Validated(k=1), estimator="fisher")
+    with pytest.raises(ValueError, match="SSD has no step"):
+        fit(module)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), original, strict=True))
+    with pytest.raises(ValueError, match="`split` must be one of"):
+        module.split_profile("test")
+
+
 def test_dampening_factor_keeps_entries_without_forget_importance():
     factor = dampening_factor(torch.tensor([0.0, 2.0, 1.0, 4.0]), torch.tensor([0.0, 0.5, 3.0, 0.0]), 1.0)
     assert factor.tolist() == [1.0, 0.25, 1.0, 0.0]
