@@ -33,7 +33,7 @@ def importance_of(
     """The diagonal importance of every parameter on ``split`` (``"forget"`` or ``"train"``), served from the
     context's cache when it was computed before.
 
-    * ``"batch"``: SSD's own definition (``ssd.py``, ``calc_importance``): the squared gradient of each batch's mean
+    * ``"batch"``: SSD's own definition (``src/ssd.py``, ``calc_importance``): the squared gradient of each batch's mean
       cross-entropy (``batch_size`` consecutive samples), averaged over the batches
       (:meth:`~lightning_unlearn.unlearn.splits.SplitStatistics.batch_importance`);
     * ``"fisher"``, ``"exact"``, ``"mc"``: the mean over the split's samples of the per-sample diagonal of the

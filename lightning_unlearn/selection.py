@@ -320,20 +320,21 @@ class _DataAware(SelectionStrategy):
 
 
 class Saliency(_DataAware):
-    """SalUn's weight saliency (Fan et al. 2024, OPTML-Group/Unlearn-Saliency ``Classification/generate_mask.py``):
-    the top ``fraction`` of all entries of the model by ``|∇_θ L_forget|``, one threshold across every parameter.
+    """SalUn's weight saliency (Fan et al. 2024; OPTML-Group/Unlearn-Saliency at ac880a2,
+    ``Classification/generate_mask.py``): the top ``fraction`` of all entries of the model by ``|∇_θ L_forget|``, one
+    threshold across every parameter.
 
     ``L_forget`` is the cross-entropy over the forget set at the labels the model was trained on. Their script sums
-    the gradients of each batch's *mean* loss over a shuffled forget loader (``save_gradient_ratio``; an earlier
-    version also took an SGD step between batches, so its gradients were not taken at the trained weights); here it is
-    the gradient of the mean loss over the whole forget set at the trained weights
+    the gradients of each batch's *mean* loss over a shuffled forget loader (``save_gradient_ratio``; versions before
+    b874ee9 also took an SGD step between batches and kept the smallest entries); here it is the gradient of the mean
+    loss over the whole forget set at the trained weights
     (:meth:`~lightning_unlearn.unlearn.splits.SplitStatistics.split_gradient`), which is theirs divided by the number
     of batches when all batches have the same size (the order, hence the mask, is the same). As there,
     ``int(fraction × total)`` entries are chosen (at least one); ties are broken by position (deterministically, like
     :class:`~lightning_unlearn.selection.TopKParameters`).
 
     Args:
-        fraction: Share of all entries to select, in (0, 1] (SalUn's masks are written for 0.1 … 1.0; its experiments
+        fraction: Share of all entries to select, in (0, 1] (SalUn writes masks for 0.1 … 1.0; its README's example
             use 0.5).
     """
 
@@ -353,7 +354,7 @@ class Saliency(_DataAware):
 
 
 class FisherRatio(_DataAware):
-    """SSD's synapse selection (Foster et al. 2024, if-loops/selective-synaptic-dampening ``ssd.py``,
+    """SSD's synapse selection (Foster et al. 2024, if-loops/selective-synaptic-dampening ``src/ssd.py``,
     ``modify_weight``): the entries whose importance on the forget set exceeds ``alpha`` times their importance on the
     full training set, ``I_forget > α · I_full`` (strict), over every parameter of the model.
 

@@ -154,7 +154,7 @@ class SplitStatistics:
                 yield
 
     def batch_importance(self, split: str, batch_size: int = 128) -> dict[str, torch.Tensor]:
-        """SSD's importance (if-loops/selective-synaptic-dampening, ``ssd.py``, ``calc_importance``): the squared
+        """SSD's importance (if-loops/selective-synaptic-dampening, ``src/ssd.py``, ``calc_importance``): the squared
         gradient of each batch's mean cross-entropy, averaged over the batches of ``split`` in order (consecutive
         samples, ``batch_size`` each, the last one possibly smaller), at the labels the model was trained on.
 

@@ -1,7 +1,7 @@
 """Selective Synaptic Dampening (Foster et al. 2024): one-shot dampening of the selected weights, no training.
 
-Anchor: if-loops/selective-synaptic-dampening, ``ssd.py`` (``ParameterPerturber.calc_importance`` and
-``modify_weight``) with the settings of ``forget_random_main.py`` / ``forget_full_class_main.py``
+Anchor: if-loops/selective-synaptic-dampening at cdfdc0e, ``src/ssd.py`` (``ParameterPerturber.calc_importance`` and
+``modify_weight``) with the settings of ``src/forget_random_main.py`` / ``src/forget_full_class_main.py``
 (``dampening_constant`` λ = 1, ``selection_weighting`` α = 10, ``exponent`` 1, ``lower_bound`` 1, batch size 128).
 For every selected entry
 
