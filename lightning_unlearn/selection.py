@@ -335,7 +335,7 @@ class Saliency(_DataAware):
 
     Args:
         fraction: Share of all entries to select, in (0, 1] (SalUn writes masks for 0.1 … 1.0; its README's example
-            use 0.5).
+            uses 0.5).
     """
 
     name = "saliency"
