@@ -6,12 +6,13 @@ The public API, by what a user does with it (the subpackages hold the rest; ``do
   :func:`profile_model` without one; the result is a :class:`SharpnessProfile`; estimators by name in
   :data:`ESTIMATORS`;
 * **select** the parameters that may change: the strategies of :data:`STRATEGIES` (:class:`SmallestLayer`, ...,
-  :class:`Validated`), each giving a :class:`ParameterMask`;
+  :class:`Validated`; from the model and its data: :class:`Saliency`, :class:`FisherRatio`), each giving a
+  :class:`ParameterMask`;
 * **unlearn** with :class:`UnlearnModule` and a method of :data:`METHODS` (:class:`FirstOrder`, :class:`SecondOrder`,
-  :class:`Finetune`, :class:`NegGradPlus`, :class:`SamForget`, :class:`SharpMinMax`; the toolkits' baselines
-  :class:`RandomLabel`, :class:`L1Sparse`, :class:`SCRUB`; and :class:`FirstOrderRemoval` for removal without corrected
-  labels): a training run of this library, or your own model with its data as :class:`UnlearnData` (or a data module
-  with the same loaders); without Trainer code: :func:`unlearn_model`;
+  :class:`Finetune`, :class:`NegGradPlus`, :class:`SamForget`, :class:`SharpMinMax`, :class:`SSD`; the
+  toolkits' baselines :class:`RandomLabel`, :class:`L1Sparse`, :class:`SCRUB`; and :class:`FirstOrderRemoval` for
+  removal without corrected labels): a training run of this library, or your own model with its data as
+  :class:`UnlearnData` (or a data module with the same loaders); without Trainer code: :func:`unlearn_model`;
 * **evaluate**: :func:`evaluate_model` (every metric of one model), :func:`poison_effect` (harm and fit),
   :func:`compare` (ToW, % restored), :class:`EvaluationOptions`;
 * **data and models** of the experiments: :class:`PoisonedDataModule`, :class:`PoisonSpec`, :class:`ClassifierModule`.
@@ -35,11 +36,13 @@ from lightning_unlearn.models import ClassifierModule
 from lightning_unlearn.selection import (
     STRATEGIES,
     AllLayers,
+    FisherRatio,
     LargestLayer,
     LastLayer,
     NamedLayers,
     ParameterMask,
     RandomLayer,
+    Saliency,
     SelectionStrategy,
     SmallestLayer,
     TopKParameters,
@@ -48,6 +51,7 @@ from lightning_unlearn.selection import (
 from lightning_unlearn.unlearn import (
     METHODS,
     SCRUB,
+    SSD,
     Finetune,
     FirstOrder,
     FirstOrderRemoval,
@@ -88,6 +92,8 @@ __all__ = [
     "RandomLayer",
     "TopKParameters",
     "Validated",
+    "Saliency",
+    "FisherRatio",
     # unlearn
     "UnlearnModule",
     "UnlearnData",
@@ -104,6 +110,7 @@ __all__ = [
     "RandomLabel",
     "L1Sparse",
     "SCRUB",
+    "SSD",
     # evaluate
     "EvaluationOptions",
     "evaluate_model",

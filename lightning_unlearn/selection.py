@@ -16,7 +16,14 @@ strategy            selects
 ``random``          one layer drawn uniformly with ``seed`` (a control)
 ``validated``       the candidate (by default the ``k`` flattest layers, the last layer and the top 1 % entries) whose
                     searched one-step update has the lowest validation loss, chosen per request
+``saliency``        the top ``fraction`` of entries by ``|∇ forget loss|`` over the whole model (SalUn's weight
+                    saliency; needs the model and data)
+``fisher_ratio``    the entries with forget importance > ``alpha`` × training-set importance (SSD's selection; needs
+                    the model and data)
 =================== ==================================================================================================
+
+Data-aware selections override :meth:`SelectionStrategy.select_for`, which an unlearning request calls with its
+module (model, data, profile); the others select from the profile alone.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Any
 import torch
 
 from lightning_unlearn.curvature import SharpnessProfile
+from lightning_unlearn.importance import check_importance, importance_of
 
 DEFAULT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
@@ -78,12 +86,24 @@ def _whole_layers(profile: SharpnessProfile, layers: list[str], strategy: str, *
 
 
 class SelectionStrategy:
-    """Base class: ``select(profile)`` returns a non-empty :class:`ParameterMask`."""
+    """Base class: ``select(profile)`` returns a non-empty :class:`ParameterMask`.
+
+    :meth:`select_for` is what an unlearning request calls (``UnlearnModule.prepare``): its context (the module, an
+    :class:`~lightning_unlearn.unlearn.base.UnlearnContext`) holds the model, its data and the training profile. By
+    default it selects from the profile alone; selections that need the model and the data (``saliency``,
+    ``fisher_ratio``) override it and read forget-set gradients or per-split importances from the context.
+    """
 
     name = "base"
 
     def select(self, profile: SharpnessProfile) -> ParameterMask:
         raise NotImplementedError
+
+    def select_for(self, context: Any) -> ParameterMask:
+        """The selection of an unlearning request; ``context`` provides ``profile`` (the training-set profile) and,
+        for data-aware selections, ``split_gradient``, ``split_profile`` and ``batch_importance``. Default:
+        ``self(context.profile)``."""
+        return self(context.profile)
 
     def __call__(self, profile: SharpnessProfile) -> ParameterMask:
         """Select from ``profile``.
@@ -99,7 +119,10 @@ class SelectionStrategy:
                 f"Selection {self.name!r}: the profile holds non-finite (NaN/inf) curvature values in {bad[:3]}; "
                 "recompute it (e.g. `lightning-unlearn profile RUN_DIR`)."
             )
-        mask = self.select(profile)
+        return self.checked(self.select(profile))
+
+    def checked(self, mask: ParameterMask) -> ParameterMask:
+        """``mask``, refused if it selects nothing."""
         if mask.num_selected == 0:
             raise ValueError(f"Selection {self.name!r} selected no parameter.")
         return mask
@@ -203,24 +226,30 @@ class TopKParameters(SelectionStrategy):
         self.largest = largest
 
     def select(self, profile: SharpnessProfile) -> ParameterMask:
-        names = list(profile.diagonals)
-        flat = torch.cat([profile.diagonals[n].reshape(-1).double() for n in names])
-        k = max(1, round(self.fraction * flat.numel()))
-        # stable ordering: sort by value, ties by position
-        order = torch.sort(flat, descending=self.largest, stable=True).indices[:k]
-        chosen = torch.zeros_like(flat, dtype=torch.bool)
-        chosen[order] = True
-        masks, offset = {}, 0
-        for name in names:
-            n = profile.diagonals[name].numel()
-            part = chosen[offset : offset + n].reshape(profile.diagonals[name].shape)
-            if part.any():
-                masks[name] = part
-            offset += n
-        threshold = float(flat[order[-1]])
+        k = max(1, round(self.fraction * total_parameters(profile)))
+        masks, threshold = top_entries(profile.diagonals, k, self.largest)
         return ParameterMask(
             masks, self.name, [], {"fraction": self.fraction, "largest": self.largest, "threshold": threshold}
         )
+
+
+def top_entries(values: dict[str, torch.Tensor], k: int, largest: bool = True) -> tuple[dict[str, torch.Tensor], float]:
+    """The ``k`` largest (or smallest) entries of all tensors of ``values`` together, one threshold across them: masks
+    of the parameters with at least one entry chosen, and the value of the last entry chosen. Ties are broken by
+    position (parameters in ``values``' order, entries in row-major order), so the choice is deterministic."""
+    names = list(values)
+    flat = torch.cat([values[n].detach().reshape(-1).double().cpu() for n in names])
+    order = torch.sort(flat, descending=largest, stable=True).indices[:k]
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    chosen[order] = True
+    masks, offset = {}, 0
+    for name in names:
+        n = values[name].numel()
+        part = chosen[offset : offset + n].reshape(values[name].shape)
+        if part.any():
+            masks[name] = part
+        offset += n
+    return masks, float(flat[order[-1]])
 
 
 class Validated(SelectionStrategy):
@@ -282,10 +311,99 @@ class Validated(SelectionStrategy):
         return ParameterMask(masks, self.name, layers, {"candidates": [label for label, _ in candidates]})
 
 
+class _DataAware(SelectionStrategy):
+    def select(self, profile: SharpnessProfile) -> ParameterMask:
+        raise ValueError(
+            f"The {type(self).__name__} selection needs the model and its forget set, not only a profile: use it in an "
+            "unlearning request (UnlearnModule(selection=...), `unlearn.py`), which calls `select_for(module)`."
+        )
+
+
+class Saliency(_DataAware):
+    """SalUn's weight saliency (Fan et al. 2024; OPTML-Group/Unlearn-Saliency at ac880a2,
+    ``Classification/generate_mask.py``): the top ``fraction`` of all entries of the model by ``|∇_θ L_forget|``, one
+    threshold across every parameter.
+
+    ``L_forget`` is the cross-entropy over the forget set at the labels the model was trained on. Their script sums
+    the gradients of each batch's *mean* loss over a shuffled forget loader (``save_gradient_ratio``; versions before
+    b874ee9 also took an SGD step between batches and kept the smallest entries); here it is the gradient of the mean
+    loss over the whole forget set at the trained weights
+    (:meth:`~lightning_unlearn.unlearn.splits.SplitStatistics.split_gradient`), which is theirs divided by the number
+    of batches when all batches have the same size (the order, hence the mask, is the same). As there,
+    ``int(fraction × total)`` entries are chosen (at least one); ties are broken by position (deterministically, like
+    :class:`~lightning_unlearn.selection.TopKParameters`).
+
+    Args:
+        fraction: Share of all entries to select, in (0, 1] (SalUn writes masks for 0.1 … 1.0; its README's example
+            uses 0.5).
+    """
+
+    name = "saliency"
+
+    def __init__(self, fraction: float = 0.5) -> None:
+        if isinstance(fraction, bool) or not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"`fraction` must lie in (0, 1], got {fraction!r}.")
+        self.fraction = float(fraction)
+
+    def select_for(self, context: Any) -> ParameterMask:
+        saliency = {name: g.abs() for name, g in context.split_gradient("forget").items()}
+        k = max(1, int(self.fraction * sum(g.numel() for g in saliency.values())))
+        masks, threshold = top_entries(saliency, k, largest=True)
+        details = {"fraction": self.fraction, "threshold": threshold, "score": "|grad of mean forget loss|"}
+        return self.checked(ParameterMask(masks, self.name, [], details))
+
+
+class FisherRatio(_DataAware):
+    """SSD's synapse selection (Foster et al. 2024, if-loops/selective-synaptic-dampening ``src/ssd.py``,
+    ``modify_weight``): the entries whose importance on the forget set exceeds ``alpha`` times their importance on the
+    full training set, ``I_forget > α · I_full`` (strict), over every parameter of the model.
+
+    Importance (:func:`~lightning_unlearn.importance.importance_of`): by default SSD's own (``importance="batch"``:
+    squared batch gradients of the mean cross-entropy, averaged over batches of ``batch_size`` = 128 as in their
+    scripts); ``"fisher"`` (the project's empirical Fisher: per-sample squared gradients), ``"exact"`` or ``"mc"``
+    use a per-sample diagonal profile of each split instead. The forget set carries the labels the model was trained
+    on; the full training set is the training set as trained on (SSD's ``full_train_dl``: retain then forget).
+
+    Args:
+        alpha: SSD's ``selection_weighting`` α (> 0); their default 10.
+        importance: ``"batch"`` (SSD), ``"fisher"``, ``"exact"`` or ``"mc"``.
+        batch_size: Batch size of the ``"batch"`` importance.
+    """
+
+    name = "fisher_ratio"
+
+    def __init__(self, alpha: float = 10.0, importance: str = "batch", batch_size: int = 128) -> None:
+        if isinstance(alpha, bool) or not float(alpha) > 0 or not torch.isfinite(torch.tensor(float(alpha))):
+            raise ValueError(f"`alpha` must be a finite number > 0, got {alpha!r}.")
+        check_importance(importance, batch_size)
+        self.alpha, self.importance, self.batch_size = float(alpha), importance, int(batch_size)
+
+    def importances(self, context: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(I_forget, I_full)`` by parameter name."""
+        forget = importance_of(context, "forget", self.importance, self.batch_size)
+        full = importance_of(context, "train", self.importance, self.batch_size)
+        return forget, full
+
+    def select_for(self, context: Any) -> ParameterMask:
+        forget, full = self.importances(context)
+        masks = {}
+        for name, f in forget.items():
+            chosen = (f > self.alpha * full[name].to(f.device, f.dtype)).cpu()
+            if chosen.any():
+                masks[name] = chosen
+        details = {"alpha": self.alpha, "importance": self.importance}
+        if self.importance == "batch":
+            details["batch_size"] = self.batch_size
+        return self.checked(ParameterMask(masks, self.name, [], details))
+
+
 STRATEGIES: dict[str, type[SelectionStrategy]] = {
     cls.name: cls
-    for cls in (SmallestLayer, LargestLayer, TopKParameters, LastLayer, AllLayers, NamedLayers, RandomLayer, Validated)
-}
+    for cls in (
+        SmallestLayer, LargestLayer, TopKParameters, LastLayer, AllLayers, NamedLayers, RandomLayer, Validated,
+        Saliency, FisherRatio,
+    )
+}  # fmt: skip
 
 
 def get_strategy(name: str, **kwargs: Any) -> SelectionStrategy:

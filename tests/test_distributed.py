@@ -26,8 +26,9 @@ from lightning_unlearn.curvature import SharpnessProfile
 from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
 from lightning_unlearn.pipeline import REPORT_FILENAME, run_unlearning
 from lightning_unlearn.run import TrainingRun
-from lightning_unlearn.selection import LastLayer, SmallestLayer, TopKParameters
+from lightning_unlearn.selection import FisherRatio, LastLayer, Saliency, SmallestLayer, TopKParameters
 from lightning_unlearn.unlearn import (
+    SSD,
     Finetune,
     FirstOrder,
     NegGradPlus,
@@ -52,6 +53,12 @@ METHODS = {
     "neggrad_plus": (lambda b: NegGradPlus(batch_size=b), SmallestLayer),
     "sam_forget": (lambda b: SamForget(batch_size=b, rho=0.5), lambda: TopKParameters(fraction=0.05)),
     "sharp_minmax": (lambda b: SharpMinMax(batch_size=b), LastLayer),
+}
+#: Selections that need the model and the data (forget gradient, batch importances: computed on each rank's shard
+#: and all-reduced) and the one-shot SSD, which reuses its selection's importances.
+DATA_AWARE = {
+    "first_order_saliency": (lambda b: FirstOrder(batch_size=b), lambda: Saliency(fraction=0.02)),
+    "ssd": (lambda b: SSD(), lambda: FisherRatio(alpha=2.0, batch_size=40)),
 }
 
 
@@ -116,26 +123,54 @@ def _ddp_trainer(strategy: str, **kwargs) -> Trainer:
     )
 
 
-def _rank_worker(rank: int, port: int, run: str, out: str) -> None:
-    """One rank launched as its own process (as torchrun would): Lightning joins the group from the environment."""
+def _rank_worker(rank: int, port: int, run: str, out: str, table: str = "METHODS") -> None:
+    """One rank launched as its own process (as torchrun would): Lightning joins the group from the environment.
+    Runs the methods of ``table`` (``"METHODS"``: then also a whole request; ``"DATA_AWARE"``)."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
     os.environ["WORLD_SIZE"] = str(WORLD)
     torch.set_num_threads(1)
     results = {}
-    for name, (method, selection) in METHODS.items():
+    for name, (method, selection) in (METHODS if table == "METHODS" else DATA_AWARE).items():
         module = UnlearnModule(run, method(BATCH), selection(), evaluate=False)  # weights compared, not metrics
         trainer = _ddp_trainer("ddp", max_epochs=module.max_epochs)
         assert trainer.strategy.launcher is None or not trainer.strategy.launcher.is_interactive_compatible
         trainer.fit(module)
         results[name] = (_state(module), module.method.report(), sorted(module.selected_names))
+    if table != "METHODS":
+        if rank == 0:
+            torch.save(results, out)
+        return
     # a whole request through the pipeline: every rank evaluates, rank zero alone writes
     module = UnlearnModule(run, FirstOrder(batch_size=BATCH), SmallestLayer())
     report = run_unlearning(_ddp_trainer("ddp"), module, out_dir=Path(out).parent / "request", evaluation=ACCURACY_ONLY)
     results["request"] = report["after"]
     if rank == 0:
         torch.save(results, out)
+
+
+def _compare_with_one_process(odd_run: Path, table: dict, distributed: dict) -> None:
+    """Each method of ``table`` in one process gives the weights (frozen ones bit for bit), selection and choices
+    the ranks reported in ``distributed``."""
+    original = _state(UnlearnModule(str(odd_run)))
+    for name, (method, selection) in table.items():
+        module = UnlearnModule(str(odd_run), method(WORLD * BATCH), selection(), evaluate=False)
+        unlearn_trainer(max_epochs=module.max_epochs, accelerator="cpu").fit(module)
+        single, report = _state(module), module.method.report()
+        state, ddp_report, selected = distributed[name]
+        assert selected == sorted(module.selected_names), name
+        changed = [k for k in single if not torch.equal(single[k], original[k])]
+        assert changed, f"{name}: the single-process run changed nothing, the comparison would be vacuous"
+        for key in single:
+            where = f"{name} {key}"
+            torch.testing.assert_close(state[key], single[key], rtol=2e-5, atol=1e-6, msg=lambda _, w=where: w)
+            if torch.equal(single[key], original[key]):  # frozen: bit-identical under DDP too
+                assert torch.equal(state[key], original[key]), f"{name}: frozen {key} moved under DDP"
+        if module.method.one_step and not isinstance(module.method, SSD):  # the step-searched one-step methods
+            assert ddp_report["forget_samples"] == report["forget_samples"] == 51
+            assert ddp_report["step"] == report["step"]
+            assert ddp_report["grad_norm"] == pytest.approx(report["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.distributed
@@ -159,24 +194,18 @@ def test_every_method_under_ddp_equals_one_process(odd_run, tmp_path):
         torch.testing.assert_close(profile.diagonals[name], diag, rtol=1e-5, atol=1e-12)
     assert not list(run.glob(".*.tmp"))
 
-    original = _state(UnlearnModule(str(odd_run)))
-    for name, (method, selection) in METHODS.items():
-        module = UnlearnModule(str(odd_run), method(WORLD * BATCH), selection(), evaluate=False)
-        unlearn_trainer(max_epochs=module.max_epochs, accelerator="cpu").fit(module)
-        single, report = _state(module), module.method.report()
-        state, ddp_report, selected = distributed[name]
-        assert selected == sorted(module.selected_names), name
-        changed = [k for k in single if not torch.equal(single[k], original[k])]
-        assert changed, f"{name}: the single-process run changed nothing, the comparison would be vacuous"
-        for key in single:
-            where = f"{name} {key}"
-            torch.testing.assert_close(state[key], single[key], rtol=2e-5, atol=1e-6, msg=lambda _, w=where: w)
-            if torch.equal(single[key], original[key]):  # frozen: bit-identical under DDP too
-                assert torch.equal(state[key], original[key]), f"{name}: frozen {key} moved under DDP"
-        if module.method.one_step:
-            assert ddp_report["forget_samples"] == report["forget_samples"] == 51
-            assert ddp_report["step"] == report["step"]
-            assert ddp_report["grad_norm"] == pytest.approx(report["grad_norm"], rel=1e-5)
+    _compare_with_one_process(odd_run, METHODS, distributed)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_data_aware_selections_and_ssd_under_ddp_equal_one_process(odd_run, tmp_path):
+    out = tmp_path / "ranks.pt"
+    args = (_free_port(), str(odd_run), str(out), "DATA_AWARE")
+    mp.start_processes(_rank_worker, args=args, nprocs=WORLD, start_method="spawn")
+    distributed = torch.load(out, weights_only=False)
+    assert distributed["ssd"][1]["dampened"] > 0 and distributed["ssd"][1]["batch_size"] == 40
+    _compare_with_one_process(odd_run, DATA_AWARE, distributed)
 
 
 @pytest.mark.distributed

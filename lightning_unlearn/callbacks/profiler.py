@@ -23,7 +23,7 @@ from lightning_unlearn.curvature import ESTIMATORS, SharpnessProfile, profile_mo
 from lightning_unlearn.curvature.compute import BatchTransform, OutputTransform, check_batch, check_model
 from lightning_unlearn.run import PROFILE_FILENAME
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "forget")
 
 
 class SharpnessProfiler(Callback):
@@ -54,7 +54,9 @@ class SharpnessProfiler(Callback):
             cross-entropy; refused for other architectures unless ``strict=False``), ``"mc"`` (Monte-Carlo GGN,
             ``num_draws`` sampled labels), ``"hutchinson"`` (any network, ``num_draws`` Rademacher probes per batch) or
             ``"fisher"`` (empirical Fisher at the true labels).
-        split: ``"train"`` (default: the training set exactly as trained on, unshuffled and unaugmented) or ``"val"``.
+        split: ``"train"`` (default: the training set exactly as trained on, unshuffled and unaugmented), ``"val"``
+            or ``"forget"`` (the datamodule's ``forget_dataloader()``: the samples to forget with the labels the model
+            was trained on, e.g. a ``PoisonedDataModule``'s poisoned samples). Recorded in ``metadata["split"]``.
         dataloader: Profile this loader instead of a split of the Trainer's datamodule.
         max_samples: Profile only the first ``max_samples`` samples (None: all).
         batch_size: Batch size of the profiling loader (not used when ``dataloader`` is given).
@@ -170,7 +172,7 @@ class SharpnessProfiler(Callback):
             check_model(pl_module, self.estimator, strict=self.strict)
         except ValueError as err:
             raise MisconfigurationException(f"SharpnessProfiler(estimator={self.estimator!r}): {err}") from err
-        if self.dataloader is not None or self.split == "val" or self._datamodule_train_dataset(trainer):
+        if self.dataloader is not None or self.split != "train" or self._datamodule_train_dataset(trainer):
             self._check_batch(trainer, pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -185,6 +187,11 @@ class SharpnessProfiler(Callback):
                 )
             return
         datamodule = trainer.datamodule
+        if self.split == "forget" and not callable(getattr(datamodule, "forget_dataloader", None)):
+            raise MisconfigurationException(
+                "SharpnessProfiler(split='forget') profiles the datamodule's `forget_dataloader`, but the Trainer's "
+                "datamodule has none; pass `dataloader=` (your forget set with its trained-on labels)."
+            )
         if self.split == "val" and (datamodule is None or not is_overridden("val_dataloader", datamodule)):
             where = "no datamodule" if datamodule is None else f"the datamodule {type(datamodule).__name__}"
             raise MisconfigurationException(
@@ -240,7 +247,7 @@ class SharpnessProfiler(Callback):
                 "inside that dataset still applies. Pass `dataloader=` for full control."
             )
             return loader.dataset
-        return datamodule.val_dataloader().dataset
+        return getattr(datamodule, f"{self.split}_dataloader")().dataset
 
     def _loader(self, trainer: Trainer) -> DataLoader:
         """This rank's share of the profiling data: samples ``rank, rank + world, ...`` of the first ``max_samples``."""

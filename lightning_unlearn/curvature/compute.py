@@ -179,13 +179,19 @@ def profile_model(
     estimator: str = "exact",
     *,
     dataset: str | None = None,
+    split: str | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     world_size: int = 1,
     **kwargs: Any,
 ) -> SharpnessProfile:
     """Profile ``model`` on ``dataloader`` without a Trainer: :func:`accumulate_diagonal` divided by the count.
 
+    Any loader works (the training set, or another split such as the forget set with its trained-on labels).
+
     Args:
+        dataset: Name of the data, recorded in the profile.
+        split: Which split of it ``dataloader`` holds (e.g. ``"train"``, ``"forget"``), recorded as
+            ``metadata["split"]`` (None: not recorded).
         reduce: Under DDP, a sum all-reduce of one flat tensor (``lambda t: strategy.reduce(t, reduce_op="sum")``;
             ``dataloader`` is then this rank's shard): sums and counts of all ranks travel in one collective, so the
             result is exactly that of one process over the union of the shards. None with one process.
@@ -206,6 +212,8 @@ def profile_model(
         "world_size": world_size,
         "options": {k: v for k, v in options.items() if isinstance(v, (int, float, bool, str))},
     }
+    if split is not None:
+        metadata["split"] = split
     return SharpnessProfile.from_model(model, diagonals, estimator, count, dataset=dataset, metadata=metadata)
 
 

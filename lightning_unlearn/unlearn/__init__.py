@@ -8,10 +8,11 @@ from lightning_unlearn.unlearn.iterative import Finetune, NegGradPlus
 from lightning_unlearn.unlearn.module import UnlearnModule
 from lightning_unlearn.unlearn.one_step import FirstOrder, FirstOrderRemoval, SecondOrder
 from lightning_unlearn.unlearn.sam import SamForget, SharpMinMax
+from lightning_unlearn.unlearn.ssd import SSD
 
 METHODS: dict[str, type[UnlearnMethod]] = {
     cls.name: cls
-    for cls in (FirstOrder, SecondOrder, Finetune, NegGradPlus, SamForget, SharpMinMax)
+    for cls in (FirstOrder, SecondOrder, Finetune, NegGradPlus, SamForget, SharpMinMax, SSD)
     + (FirstOrderRemoval, RandomLabel, L1Sparse, SCRUB)
 }
 
@@ -34,6 +35,7 @@ __all__ = [
     "RandomLabel",
     "SCRUB",
     "SamForget",
+    "SSD",
     "SecondOrder",
     "ShardSampler",
     "SharpMinMax",

@@ -110,7 +110,7 @@ class UnlearnContext(Protocol):
     mask: Any
     selected_names: set[str]
     selection: Any
-    #: The data (forget pairs, retain, validation and training loaders) and the curvature profile.
+    #: The data (forget pairs, retain, validation and training loaders) and the (training-set) curvature profile.
     datamodule: Any
     profile: Any
 
@@ -137,6 +137,18 @@ class UnlearnContext(Protocol):
     def all_reduce_sum(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
     def require_profile(self, device: torch.device | str | None = None) -> Any: ...
+
+    # statistics of a split ("forget", "retain", "train"; see lightning_unlearn.unlearn.splits), computed once each,
+    # sharded and all-reduced under DDP: data-aware selections (select_for) and SSD read them
+    def net_named_parameters(self) -> list[tuple[str, nn.Parameter]]: ...
+
+    def split_dataset(self, split: str) -> Dataset: ...
+
+    def split_profile(self, split: str, estimator: str | None = None) -> Any: ...
+
+    def split_gradient(self, split: str) -> dict[str, torch.Tensor]: ...
+
+    def batch_importance(self, split: str, batch_size: int = 128) -> dict[str, torch.Tensor]: ...
 
     def validate(self) -> tuple[float, float]: ...
 

@@ -28,7 +28,8 @@ from lightning_unlearn.unlearn.inverse_hvp import dataset_hvp
 from lightning_unlearn.unlearn.lr_search import LearningRateSearch
 from lightning_unlearn.unlearn.one_step import FirstOrder
 from lightning_unlearn.unlearn.results import RequestEvaluation
-from lightning_unlearn.unlearn.source import profile_training_set, resolve_source
+from lightning_unlearn.unlearn.source import resolve_source
+from lightning_unlearn.unlearn.splits import SplitStatistics
 from lightning_unlearn.unlearn.validation import FrozenActivationCache, accuracy_and_loss
 
 #: Trainer settings every unlearning run needs: ``UnlearnModule`` shards its data exactly itself (no distributed
@@ -52,7 +53,7 @@ def unlearn_trainer(**kwargs: Any) -> Trainer:
     return Trainer(**settings)
 
 
-class UnlearnModule(LightningModule):
+class UnlearnModule(SplitStatistics, LightningModule):
     """Unlearn a forget set from a trained classifier, changing only the selected parameters.
 
     What to unlearn, either (exactly one of ``run`` and ``model``):
@@ -77,10 +78,13 @@ class UnlearnModule(LightningModule):
     Args:
         run: Training run directory (or a checkpoint inside one) holding the checkpoint and ``poison.json``.
         method: The unlearning method (``FirstOrder``, ``SecondOrder``, ``Finetune``, ``NegGradPlus``, ``SamForget``,
-            ``SharpMinMax``; without corrected labels also ``FirstOrderRemoval``, ``RandomLabel``, ``L1Sparse``,
-            ``SCRUB``).
+            ``SharpMinMax``, ``SSD``; without corrected labels also ``FirstOrderRemoval``, ``RandomLabel``,
+            ``L1Sparse``, ``SCRUB``).
         selection: Which parameters may change (``SmallestLayer``, ``LargestLayer``, ``TopKParameters``,
-            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``Validated``).
+            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``Validated``; from the model and the
+            data: ``Saliency``, ``FisherRatio``). ``prepare`` calls its ``select_for(self)``; statistics of any split
+            (``split_profile("forget")``, ``split_gradient``, ``batch_importance``, see
+            :mod:`~lightning_unlearn.unlearn.splits`) are computed once and kept in :attr:`split_cache`.
         profile: A :class:`SharpnessProfile` or the path of a saved one; default: a run's own (computed and saved if
             missing), or for ``model`` computed on the data's training set (``profile_dataloader()``, default retain
             then forget set) and kept in memory (:attr:`profile`).
@@ -216,7 +220,8 @@ class UnlearnModule(LightningModule):
                 f"The `Validated` selection compares one-step updates on validation; {self.method.name!r} is "
                 "iterative. Use it with FirstOrder or SecondOrder."
             )
-        self.mask = self.selection(self.profile)
+        with self.computing_on(device):  # data-aware selections compute gradients or importances
+            self.mask = self.selection.select_for(self)
         self.timings["selection_seconds"] = time.perf_counter() - start
         self.selected_names = set(self.mask.trainable)
         freeze_mask = self.mask if self.method.freezes_unselected else AllLayers()(self.profile)
@@ -312,19 +317,10 @@ class UnlearnModule(LightningModule):
 
     def _compute_profile(self, device: torch.device | str | None) -> SharpnessProfile:
         """The training set's curvature profile (this rank's shard, all-reduced under DDP)."""
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._distributed else (0, 1)
         if device is None and self._trainer is not None:
             device = self.trainer.strategy.root_device
-        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._distributed else None
-        home = self.device
-        self.to(device or home)
-        try:
-            return profile_training_set(
-                self.names_root, self.source.output_transform, self.datamodule, self.estimator,
-                self.profile_max_samples, rank=rank, world_size=world, reduce=reduce, device=self.device,
-            )  # fmt: skip
-        finally:
-            self.to(home)
+        with self.computing_on(device):
+            return self._profile_of(self.split_dataset("train"), self.estimator, self.profile_max_samples, "train")
 
     # ------------------------------------------------------------------------------------------------- utilities
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -30,6 +30,7 @@ __all__ = [
     "from_model",
     "load_model",
     "profile_training_set",
+    "profile_split",
     "own_unlearned_checkpoint",
 ]
 
@@ -187,17 +188,35 @@ def profile_training_set(
     datamodule: Any,
     estimator: str,
     max_samples: int | None = None,
+    **kwargs: Any,
+) -> SharpnessProfile:
+    """The curvature profile of ``model`` on ``datamodule``'s training set as trained on (its first ``max_samples``);
+    keyword arguments as in :func:`profile_split`."""
+    datamodule.setup("fit")
+    name = getattr(datamodule, "dataset", None)
+    return profile_split(
+        model, output_transform, datamodule.train_dataset(), estimator, max_samples, split="train", dataset_name=name,
+        **kwargs,
+    )  # fmt: skip
+
+
+def profile_split(
+    model: nn.Module,
+    output_transform: OutputTransform | None,
+    dataset: Any,
+    estimator: str,
+    max_samples: int | None = None,
     *,
+    split: str | None = None,
+    dataset_name: str | None = None,
     rank: int = 0,
     world_size: int = 1,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | None = None,
 ) -> SharpnessProfile:
     """The curvature profile of ``model`` (its outputs through ``output_transform``; its own parameter names) on
-    ``datamodule``'s training set as trained on (its first ``max_samples``), this rank's shard
-    ``rank, rank + world_size, …`` all-reduced with ``reduce``."""
-    datamodule.setup("fit")
-    dataset = datamodule.train_dataset()
+    ``dataset`` (its first ``max_samples``; items ``(inputs, label, ...)``), this rank's shard
+    ``rank, rank + world_size, …`` all-reduced with ``reduce``; ``split`` is recorded in the profile's metadata."""
     total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     pin = device is not None and torch.device(device).type == "cuda"  # pinned batches: asynchronous copies
     shard = DataLoader(Subset(dataset, range(rank, total, world_size)), batch_size=256, pin_memory=pin)
@@ -206,7 +225,8 @@ def profile_training_set(
         shard,
         estimator,
         output_transform=output_transform,
-        dataset=getattr(datamodule, "dataset", None),
+        dataset=dataset_name,
+        split=split,
         reduce=reduce,
         world_size=world_size,
         device=device,
