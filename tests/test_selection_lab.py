@@ -1,0 +1,90 @@
+"""The selection lab's matrix: which pairs run, what each request is given, and that its tables read the results."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import yaml
+
+from tests.test_benchmarks import load_script
+
+lab = load_script("selection_lab")
+
+
+def _build(spec: dict):
+    module, _, name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+
+
+def test_every_lab_method_is_what_its_config_builds():
+    """The lab's flags (one-step, needs corrected labels) are those of the method class its config names, and the
+    methods said to search a step are the library's searched one-step updates."""
+    from lightning_unlearn.unlearn.one_step import OneStepMethod
+
+    for name, method in lab.METHODS.items():
+        config = yaml.safe_load((lab.ROOT / "configs" / "unlearn" / f"{method.config}.yaml").read_text())
+        built = _build(config["model"]["method"])
+        assert built.one_step == method.one_step, name
+        assert built.needs_corrected_labels == method.needs_corrected_labels, name
+        assert isinstance(built, OneStepMethod) == method.searches_step, name
+
+
+def test_every_lab_selection_builds():
+    from lightning_unlearn.selection import SelectionStrategy
+
+    for label, spec in lab.SELECTIONS.items():
+        spec = json.loads(json.dumps(spec).replace('"{seed}"', "3"))
+        assert isinstance(_build(spec), SelectionStrategy), label
+
+
+def test_removal_scenarios_skip_the_methods_that_replace_labels():
+    todo, skipped = lab.rows(seed=2, corrected=False, methods=list(lab.METHODS), selections=list(lab.SELECTIONS))
+    keys = {row.key for row in todo}
+    for name, method in lab.METHODS.items():
+        for label in lab.SELECTIONS:
+            key = f"{name} × {label}"
+            expected = (method.needs_corrected_labels and "needs corrected labels") or (
+                label == "validated" and not method.searches_step and "validated compares searched one-step updates"
+            )
+            if expected:
+                assert skipped[key] == expected and key not in keys
+            else:
+                assert key in keys and key not in skipped
+    # with corrected labels nothing is skipped for that reason
+    _, skipped = lab.rows(seed=0, corrected=True, methods=list(lab.METHODS), selections=list(lab.SELECTIONS))
+    assert "needs corrected labels" not in skipped.values()
+
+
+def test_a_request_carries_its_selection_and_the_seed():
+    todo, _ = lab.rows(seed=7, corrected=True, methods=["first_order"], selections=["random layer", "top 1 % diagonal"])
+    assert [row.key for row in todo] == ["first_order × random layer", "first_order × top 1 % diagonal"]
+    for row in todo:
+        assert row.config == "first_order_all" and row.args[-2] == "--model.selection"
+    assert json.loads(todo[0].args[-1])["init_args"] == {"seed": 7}
+    assert json.loads(todo[1].args[-1])["init_args"] == {"fraction": 0.01, "largest": True}
+
+
+def test_the_table_reads_finished_requests_and_lists_skipped_pairs():
+    seed = {
+        "kind": "label_flip",
+        "before": {"test/acc_attacked": 1.0, "test/acc": 90.0, "forget/acc": 99.0},
+        "reference": {"test/acc_attacked": 90.0, "test/acc": 98.0, "forget/acc": 2.0},
+        "effect": {"harm": 89.0, "fit": 99.0, "fit_retrained": 2.0, "noise": 3.0, "plain": True, "metric": "x"},
+        "retrain_seconds": 10.0,
+        "rows": {
+            "first_order × last layer": {
+                "after": {"test/acc_attacked": 80.0, "test/acc": 97.0, "mia/svc": 12.5, "relearn/auc": 40.0},
+                "comparison": {"tow": 0.95},
+                "seconds": 2.0,
+            }
+        },
+    }
+    results = {"seeds": {"0": seed, "1": seed}, "skipped": {"first_order × saliency top 1 %": "because"}}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lab.reproduce, "effect_summary", lambda results: "harm and fit")
+        text = lab.table("mnist_label_flip", results)
+    line = next(li for li in text.splitlines() if "last layer" in li)
+    assert "80.00 ± 0.00" in line and "0.9500 ± 0.0000" in line and "0.2000 ± 0.0000" in line and "| 2 " in line
+    assert "Not applicable: because: first_order × saliency top 1 %." in text
