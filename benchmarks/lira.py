@@ -62,7 +62,10 @@ FPR = 0.01
 
 def recipe(run: TrainingRun, epochs: int | None) -> dict[str, Any]:
     """The run's training recipe from its ``config.yaml``: network, optimizer, batch size, epochs."""
-    config = yaml.safe_load((run.directory / "config.yaml").read_text())
+    path = run.directory / "config.yaml"
+    if not path.is_file():
+        raise SystemExit(f"lira.py: `--before` {str(run.directory)!r} has no config.yaml: the shadows need its recipe.")
+    config = yaml.safe_load(path.read_text())
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     if model.get("lr_scheduler") or data.get("augment"):
         raise SystemExit("lira.py: the run uses a learning-rate scheduler or augmentation, which the shadows lack.")
@@ -281,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config |= {"nonmembers": args.nonmembers, "recipe": rec}
         fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         targets = targets_of(args)
+        missing = [f"{name}: {path}" for name, path in targets.items() if not Path(path).exists()]
+        if missing:
+            raise SystemExit(f"lira.py: no such target model ({'; '.join(missing)}); nothing was trained.")
         config["targets"] = {name: str(Path(path).resolve()) for name, path in targets.items()}
         if out.is_file() and not args.overwrite and json.loads(out.read_text()).get("config") != config:
             raise SystemExit(f"lira.py: {out} holds another configuration's results; pass --overwrite to replace them.")

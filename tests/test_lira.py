@@ -134,3 +134,5 @@ def test_the_benchmark_runs_end_to_end_resumes_and_refuses_another_runs_results(
     with pytest.raises(SystemExit, match="--overwrite"):
         bench.main([*args, *toy[:2], "--epochs", "2", *toy[4:]])
     assert bench.main(["--tables", "--out", str(out)]) == results
+    with pytest.raises(SystemExit, match="no such target model"):
+        bench.main([*args, "--after", str(tmp_path / "missing.ckpt"), *toy, "--overwrite"])
