@@ -15,7 +15,8 @@ form, with the statistics of :mod:`lightning_unlearn.evaluation.lira` (formulas 
    the reference) is scored on the forget set (members of the original) against the held-out non-members: the online
    attack (per-candidate IN/OUT Gaussians), its fixed-variance variant, and the global threshold on ``φ`` alone; ROC-AUC
    and TPR at 1 % FPR each. A model that forgot should look like ``retrained`` (AUC near 0.5 for random-sample
-   forgetting; for a poison, whatever the retrained model gives its mislabelled samples).
+   forgetting; for a poison, whatever the retrained model gives its mislabelled samples). As a yardstick, each shadow
+   in turn is also attacked with the others (its IN against its OUT candidates): the attack's power in this recipe.
 
 Usage::
 
@@ -61,7 +62,10 @@ FPR = 0.01
 
 def recipe(run: TrainingRun, epochs: int | None) -> dict[str, Any]:
     """The run's training recipe from its ``config.yaml``: network, optimizer, batch size, epochs."""
-    config = yaml.safe_load((run.directory / "config.yaml").read_text())
+    path = run.directory / "config.yaml"
+    if not path.is_file():
+        raise SystemExit(f"lira.py: `--before` {str(run.directory)!r} has no config.yaml: the shadows need its recipe.")
+    config = yaml.safe_load(path.read_text())
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     if model.get("lr_scheduler") or data.get("augment"):
         raise SystemExit("lira.py: the run uses a learning-rate scheduler or augmentation, which the shadows lack.")
@@ -186,6 +190,24 @@ def score_target(path: str, pool: dict[str, Any], phi: torch.Tensor, keep: torch
     return out
 
 
+def shadow_check(phi: torch.Tensor, keep: torch.Tensor) -> dict[str, Any] | None:
+    """The attack's power in the shadows' own regime: each shadow in turn is the target, the others the shadows; its
+    IN candidates against its OUT ones (forget and non-member candidates alike), averaged over the shadows. An AUC
+    near 0.5 here means the recipe memorises single samples too little for any target's numbers to say much. None
+    with fewer than 4 shadows (a candidate would lack an IN or OUT model among the others)."""
+    if len(phi) < 4:
+        return None
+    out: dict[str, Any] = {}
+    for attack, fixed in ATTACKS.items():
+        runs = []
+        for k in range(len(phi)):
+            others = [j for j in range(len(phi)) if j != k]
+            score = lira_scores(phi[others], keep[others], phi[k], fixed_variance=fixed)
+            runs.append(roc_summary(score[keep[k]], score[~keep[k]], FPR))
+        out[attack] = {key: sum(r[key] for r in runs) / len(runs) for key in ("auc", "tpr_at_fpr")}
+    return out
+
+
 def targets_of(args: argparse.Namespace) -> dict[str, str]:
     targets = {"before": args.before}
     for i, item in enumerate(args.after):
@@ -210,6 +232,16 @@ def table(results: dict[str, Any]) -> str:
         f"(members of `before`) vs {sizes['nonmembers']:,} held-out test samples; seed {config['seed']}. "
         f"`{results['command']}`"
     )
+    check = results.get("shadow_check")
+    if check:
+        rows += [
+            {"target": "shadows (leave-one-out)", "attack": attack, "AUC": v["auc"], "TPR @ 1 % FPR": v["tpr_at_fpr"]}
+            for attack, v in check.items()
+        ]
+        head += (
+            " Last rows: each shadow in turn as the target, its own IN vs OUT candidates (mean over shadows): what the"
+            " attack can see in this recipe at all."
+        )
     return head + "\n\n" + format_table(rows, floatfmt=".4f") + "\n"
 
 
@@ -233,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     out = Path(args.out)
     if args.tables:
+        if not out.is_file():
+            parser.error(f"--tables: no results file {str(out)!r} (run the benchmark first, or pass --out)")
         results = json.loads(out.read_text())
     else:
         if not args.before:
@@ -250,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         config |= {"nonmembers": args.nonmembers, "recipe": rec}
         fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         targets = targets_of(args)
+        missing = [f"{name}: {path}" for name, path in targets.items() if not Path(path).exists()]
+        if missing:
+            raise SystemExit(f"lira.py: no such target model ({'; '.join(missing)}); nothing was trained.")
         config["targets"] = {name: str(Path(path).resolve()) for name, path in targets.items()}
         if out.is_file() and not args.overwrite and json.loads(out.read_text()).get("config") != config:
             raise SystemExit(f"lira.py: {out} holds another configuration's results; pass --overwrite to replace them.")
@@ -260,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "command": "python benchmarks/lira.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "pool": pool["sizes"],
             "targets": {name: score_target(path, pool, phi, keep, args.device) for name, path in targets.items()},
+            "shadow_check": shadow_check(phi, keep),
         }
         atomic_write_text(out, json.dumps(results, indent=1))
     text = table(results)

@@ -73,6 +73,24 @@ def test_online_scores_equal_the_gaussian_likelihood_ratio_by_hand():
         lira_scores(phi, torch.ones_like(keep), target)
 
 
+def test_a_target_that_memorised_its_members_is_found_and_the_shadow_check_sees_it():
+    g = torch.Generator().manual_seed(7)
+    shadows, pool = 16, 400
+    keep = balanced_keep(shadows, pool, seed=2)
+    difficulty = torch.randn(pool, generator=g, dtype=torch.float64) * 5  # per-candidate offsets LiRA calibrates away
+    phi = difficulty + torch.randn(shadows, pool, generator=g, dtype=torch.float64) + 3.0 * keep
+    member = torch.rand(pool, generator=g) < 0.5
+    target = difficulty + torch.randn(pool, generator=g, dtype=torch.float64) + 3.0 * member
+    score = lira_scores(phi, keep, target)
+    assert roc_summary(score[member], score[~member])["auc"] > 0.9
+    # the global threshold on φ alone is blinded by the per-candidate offsets
+    assert roc_summary(target[member], target[~member])["auc"] < 0.8
+    bench = load_lira()
+    check = bench.shadow_check(phi, keep)
+    assert check["online"]["auc"] > 0.9 and check["online_fixed_variance"]["auc"] > 0.6
+    assert bench.shadow_check(phi[:3], keep[:3]) is None
+
+
 def test_roc_summary_by_hand():
     members = torch.tensor([5.0, 4.0, 0.5, -1.0])
     nonmembers = torch.arange(100, dtype=torch.float64) / 100  # 0.00 .. 0.99
@@ -105,6 +123,7 @@ def test_the_benchmark_runs_end_to_end_resumes_and_refuses_another_runs_results(
         for attack in ("online", "online_fixed_variance", "global_threshold"):
             assert 0.0 <= target[attack]["auc"] <= 1.0 and 0.0 <= target[attack]["tpr_at_fpr"] <= 1.0
     assert results["targets"]["after: copy"]["online"] == results["targets"]["retrained"]["online"]
+    assert set(results["shadow_check"]) == {"online", "online_fixed_variance"}
     assert len(list(work.glob("shadow_*.pt"))) == 4
     assert "TPR" in out.with_suffix(".md").read_text()
     # resumed: the shadows are read back, not trained again, and give the same numbers
@@ -115,3 +134,5 @@ def test_the_benchmark_runs_end_to_end_resumes_and_refuses_another_runs_results(
     with pytest.raises(SystemExit, match="--overwrite"):
         bench.main([*args, *toy[:2], "--epochs", "2", *toy[4:]])
     assert bench.main(["--tables", "--out", str(out)]) == results
+    with pytest.raises(SystemExit, match="no such target model"):
+        bench.main([*args, "--after", str(tmp_path / "missing.ckpt"), *toy, "--overwrite"])
