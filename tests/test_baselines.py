@@ -361,3 +361,20 @@ def test_scrub_from_the_command_line_writes_its_settings_into_the_report(poisone
     assert report["method"] | {"method": "scrub", "msteps": 2, "temperature": 4.0, "epochs": 1} == report["method"]
     state = torch.load(report_path.parent / "unlearned.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     assert not any("teacher" in key for key in state)
+
+
+def test_scrub_on_a_fitted_lightning_module_and_its_data_module():
+    """The teacher is a copy of a LightningModule that a Trainer fitted (its Trainer is not copied along); the data
+    module has no ``corrected_forget_dataloader`` in use: SCRUB reads the forget and retain loaders only."""
+    import lightning.pytorch as pl
+    from support.own_model import ForgetData, TinyClassifier
+
+    model, data = TinyClassifier(num_classes=3), ForgetData()
+    pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False).fit(model, data)
+    method = SCRUB(epochs=2, batch_size=32, forget_batch_size=32, msteps=1)
+    before = values(model)
+    report = unlearn_model(model, data, method, AllLayers(), accelerator="cpu")
+    assert method.teacher is not model and method.teacher._trainer is None
+    assert all(torch.equal(t, before[n]) for n, t in values(method.teacher).items())
+    assert any(not torch.equal(p, before[n]) for n, p in values(model).items())
+    assert report["method"]["method"] == "scrub"

@@ -28,10 +28,14 @@ from lightning_unlearn.pipeline import REPORT_FILENAME, run_unlearning
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import FisherRatio, LastLayer, Saliency, SmallestLayer, TopKParameters
 from lightning_unlearn.unlearn import (
+    SCRUB,
     SSD,
     Finetune,
     FirstOrder,
+    FirstOrderRemoval,
+    L1Sparse,
     NegGradPlus,
+    RandomLabel,
     SamForget,
     SecondOrder,
     ShardSampler,
@@ -53,6 +57,13 @@ METHODS = {
     "neggrad_plus": (lambda b: NegGradPlus(batch_size=b), SmallestLayer),
     "sam_forget": (lambda b: SamForget(batch_size=b, rho=0.5), lambda: TopKParameters(fraction=0.05)),
     "sharp_minmax": (lambda b: SharpMinMax(batch_size=b), LastLayer),
+    "first_order_removal": (
+        lambda b: FirstOrderRemoval(batch_size=b, steps=[1e-4], criterion="fixed"),  # the searched step is 0 here
+        lambda: TopKParameters(fraction=0.02),
+    ),
+    "random_label": (lambda b: RandomLabel(epochs=1, batch_size=b), lambda: TopKParameters(fraction=0.05)),
+    "l1_sparse": (lambda b: L1Sparse(epochs=2, batch_size=b, alpha=1e-3), SmallestLayer),
+    "scrub": (lambda b: SCRUB(epochs=2, batch_size=b, forget_batch_size=b, msteps=2), LastLayer),
 }
 #: Selections that need the model and the data (forget gradient, batch importances: computed on each rank's shard
 #: and all-reduced) and the one-shot SSD, which reuses its selection's importances.

@@ -29,9 +29,13 @@ from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import LastLayer, SmallestLayer, TopKParameters
 from lightning_unlearn.unlearn import (
+    SCRUB,
     Finetune,
     FirstOrder,
+    FirstOrderRemoval,
+    L1Sparse,
     NegGradPlus,
+    RandomLabel,
     SamForget,
     SecondOrder,
     SharpMinMax,
@@ -56,6 +60,11 @@ METHODS = {
     "neggrad_plus": (lambda: NegGradPlus(batch_size=64), SmallestLayer),
     "sam_forget_topk": (lambda: SamForget(batch_size=64, rho=0.5), lambda: TopKParameters(0.05)),
     "sharp_minmax": (lambda: SharpMinMax(batch_size=64), LastLayer),
+    "first_order_removal": (lambda: FirstOrderRemoval(criterion="fixed", steps=[3e-5]), SmallestLayer),
+    "random_label": (lambda: RandomLabel(epochs=1, batch_size=64), SmallestLayer),
+    "l1_sparse": (lambda: L1Sparse(epochs=1, batch_size=64, alpha=1e-4), SmallestLayer),
+    # the frozen teacher must follow the student onto the GPU; one max pass (a zero gradient), then a min pass
+    "scrub": (lambda: SCRUB(epochs=1, batch_size=64, forget_batch_size=64, msteps=1), LastLayer),
 }
 
 
