@@ -10,7 +10,7 @@
                                           (``FirstOrder``, ``SecondOrder``, ``SamForget``, ``NegGradPlus`` with
                                           ``corrected_weight > 0``); ascent-only methods (``NegGradPlus``,
                                           ``SharpMinMax``, ``FirstOrderRemoval``), ``Finetune``,
-                                          ``RandomLabel``, ``L1Sparse`` and ``SCRUB`` do not
+                                          ``RandomLabel``, ``L1Sparse``, ``SCRUB`` and ``SSD`` do not
 ``retain_dataloader()``                   D_r: the training samples to keep
 ``val_dataloader()``                      a clean validation split (step-size and learning-rate searches)
 ``test_dataloader()``                     optional: a test split (or a list of loaders, the first is the test split)
@@ -267,7 +267,8 @@ def require_corrected_labels(data: Any, what: str) -> None:
     """Raise a clear error, naming ``what`` needs them, if ``data`` has no corrected labels for its forget set."""
     if not getattr(data, "has_corrected_labels", True):
         raise ValueError(
-            f"{what} needs the forget samples' corrected labels, and the data has none: pass `corrected_labels` to "
-            "UnlearnData (or give the data module a `corrected_forget_dataloader()`), or use a method that needs none "
-            "(FirstOrderRemoval, NegGradPlus, SharpMinMax, Finetune, RandomLabel, L1Sparse, SCRUB)."
+            f"{what} needs the forget samples' corrected labels, and the data has none (a removal request — class-wise "
+            "or random-sample forgetting — has none by nature): use a method that needs none (FirstOrderRemoval, "
+            "NegGradPlus, SharpMinMax, Finetune, RandomLabel, L1Sparse, SCRUB, SSD), or, for a poison, pass "
+            "`corrected_labels` to UnlearnData (or give the data module a `corrected_forget_dataloader()`)."
         )
