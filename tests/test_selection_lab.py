@@ -88,3 +88,19 @@ def test_the_table_reads_finished_requests_and_lists_skipped_pairs():
     line = next(li for li in text.splitlines() if "last layer" in li)
     assert "80.00 ± 0.00" in line and "0.9500 ± 0.0000" in line and "0.2000 ± 0.0000" in line and "| 2 " in line
     assert "Not applicable: because: first_order × saliency top 1 %." in text
+
+
+def test_the_forgetting_settings_run_only_methods_that_need_no_corrected_labels():
+    """``reproduce.py forgetting``: every row of the clean-forget-set scenarios can run without corrected labels (a row
+    that needs them would be refused mid-run), and its selection override names a real strategy."""
+    reproduce = lab.reproduce
+    for name in ("mnist_classwise", "mnist_random10"):
+        setting = reproduce.SETTINGS[name]
+        assert setting.group == "forgetting" and lab.SCENARIOS[name] is False
+        assert len({row.name for row in setting.rows}) == len(setting.rows)  # each row its own results entry
+        for row in setting.rows:
+            config = yaml.safe_load((lab.ROOT / "configs" / "unlearn" / f"{row.config}.yaml").read_text())
+            assert not _build(config["model"]["method"]).needs_corrected_labels, row.label
+            if "--model.selection" in row.args:
+                path = row.args[row.args.index("--model.selection") + 1]
+                _build({"class_path": path})
