@@ -107,8 +107,11 @@ def applicable(method: Method, selection: str, corrected: bool) -> str | None:
     return None
 
 
-def rows(seed: int, corrected: bool, methods: list[str], selections: list[str]) -> tuple[list[Any], dict[str, str]]:
-    """The requests of one seed (``reproduce.Row`` each) and the skipped pairs with their reason."""
+def rows(
+    seed: int, corrected: bool, methods: list[str], selections: list[str], lr_grid: bool = False
+) -> tuple[list[Any], dict[str, str]]:
+    """The requests of one seed (``reproduce.Row`` each) and the skipped pairs with their reason; with ``lr_grid``
+    the iterative methods search their learning rate on validation (the reproduction's grid)."""
     out, skipped = [], {}
     for method_name in methods:
         method = METHODS[method_name]
@@ -119,9 +122,10 @@ def rows(seed: int, corrected: bool, methods: list[str], selections: list[str]) 
                 skipped[key] = reason
                 continue
             selection = json.loads(json.dumps(SELECTIONS[label]).replace('"{seed}"', str(seed)))
-            out.append(
-                reproduce.Row(key, method.config, (*method.args, "--model.selection", json.dumps(selection)), key=key)
-            )
+            args = (*method.args, "--model.selection", json.dumps(selection))
+            if lr_grid and not method.one_step:
+                args += ("--model.lr_grid", reproduce.LR_GRID)
+            out.append(reproduce.Row(key, method.config, args, key=key))
     return out, skipped
 
 
@@ -201,14 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.tables:
             setting = replace(reproduce.SETTINGS[scenario], sweep=False)  # the layer sweep is the reproduction's
             for seed in args.seeds:
-                todo, skipped = rows(seed, SCENARIOS[scenario], args.methods, args.selections)
-                if args.lr_grid:
-                    todo = [
-                        reproduce.Row(r.label, r.config, (*r.args, "--model.lr_grid", reproduce.LR_GRID), key=r.key)
-                        if not METHODS[r.key.split(" × ")[0]].one_step
-                        else r
-                        for r in todo
-                    ]
+                todo, skipped = rows(seed, SCENARIOS[scenario], args.methods, args.selections, args.lr_grid)
                 seed_cache(Path(args.runs), scenario, seed)
                 result = reproduce.run_seed(scenario, setting, seed, Path(args.runs), todo, cache_name=CACHE)
                 results["seeds"][str(seed)] = result

@@ -32,13 +32,15 @@ import torch.nn.functional as F  # noqa: N812
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from step_search import forget_direction  # noqa: E402
 
 from lightning_unlearn.evaluation.suite import compare, evaluate_splits  # noqa: E402
 from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.selection import LastLayer, SmallestLayer  # noqa: E402
 from lightning_unlearn.unlearn import FirstOrder, UnlearnModule  # noqa: E402
-from lightning_unlearn.unlearn.one_step import forget_gradient  # noqa: E402
 from lightning_unlearn.utils import atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,11 +60,7 @@ def along_direction(run: Path, retrained: Path, selection: Any, points: int = 31
     params = dict(module.named_parameters())
     chosen = [params[n] for n in module.mask.trainable]
     original = [p.detach().clone() for p in chosen]
-    direction = [torch.zeros_like(p) for p in chosen]
-    net.eval()
-    for x, y_poisoned, y_true, _ in dm.forget_pairs_dataloader(batch_size=1000):
-        for d, g in zip(direction, forget_gradient(net, x, y_poisoned, y_true, chosen), strict=True):
-            d += g
+    direction = forget_direction(module, chosen)
     retain = torch.cat([b[1] for b in dm.retain_dataloader(batch_size=5000)])
     val = [(b[0], b[1]) for b in dm.val_dataloader()]
     val_y = torch.cat([y for _, y in val])

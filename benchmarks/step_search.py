@@ -64,6 +64,17 @@ def request(run: Path, selection: Any, criterion: str) -> tuple[UnlearnModule, f
     return module, time.perf_counter() - start
 
 
+def forget_direction(module: UnlearnModule, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The first-order direction ``Σ_{i∈D_f} [∇ℓ(x_i, y_true_i) − ∇ℓ(x_i, y_poisoned_i)]`` w.r.t. ``params``, the
+    network in ``eval()`` mode (what ``FirstOrder`` steps along)."""
+    direction = [torch.zeros_like(p) for p in params]
+    module.net.eval()
+    for x, y_poisoned, y_true, _ in module.datamodule.forget_pairs_dataloader(batch_size=1000):
+        for d, g in zip(direction, forget_gradient(module.net, x, y_poisoned, y_true, params), strict=True):
+            d += g
+    return direction
+
+
 def oracle(
     module: UnlearnModule,
     names: list[str],
@@ -80,11 +91,7 @@ def oracle(
     params = dict(module.named_parameters())  # the masks name parameters as the module does (net.<name>)
     chosen = [params[n] for n in names]
     original = [p.detach().clone() for p in chosen]
-    direction = [torch.zeros_like(p) for p in chosen]
-    net.eval()
-    for x, y_poisoned, y_true, _ in dm.forget_pairs_dataloader(batch_size=1000):
-        for d, g in zip(direction, forget_gradient(net, x, y_poisoned, y_true, chosen), strict=True):
-            d += g
+    direction = forget_direction(module, chosen)
     if masks is not None:
         direction = [
             d * masks[n].to(d.dtype) if n in masks else torch.zeros_like(d)

@@ -104,3 +104,13 @@ def test_the_forgetting_settings_run_only_methods_that_need_no_corrected_labels(
             if "--model.selection" in row.args:
                 path = row.args[row.args.index("--model.selection") + 1]
                 _build({"class_path": path})
+
+
+def test_lr_grid_searches_the_learning_rate_of_iterative_methods_only():
+    todo, _ = lab.rows(0, True, ["first_order", "finetune", "ssd"], ["last layer"], lr_grid=True)
+    by_method = {row.key.split(" × ")[0]: row.args for row in todo}
+    assert by_method["finetune"][-2:] == ("--model.lr_grid", lab.reproduce.LR_GRID)
+    for one_step in ("first_order", "ssd"):
+        assert "--model.lr_grid" not in by_method[one_step]
+    plain, _ = lab.rows(0, True, ["finetune"], ["last layer"])
+    assert "--model.lr_grid" not in plain[0].args

@@ -120,13 +120,16 @@ def evaluate_accuracy(
     return accuracy_of(logits, labels, attacked_class)
 
 
-def predictions(model: nn.Module, loader: Iterable[Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ``(logits, labels)`` of ``loader`` as float32 / int64 CPU tensors; call inside :func:`evaluating`.
+def predictions(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All ``(logits, labels)`` of ``loader`` (its first ``limit`` samples, see :func:`iter_logits`) as float32 /
+    int64 CPU tensors; call inside :func:`evaluating`.
 
     One pass gives everything a split is judged by (accuracy, label probabilities, losses), so evaluations that need
     several of them run the model once per split.
     """
-    outputs = [(logits.float().cpu(), y.long().cpu()) for logits, y in iter_logits(model, loader, device)]
+    outputs = [(logits.float().cpu(), y.long().cpu()) for logits, y in iter_logits(model, loader, device, limit)]
     if not outputs:
         return torch.empty(0, 0), torch.empty(0, dtype=torch.long)
     return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])

@@ -38,14 +38,13 @@ scikit-learn is needed for the attacks (``pip install lightning-unlearn[eval]``)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from lightning_unlearn.batches import unpack_batch
 from lightning_unlearn.evaluation.metrics import evaluating, iter_logits, predictions
 
 SVC_PARAMS: dict[str, Any] = {"C": 3, "gamma": "auto", "kernel": "rbf"}
@@ -284,19 +283,9 @@ def mia_salun(
     """
     with evaluating(model, device) as dev:
         test = predictions(model, test_loader, dev)
-        retain = predictions(model, _take(retain_loader, len(test[1])), dev)
+        retain = predictions(model, retain_loader, dev, limit=len(test[1]))
         forget = predictions(model, forget_loader, dev)
     return salun_scores(retain, test, forget, max_samples=max_samples, seed=seed)
-
-
-def _take(loader: Iterable[Any], count: int) -> Iterator[Any]:
-    """The batches of ``loader`` until ``count`` samples have been yielded (the last batch whole)."""
-    seen = 0
-    for batch in loader:
-        if seen >= count:
-            return
-        yield batch
-        seen += len(unpack_batch(batch)[1])
 
 
 def mia_loss_auc(
