@@ -87,12 +87,28 @@ METHODS: dict[str, Method] = {
     "second_order": Method("second_order_diag", one_step=True, needs_corrected_labels=True, searches_step=True),
     "finetune": Method("finetune_all", one_step=False, needs_corrected_labels=False),
     "random_label": Method("random_label", one_step=False, needs_corrected_labels=False),
+    # the same update, its step searched on validation reweighted to the retain set's classes (a forgotten class: 0)
+    "first_order_removal_retain": Method(
+        "first_order_removal",
+        one_step=True,
+        needs_corrected_labels=False,
+        searches_step=True,
+        args=("--model.method.init_args.validation_weights", "retain"),
+    ),
     "ssd": Method("ssd", one_step=True, needs_corrected_labels=False),  # one shot, nothing searched
     "l1_sparse": Method("l1_sparse", one_step=False, needs_corrected_labels=False),
     "scrub": Method("scrub", one_step=False, needs_corrected_labels=False),
 }
 #: The matrix of issue 18 (the other methods run on request: ``--methods l1_sparse scrub``).
-DEFAULT_METHODS = ["first_order", "first_order_removal", "second_order", "finetune", "random_label", "ssd"]
+DEFAULT_METHODS = [
+    "first_order",
+    "first_order_removal",
+    "first_order_removal_retain",
+    "second_order",
+    "finetune",
+    "random_label",
+    "ssd",
+]
 
 #: Scenarios: a setting of ``benchmarks/reproduce.py`` and whether its forget set has corrected labels.
 SCENARIOS: dict[str, bool] = {"mnist_label_flip": True, "mnist_classwise": False, "mnist_random10": False}

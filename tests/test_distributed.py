@@ -66,10 +66,16 @@ METHODS = {
     "scrub": (lambda b: SCRUB(epochs=2, batch_size=b, forget_batch_size=b, msteps=2), LastLayer),
 }
 #: Selections that need the model and the data (forget gradient, batch importances: computed on each rank's shard
-#: and all-reduced) and the one-shot SSD, which reuses its selection's importances.
+#: and all-reduced), the one-shot SSD, which reuses its selection's importances, and a search weighted by the retain
+#: set's class counts.
 DATA_AWARE = {
     "first_order_saliency": (lambda b: FirstOrder(batch_size=b), lambda: Saliency(fraction=0.02)),
     "ssd": (lambda b: SSD(), lambda: FisherRatio(alpha=2.0, batch_size=40)),
+    # the retain set's class counts (949 samples: padded shards) are all-reduced into the validation weights
+    "first_order_retain_weighted": (
+        lambda b: FirstOrder(batch_size=b, validation_weights="retain"),
+        lambda: TopKParameters(fraction=0.02),  # a step > 0 on this run (none on its smallest or last layer)
+    ),
 }
 
 
@@ -182,6 +188,7 @@ def _compare_with_one_process(odd_run: Path, table: dict, distributed: dict) -> 
             assert ddp_report["forget_samples"] == report["forget_samples"] == 51
             assert ddp_report["step"] == report["step"]
             assert ddp_report["grad_norm"] == pytest.approx(report["grad_norm"], rel=1e-5)
+            assert ddp_report.get("class_weights") == report.get("class_weights")
 
 
 @pytest.mark.distributed

@@ -24,11 +24,23 @@ def test_every_lab_method_is_what_its_config_builds():
     from lightning_unlearn.unlearn.one_step import OneStepMethod
 
     for name, method in lab.METHODS.items():
-        config = yaml.safe_load((lab.ROOT / "configs" / "unlearn" / f"{method.config}.yaml").read_text())
-        built = _build(config["model"]["method"])
+        built = _build_lab(name)  # an unknown argument or value of a lab variant raises here
         assert built.one_step == method.one_step, name
         assert built.needs_corrected_labels == method.needs_corrected_labels, name
         assert isinstance(built, OneStepMethod) == method.searches_step, name
+    assert lab.METHODS["first_order_removal_retain"].args[-1] == "retain"
+    assert _build_lab("first_order_removal_retain").validation_weights == "retain"
+
+
+def _build_lab(name: str):
+    method = lab.METHODS[name]
+    config = yaml.safe_load((lab.ROOT / "configs" / "unlearn" / f"{method.config}.yaml").read_text())
+    spec = config["model"]["method"]
+    prefix = "--model.method.init_args."
+    flags = dict(zip(method.args[::2], method.args[1::2], strict=True))
+    assert all(k.startswith(prefix) for k in flags), name  # a lab variant only sets its method's arguments
+    flags = {k[len(prefix) :]: v for k, v in flags.items()}
+    return _build(spec | {"init_args": spec.get("init_args", {}) | flags})
 
 
 def test_every_lab_selection_builds():

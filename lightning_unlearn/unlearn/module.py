@@ -373,13 +373,15 @@ class UnlearnModule(SplitStatistics, LightningModule):
             self._validation = None
 
     @torch.no_grad()
-    def validate(self) -> tuple[float, float]:
-        """Accuracy (%) and mean cross-entropy on the clean validation split (every rank sees all of it)."""
+    def validate(self, class_weights: torch.Tensor | None = None) -> tuple[float, float]:
+        """Accuracy (%) and mean cross-entropy on the clean validation split (every rank sees all of it); with
+        ``class_weights`` (one per label) weighted means, see :func:`~.validation.accuracy_and_loss`."""
         self.net.eval()
         if self._validation is not None:
-            return self._validation.evaluate()
+            return self._validation.evaluate(class_weights)
         batches = self.datamodule.val_dataloader()
-        return accuracy_and_loss((self.net(x.to(self.device)), y.to(self.device)) for x, y, _ in batches)
+        outputs = ((self.net(x.to(self.device)), y.to(self.device)) for x, y, _ in batches)
+        return accuracy_and_loss(outputs, class_weights)
 
     def training_hvp(self, names: list[str], num_samples: int, scale: float = 1.0) -> Any:
         """``v ↦ scale · H v`` for the mean training loss restricted to parameters ``names`` (flat vectors), on the

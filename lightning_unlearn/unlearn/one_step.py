@@ -10,7 +10,8 @@ all ranks), the update is ``θ_S ← θ_S − τ · d`` with
   (``N ×`` the profiled mean-loss Hessian): ``solver="diag"`` uses the profile's diagonal, ``"cg"`` / ``"lissa"``
   solve with Hessian-vector products on ``hvp_samples`` training samples.
 
-The step size ``τ`` is chosen on the clean validation split by
+The step size ``τ`` is chosen on the clean validation split (optionally weighted to the retain set's classes,
+``validation_weights="retain"``) by
 :func:`~lightning_unlearn.unlearn.step_search.search_step`: ``steps`` is a coarse log grid that brackets the minimum
 of the validation loss, and a golden-section search on ``log τ`` refines it (``criterion="loss"``, the default);
 ``τ = 0``, "no change", is always a candidate, so the model is never left worse on validation than before. The
@@ -37,6 +38,7 @@ from lightning_unlearn.unlearn.inverse_hvp import conjugate_gradient, lissa
 from lightning_unlearn.unlearn.step_search import DEFAULT_TOL, search_step
 
 CRITERIA = ("acc", "loss", "fixed")
+VALIDATION_WEIGHTS = ("uniform", "retain")
 SOLVERS = ("diag", "cg", "lissa")
 
 
@@ -142,6 +144,13 @@ class OneStepMethod(UnlearnMethod):
             lower loss, then the smaller step) or ``"fixed"`` (apply the single step in ``steps``, no search).
         batch_size: Batch size over the forget set.
         tol: Tolerance of the refinement, in decades of ``τ`` (``criterion="loss"``).
+        validation_weights: How the validation samples count in the criterion. ``"uniform"``: equally (the plain
+            validation loss / accuracy). ``"retain"``: a sample of class ``c`` counts ``p_retain(c) / p_val(c)``,
+            so the criterion estimates the loss on the *retain* set's class distribution, which is what the model
+            retrained without the forget set minimises. A class that leaves the training data entirely (class-wise
+            forgetting) gets weight 0: its validation samples can no longer hold the step back from forgetting it.
+            Measured, not universal: it wrecks the flattest layer in a label flip (``docs/results.md``); pick it
+            per scenario. Costs one pass over the retain set's labels.
     """
 
     one_step = True
@@ -154,6 +163,7 @@ class OneStepMethod(UnlearnMethod):
         criterion: str = "loss",
         batch_size: int = 512,
         tol: float = DEFAULT_TOL,
+        validation_weights: str = "uniform",
     ) -> None:
         steps = list(self.default_steps if steps is None else steps)
         if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):
@@ -164,6 +174,10 @@ class OneStepMethod(UnlearnMethod):
             raise ValueError(f"`criterion='fixed'` needs exactly one step in `steps`, got {steps}.")
         if not tol > 0:
             raise ValueError(f"`tol` must be > 0 (decades of the step size), got {tol}.")
+        if validation_weights not in VALIDATION_WEIGHTS:
+            raise ValueError(f"`validation_weights` must be one of {VALIDATION_WEIGHTS}, got {validation_weights!r}.")
+        self.validation_weights = validation_weights
+        self._class_weights: torch.Tensor | None = None
         self.steps = sorted(steps)
         self.criterion = criterion
         self.batch_size = batch_size
@@ -201,6 +215,9 @@ class OneStepMethod(UnlearnMethod):
         _require_finite("forget gradient", grad)
         seconds_reduce = device_clock(module.device) - start
         seconds_direction = seconds_search = 0.0
+        start = device_clock(module.device)
+        self._class_weights = self._validation_class_weights(module)
+        seconds_search += device_clock(module.device) - start
         params = module.guard.trainable
         original = {name: p.detach().clone() for name, p in params.items()}
         self._candidates, best, cached = [], None, []
@@ -274,7 +291,7 @@ class OneStepMethod(UnlearnMethod):
 
         def evaluate(step: float) -> tuple[float, dict[str, Any]]:
             _apply(params, original, direction, step)
-            acc, loss = module.validate()
+            acc, loss = module.validate(self._class_weights)
             loss_score = loss if math.isfinite(loss) else math.inf
             # accuracy moves in steps of 1/|val|; the loss (scaled far below that) only breaks its ties
             score = loss_score if self.criterion == "loss" else -acc + 1e-6 * min(loss_score, 1e4)
@@ -284,6 +301,26 @@ class OneStepMethod(UnlearnMethod):
         _apply(params, original, direction, 0.0)
         self._candidates.extend(search.evaluations)
         return search.best
+
+    def _validation_class_weights(self, module: UnlearnContext) -> torch.Tensor | None:
+        """``p_retain(c) / p_val(c)`` per class for ``validation_weights="retain"`` (None: uniform); recorded in the
+        report as ``class_weights``."""
+        if self.validation_weights == "uniform" or self.criterion == "fixed":
+            return None
+        labels = torch.cat([batch[1].reshape(-1) for batch in module.datamodule.val_dataloader()])
+        if labels.numel() == 0:
+            raise ValueError("The validation loader yielded no samples.")
+        num_classes = int(labels.max()) + 1
+        val = torch.bincount(labels.cpu(), minlength=num_classes).double()
+        retain = module.split_class_counts("retain", num_classes)
+        if retain.sum() == 0:
+            raise ValueError(
+                "`validation_weights='retain'` needs retain samples of the validation split's classes; the retain "
+                "set has none. Use validation_weights='uniform'."
+            )
+        weights = torch.where(val > 0, (retain / retain.sum()) / (val / val.sum()).clamp_min(1e-300), 0.0)
+        self.result["class_weights"] = [round(float(w), 6) for w in weights]
+        return weights
 
     def _warn_about(self, best: dict[str, Any]) -> None:
         if self.criterion == "fixed":
@@ -296,7 +333,13 @@ class OneStepMethod(UnlearnMethod):
             rank_zero_warn(f"{self.name}: the smallest step {best['step']:.3g} was chosen; consider smaller `steps`.")
 
     def report(self) -> dict[str, Any]:
-        return {"method": self.name, "criterion": self.criterion, "tol": self.tol, **self.result}
+        return {
+            "method": self.name,
+            "criterion": self.criterion,
+            "tol": self.tol,
+            "validation_weights": self.validation_weights,
+            **self.result,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"result": self.result}
@@ -352,6 +395,7 @@ class SecondOrder(OneStepMethod):
         max_iter: CG iterations / LiSSA depth.
         hvp_samples: Training samples (the first ones, fixed) used by the HVPs of ``cg`` / ``lissa``.
         lissa_scale: LiSSA scale, relative to the same mean as ``damping`` (must exceed the largest eigenvalue).
+        validation_weights: See :class:`OneStepMethod`.
     """
 
     name = "second_order"
@@ -370,8 +414,9 @@ class SecondOrder(OneStepMethod):
         max_iter: int = 100,
         hvp_samples: int = 2048,
         lissa_scale: float = 1000.0,
+        validation_weights: str = "uniform",
     ) -> None:
-        super().__init__(steps, criterion, batch_size, tol)
+        super().__init__(steps, criterion, batch_size, tol, validation_weights)
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
         if damping is None:  # searched by default; one value when nothing is searched

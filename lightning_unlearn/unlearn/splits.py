@@ -145,6 +145,21 @@ class SplitStatistics:
         total = float(self.all_reduce_sum({"n": count})["n"])  # type: ignore[attr-defined]
         return {name: s / total for name, s in sums.items()}
 
+    def split_class_counts(self, split: str, num_classes: int) -> torch.Tensor:
+        """How many samples of ``split`` carry each label ``0 … num_classes − 1`` (the labels the model was trained
+        on; larger labels are not counted): float64 on the CPU, summed over the ranks' shards under DDP."""
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"`num_classes` must be an integer >= 1, got {num_classes!r}.")
+        return self._cached(("class_counts", split, int(num_classes)), lambda: self._class_counts(split, num_classes))
+
+    def _class_counts(self, split: str, num_classes: int) -> torch.Tensor:
+        counts = torch.zeros(int(num_classes), dtype=torch.float64, device=self.device)  # type: ignore[attr-defined]
+        for batch in self.loader(self.split_dataset(split)):  # type: ignore[attr-defined]
+            y, weight = batch[1].to(self.device), batch[-1].to(self.device, torch.float64)  # type: ignore[attr-defined]
+            keep = y < num_classes
+            counts += torch.bincount(y[keep], weights=weight[keep], minlength=int(num_classes))
+        return self.all_reduce_sum({"counts": counts})["counts"].cpu()  # type: ignore[attr-defined]
+
     @contextlib.contextmanager
     def _grad_block(self, params: list[nn.Parameter]) -> Iterator[None]:
         """Gradients on, inference mode and autocast off, the network in ``eval()``, every parameter requiring grad."""

@@ -79,15 +79,24 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-def accuracy_and_loss(outputs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
-    """Accuracy (%) and mean cross-entropy over ``(logits, labels)`` batches; a non-finite loss is reported as inf."""
-    correct, loss, total = 0, 0.0, 0
+def accuracy_and_loss(
+    outputs: Iterable[tuple[torch.Tensor, torch.Tensor]], class_weights: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """Accuracy (%) and mean cross-entropy over ``(logits, labels)`` batches; a non-finite loss is reported as inf.
+
+    With ``class_weights`` (one weight per label) both are weighted means: each sample counts ``class_weights[y]``
+    (e.g. ``p_retain(y) / p_val(y)``: the validation split read as if its classes had the retain set's frequencies).
+    """
+    correct, loss, total = 0.0, 0.0, 0.0
     for logits, y in outputs:
-        correct += int((logits.argmax(-1) == y).sum())
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        total += len(y)
+        hits = (logits.argmax(-1) == y).double()
+        losses = F.cross_entropy(logits, y, reduction="none").double()
+        weight = torch.ones_like(losses) if class_weights is None else class_weights.to(losses.device, losses.dtype)[y]
+        correct += float((weight * hits).sum())
+        loss += float(torch.where(weight > 0, weight * losses, 0.0).sum())  # weight 0 ignores even an infinite loss
+        total += float(weight.sum())
     if total == 0:
-        raise ValueError("The validation loader yielded no samples.")
+        raise ValueError("The validation loader yielded no samples (or only samples of weight 0).")
     mean_loss = loss / total
     return 100.0 * correct / total, mean_loss if math.isfinite(mean_loss) else math.inf
 
@@ -146,9 +155,10 @@ class FrozenActivationCache:
         self.cached, self.cache_mb = True, total / 2**20
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Accuracy (%) and mean cross-entropy of the network with its current parameters."""
-        return accuracy_and_loss(self._outputs())
+    def evaluate(self, class_weights: torch.Tensor | None = None) -> tuple[float, float]:
+        """Accuracy (%) and mean cross-entropy of the network with its current parameters (weighted per class with
+        ``class_weights``, see :func:`accuracy_and_loss`)."""
+        return accuracy_and_loss(self._outputs(), class_weights)
 
     def _outputs(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         if not self.cached:

@@ -1,0 +1,116 @@
+"""``validation_weights="retain"``: the one-step search's criterion read on the retain set's class distribution.
+
+Checked against an independent computation: the class weights ``p_retain(c) / p_val(c)`` counted by hand, and every
+candidate's validation loss and accuracy recomputed with ``torch.func.functional_call`` at ``θ + τ d`` as a weighted
+mean over the validation samples (class-wise forgetting: the forgotten class gets weight 0).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.func import functional_call, grad
+from torch.utils.data import TensorDataset
+
+from lightning_unlearn import FirstOrder, FirstOrderRemoval, SecondOrder, TopKParameters, UnlearnData, UnlearnModule
+from lightning_unlearn.unlearn.module import unlearn_trainer
+from lightning_unlearn.unlearn.validation import accuracy_and_loss
+
+#: Retain: 6 samples of class 0, 2 of class 1, none of class 2 (the class to forget); validation: 4, 2, 2.
+RETAIN_COUNTS, VAL_COUNTS = (6, 2, 0), (4, 2, 2)
+#: p_retain / p_val = (0.75 / 0.5, 0.25 / 0.25, 0 / 0.25)
+EXPECTED_WEIGHTS = [1.5, 1.0, 0.0]
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+def classwise_data() -> tuple[UnlearnData, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+
+    def split(counts):
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(counts)])
+        x = torch.randn(len(y), 3, generator=g, dtype=torch.float64) + F.one_hot(y, 3).double()  # learnable
+        return x, y
+
+    (xr, yr), (xv, yv) = split(RETAIN_COUNTS), split(VAL_COUNTS)
+    xf = torch.randn(5, 3, generator=g, dtype=torch.float64) + torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    yf = torch.full((5,), 2)  # class-wise forgetting: every training sample of class 2
+    data = UnlearnData(forget=TensorDataset(xf, yf), retain=TensorDataset(xr, yr), val=TensorDataset(xv, yv))
+    return data, {"xf": xf, "yf": yf, "xv": xv, "yv": yv}
+
+
+def fit(method, validation_cache_mb: float = 1024.0) -> tuple[UnlearnModule, dict[str, torch.Tensor]]:
+    net = tiny_net()
+    data, _ = classwise_data()
+    module = UnlearnModule(model=net, data=data, method=method, selection=TopKParameters(0.5), evaluate=False,
+                           estimator="hutchinson", validation_cache_mb=validation_cache_mb)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    unlearn_trainer(accelerator="cpu").fit(module)
+    return module, before
+
+
+def test_weighted_accuracy_and_loss_match_a_hand_computation():
+    torch.manual_seed(0)
+    logits, y = torch.randn(7, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0, 0])
+    weights = torch.tensor([0.5, 2.0, 0.0], dtype=torch.float64)
+    logits[2, 2] = -math.inf  # an infinite loss on a sample of weight 0 does not count
+    w = weights[y]
+    losses = torch.where(w > 0, F.cross_entropy(logits, y, reduction="none"), 0.0)
+    hits = (logits.argmax(-1) == y).double()
+    acc, loss = accuracy_and_loss([(logits[:4], y[:4]), (logits[4:], y[4:])], weights)
+    assert acc == pytest.approx(100 * float((w * hits).sum() / w.sum()), rel=1e-12)
+    assert loss == pytest.approx(float((w * losses).sum() / w.sum()), rel=1e-12)
+    plain_acc, plain_loss = accuracy_and_loss([(logits, y)])
+    assert plain_acc == pytest.approx(100 * float(hits.mean())) and plain_loss == math.inf
+    with pytest.raises(ValueError, match="weight 0"):
+        accuracy_and_loss([(logits, y)], torch.zeros(3))
+
+
+@pytest.mark.parametrize("cache_mb", [1024.0, 0.0], ids=["frozen-activation cache", "full forward passes"])
+def test_retain_weighted_search_scores_every_candidate_on_the_retain_distribution(cache_mb):
+    method = FirstOrderRemoval(validation_weights="retain")
+    module, before = fit(method, cache_mb)
+    report = method.report()
+    assert report["validation_weights"] == "retain"
+    assert report["class_weights"] == pytest.approx(EXPECTED_WEIGHTS, rel=1e-12)
+    _, d = classwise_data()
+    template = tiny_net()
+
+    def ce(params, x, y):
+        return F.cross_entropy(functional_call(template, params, (x,)), y)
+
+    g = grad(lambda p: ce(p, d["xf"], d["yf"]) * len(d["yf"]))(before)  # removal: θ + τ Σ ∇ℓ(x_f, y_f)
+    masks = {n: module.mask.masks.get(n, torch.zeros_like(v, dtype=torch.bool)) for n, v in before.items()}
+    w = torch.tensor(EXPECTED_WEIGHTS, dtype=torch.float64)[d["yv"]]
+    for candidate in report["candidates"]:
+        theta = {n: torch.where(masks[n], v + candidate["step"] * g[n], v) for n, v in before.items()}
+        out = functional_call(template, theta, (d["xv"],))
+        losses = F.cross_entropy(out, d["yv"], reduction="none")
+        assert candidate["val_loss"] == pytest.approx(float((w * losses).sum() / w.sum()), rel=1e-9, abs=1e-12)
+        hits = (out.argmax(-1) == d["yv"]).double()
+        assert candidate["val_acc"] == pytest.approx(100 * float((w * hits).sum() / w.sum()), rel=1e-9)
+    best = min(report["candidates"], key=lambda c: (c["val_loss"], c["step"]))
+    assert report["step"] == best["step"] > 0  # the forgotten class no longer holds the step back
+    # and the weighted criterion is what the module reports for the model it leaves behind
+    weights = torch.tensor(EXPECTED_WEIGHTS, dtype=torch.float64)
+    assert module.validate(weights)[1] == pytest.approx(best["val_loss"], rel=1e-9)
+
+
+def test_uniform_weights_are_the_plain_validation_loss():
+    method = FirstOrderRemoval()
+    module, _ = fit(method)
+    report = method.report()
+    assert report["validation_weights"] == "uniform" and "class_weights" not in report
+    assert module.validate()[1] == pytest.approx(report["val_loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("cls", [FirstOrder, FirstOrderRemoval, SecondOrder])
+def test_validation_weights_is_checked_and_named(cls):
+    with pytest.raises(ValueError, match=r"`validation_weights` must be one of \('uniform', 'retain'\)"):
+        cls(validation_weights="balanced")
+    assert cls(validation_weights="retain").report()["validation_weights"] == "retain"
