@@ -155,6 +155,22 @@ def test_every_method_on_gpu_equals_cpu_and_freezes_bit_for_bit(gpu_run, name):
     _close(results["gpu"], results["cpu"], rtol, name)
 
 
+def test_retain_weighted_step_search_on_gpu_matches_cpu(gpu_run):
+    """``validation_weights="retain"`` under ``deterministic=True`` on a GPU (the retain set's labels are counted on the
+    CPU: a weighted bincount on CUDA has no deterministic kernel): the same class weights, the same grid losses."""
+    reports = {}
+    for accelerator in ("cpu", "gpu"):
+        method = FirstOrder(validation_weights="retain")
+        module = UnlearnModule(str(gpu_run), method, TopKParameters(0.02), evaluate=False)
+        unlearn_trainer(accelerator=accelerator, max_epochs=module.max_epochs).fit(module)
+        reports[accelerator] = method.report()
+    assert reports["gpu"]["class_weights"] == reports["cpu"]["class_weights"]
+    grid = {a: {c["step"]: c["val_loss"] for c in r["candidates"] if c["phase"] == "grid"} for a, r in reports.items()}
+    assert grid["gpu"].keys() == grid["cpu"].keys()
+    for step, loss in grid["cpu"].items():
+        assert grid["gpu"][step] == pytest.approx(loss, rel=1e-4), step
+
+
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_one_step_equals_float32_and_sam_perturbs(gpu_run, precision):
     def run(method, selection, precision):

@@ -153,12 +153,15 @@ class SplitStatistics:
         return self._cached(("class_counts", split, int(num_classes)), lambda: self._class_counts(split, num_classes))
 
     def _class_counts(self, split: str, num_classes: int) -> torch.Tensor:
-        counts = torch.zeros(int(num_classes), dtype=torch.float64, device=self.device)  # type: ignore[attr-defined]
+        # counted on the CPU, where the loader's labels are (a weighted bincount on CUDA has no deterministic
+        # kernel: it raises under `deterministic: true`); only the all-reduce sees the device (NCCL needs it there)
+        counts = torch.zeros(int(num_classes), dtype=torch.float64)
         for batch in self.loader(self.split_dataset(split)):  # type: ignore[attr-defined]
-            y, weight = batch[1].to(self.device), batch[-1].to(self.device, torch.float64)  # type: ignore[attr-defined]
+            y, weight = batch[1].cpu().long(), batch[-1].cpu().double()
             keep = y < num_classes
             counts += torch.bincount(y[keep], weights=weight[keep], minlength=int(num_classes))
-        return self.all_reduce_sum({"counts": counts})["counts"].cpu()  # type: ignore[attr-defined]
+        reduced = self.all_reduce_sum({"counts": counts.to(self.device)})  # type: ignore[attr-defined]
+        return reduced["counts"].cpu()
 
     @contextlib.contextmanager
     def _grad_block(self, params: list[nn.Parameter]) -> Iterator[None]:
