@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -155,6 +156,23 @@ def seed_cache(runs: Path, scenario: str, seed: int) -> None:
     atomic_write_text(lab, json.dumps(shared | {"rows": {}}, indent=1))
 
 
+def _paired_vs_last_layer(per_seed: list[dict[str, Any]], method: str, label: str) -> str:
+    """ToW of the row minus that of the same method on the last layer, seed by seed: mean ± std and the seeds where
+    the row is closer to retraining ("–" for the last layer itself or with fewer than two paired seeds)."""
+    if label == "last layer":
+        return "–"
+    diffs = []
+    for result in per_seed:
+        mine = reproduce._row_metrics(result, f"{method} × {label}").get("tow")
+        last = reproduce._row_metrics(result, f"{method} × last layer").get("tow")
+        if mine is not None and last is not None:
+            diffs.append(mine - last)
+    if len(diffs) < 2:
+        return "–"
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    return f"{mean:+.4f} ± {std:.4f} ({sum(d > 0 for d in diffs)}/{len(diffs)} better)"
+
+
 def table(scenario: str, results: dict[str, Any]) -> str:
     seeds = sorted(results["seeds"], key=int)
     per_seed = [results["seeds"][s] for s in seeds]
@@ -182,6 +200,7 @@ def table(scenario: str, results: dict[str, Any]) -> str:
                 row[reproduce._header(kind, k)] = reproduce._mean_std(
                     [m.get(k) for m in metrics], reproduce.COLUMNS[k][1]
                 )
+            row["Δ ToW vs last layer"] = _paired_vs_last_layer(per_seed, method, label)
             row["n"] = str(len(metrics))
             body.append(row)
     lines.append(format_table(body) if body else "(no request finished yet)")

@@ -97,7 +97,7 @@ def test_the_table_reads_finished_requests_and_lists_skipped_pairs():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(lab.reproduce, "effect_summary", lambda results: "harm and fit")
         text = lab.table("mnist_label_flip", results)
-    line = next(li for li in text.splitlines() if "last layer" in li)
+    line = next(li for li in text.splitlines() if li.startswith("| first_order"))
     assert "80.00 ± 0.00" in line and "0.9500 ± 0.0000" in line and "0.2000 ± 0.0000" in line and "| 2 " in line
     assert "Not applicable: because: first_order × saliency top 1 %." in text
 
@@ -126,3 +126,19 @@ def test_lr_grid_searches_the_learning_rate_of_iterative_methods_only():
         assert "--model.lr_grid" not in by_method[one_step]
     plain, _ = lab.rows(0, True, ["finetune"], ["last layer"])
     assert "--model.lr_grid" not in plain[0].args
+
+
+def test_the_paired_column_compares_each_seed_with_the_same_methods_last_layer():
+    def seed(last: float, other: float) -> dict:
+        before = {"test/acc_attacked": 1.0, "test/acc": 90.0, "forget/acc": 99.0}
+        reference = {"test/acc_attacked": 90.0, "test/acc": 98.0, "forget/acc": 2.0}
+        row = lambda tow: {"after": {"test/acc": 97.0}, "comparison": {"tow": tow}, "seconds": 1.0}  # noqa: E731
+        rows = {"ssd × last layer": row(last), "ssd × all parameters": row(other), "finetune × last layer": row(0.1)}
+        return {"before": before, "reference": reference, "rows": rows}
+
+    per_seed = [seed(0.90, 0.95), seed(0.80, 0.78), seed(0.50, 0.60)]  # differences +0.05, −0.02, +0.10
+    text = lab._paired_vs_last_layer(per_seed, "ssd", "all parameters")
+    assert text == "+0.0433 ± 0.0603 (2/3 better)"
+    assert lab._paired_vs_last_layer(per_seed, "ssd", "last layer") == "–"
+    assert lab._paired_vs_last_layer(per_seed[:1], "ssd", "all parameters") == "–"  # one seed: nothing paired
+    assert lab._paired_vs_last_layer(per_seed, "finetune", "all parameters") == "–"  # no such row
