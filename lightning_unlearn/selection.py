@@ -40,6 +40,11 @@ from lightning_unlearn.importance import check_importance, importance_of
 DEFAULT_LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
 
 
+class EmptySelectionError(ValueError):
+    """A selection chose no parameter (e.g. ``FisherRatio`` when no entry matters more to the forget set than ``alpha``
+    times to the training set, as in random-sample forgetting): there is nothing to update."""
+
+
 @dataclass
 class ParameterMask:
     """Which parameters (and, element-wise, which entries) unlearning may change.
@@ -122,9 +127,9 @@ class SelectionStrategy:
         return self.checked(self.select(profile))
 
     def checked(self, mask: ParameterMask) -> ParameterMask:
-        """``mask``, refused if it selects nothing."""
+        """``mask``, refused (:class:`EmptySelectionError`) if it selects nothing."""
         if mask.num_selected == 0:
-            raise ValueError(f"Selection {self.name!r} selected no parameter.")
+            raise EmptySelectionError(f"Selection {self.name!r} selected no parameter.")
         return mask
 
 

@@ -114,3 +114,73 @@ def test_validation_weights_is_checked_and_named(cls):
     with pytest.raises(ValueError, match=r"`validation_weights` must be one of \('uniform', 'retain'\)"):
         cls(validation_weights="balanced")
     assert cls(validation_weights="retain").report()["validation_weights"] == "retain"
+
+
+# ------------------------------------------------------------------------------------ forget_weight (a poison)
+def poison_data() -> tuple[UnlearnData, dict[str, torch.Tensor]]:
+    """A backdoor in miniature: the forget inputs carry a trigger (feature 2 = 3) and were trained as class 0; their
+    true labels are 1 or 2. No validation input has the trigger."""
+    g = torch.Generator().manual_seed(5)
+    xf = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    xf[:, 2] = 3.0
+    y_true, y_poisoned = torch.tensor([1, 2, 1, 2, 1, 2]), torch.zeros(6, dtype=torch.long)
+    xr, xv = (torch.randn(n, 3, generator=g, dtype=torch.float64) for n in (10, 8))
+    xr[:, 2], xv[:, 2] = 0.0, 0.0
+    yr, yv = (torch.randint(0, 3, (n,), generator=g) for n in (10, 8))
+    data = UnlearnData(
+        TensorDataset(xf, y_poisoned), TensorDataset(xr, yr), TensorDataset(xv, yv), corrected_labels=y_true
+    )
+    return data, {"xf": xf, "y_true": y_true, "y_poisoned": y_poisoned, "xv": xv, "yv": yv}
+
+
+@pytest.mark.parametrize("criterion", ["loss", "acc"])
+@pytest.mark.parametrize("cache_mb", [1024.0, 0.0], ids=["frozen-activation cache", "full forward passes"])
+def test_forget_weight_scores_validation_plus_the_corrected_forget_set(criterion, cache_mb):
+    weight = 0.5
+    method = FirstOrder(criterion=criterion, forget_weight=weight)
+    net = tiny_net()
+    data, d = poison_data()
+    module = UnlearnModule(model=net, data=data, method=method, selection=TopKParameters(0.5), evaluate=False,
+                           estimator="hutchinson", validation_cache_mb=cache_mb)  # fmt: skip
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    unlearn_trainer(accelerator="cpu").fit(module)
+    report = method.report()
+    assert report["forget_weight"] == weight
+    template = tiny_net()
+
+    def ce(params, x, y, reduction="mean"):
+        return F.cross_entropy(functional_call(template, params, (x,)), y, reduction=reduction)
+
+    # Warnecke's first-order direction: Σ_i [∇ℓ(x_i, y_true) − ∇ℓ(x_i, y_poisoned)], the update θ − τ g
+    g = grad(lambda p: ce(p, d["xf"], d["y_true"], "sum") - ce(p, d["xf"], d["y_poisoned"], "sum"))(before)
+    masks = {n: module.mask.masks.get(n, torch.zeros_like(v, dtype=torch.bool)) for n, v in before.items()}
+    scores = []
+    for c in report["candidates"]:
+        theta = {n: torch.where(masks[n], v - c["step"] * g[n], v) for n, v in before.items()}
+        val_out, forget_out = (functional_call(template, theta, (x,)) for x in (d["xv"], d["xf"]))
+        assert c["val_loss"] == pytest.approx(float(F.cross_entropy(val_out, d["yv"])), rel=1e-9)
+        assert c["forget_loss"] == pytest.approx(float(F.cross_entropy(forget_out, d["y_true"])), rel=1e-9)
+        assert c["forget_acc"] == pytest.approx(100 * float((forget_out.argmax(-1) == d["y_true"]).double().mean()))
+        if criterion == "loss":
+            assert c["score"] == pytest.approx(c["val_loss"] + weight * c["forget_loss"], rel=1e-12)
+        else:
+            combined = (c["val_acc"] + weight * c["forget_acc"]) / (1 + weight)
+            assert c["score"] == pytest.approx(-combined + 1e-6 * (c["val_loss"] + weight * c["forget_loss"]))
+        scores.append((c["score"], c["step"]))
+    assert report["step"] == min(scores)[1]
+    assert {"forget_loss", "forget_acc"} <= report.keys()
+
+
+def test_forget_weight_is_checked_and_refused_where_there_are_no_corrected_labels():
+    for bad in (-1.0, math.inf, "1"):
+        with pytest.raises(ValueError, match="`forget_weight` must be a finite number >= 0"):
+            FirstOrder(forget_weight=bad)
+    with pytest.raises(ValueError, match="`forget_weight` scores the forget set with its corrected labels"):
+        FirstOrderRemoval(forget_weight=1.0)
+    assert SecondOrder(forget_weight=2).report()["forget_weight"] == 2.0
+    # data without corrected labels: FirstOrder itself is refused before any search (the module's own check)
+    data, _ = classwise_data()
+    module = UnlearnModule(model=tiny_net(), data=data, method=FirstOrder(forget_weight=1.0), evaluate=False,
+                           estimator="hutchinson", selection=TopKParameters(0.5))  # fmt: skip
+    with pytest.raises(ValueError, match="corrected labels"):
+        unlearn_trainer(accelerator="cpu").fit(module)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from lightning_unlearn.unlearn.one_step import FirstOrder
 from lightning_unlearn.unlearn.results import RequestEvaluation
 from lightning_unlearn.unlearn.source import resolve_source
 from lightning_unlearn.unlearn.splits import SplitStatistics
-from lightning_unlearn.unlearn.validation import FrozenActivationCache, accuracy_and_loss
+from lightning_unlearn.unlearn.validation import ValidationSplits
 
 #: Trainer settings every unlearning run needs: ``UnlearnModule`` shards its data exactly itself (no distributed
 #: sampler), the unlearned checkpoint is written atomically by the pipeline (no checkpointing), no sanity validation;
@@ -53,7 +52,7 @@ def unlearn_trainer(**kwargs: Any) -> Trainer:
     return Trainer(**settings)
 
 
-class UnlearnModule(SplitStatistics, LightningModule):
+class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
     """Unlearn a forget set from a trained classifier, changing only the selected parameters.
 
     What to unlearn, either (exactly one of ``run`` and ``model``):
@@ -173,7 +172,6 @@ class UnlearnModule(SplitStatistics, LightningModule):
         if validation_cache_mb < 0:
             raise ValueError(f"`validation_cache_mb` must be >= 0 (0 disables the cache), got {validation_cache_mb}.")
         self.validation_cache_mb = validation_cache_mb
-        self._validation: FrozenActivationCache | None = None
         self.lr_grid = LearningRateSearch.check_grid(lr_grid, self.method)
         #: The learning-rate search's record (``lr_grid``): candidates with their validation scores, the chosen rate.
         self.lr_search: dict[str, Any] = {}
@@ -354,34 +352,6 @@ class UnlearnModule(SplitStatistics, LightningModule):
         if not self._distributed:
             return tensors
         return all_reduce_flat(tensors, lambda flat: all_reduce_tensor(self.trainer.strategy, flat, "sum"))
-
-    @contextlib.contextmanager
-    def validation_cache(self, trainable: list[nn.Parameter] | None = None) -> Iterator[FrozenActivationCache | None]:
-        """Within this block :meth:`validate` evaluates only what depends on ``trainable`` (default: the selection's
-        parameters; the frozen part's activations are computed once on entry); nothing else may change inside it."""
-        if self.validation_cache_mb == 0:
-            yield None
-            return
-        self.net.eval()
-        if trainable is None:
-            trainable = list(self.guard.trainable.values()) if self.guard is not None else list(self.net.parameters())
-        loader = self.datamodule.val_dataloader()
-        self._validation = FrozenActivationCache(self.net, trainable, loader, self.device, self.validation_cache_mb)
-        try:
-            yield self._validation
-        finally:
-            self._validation = None
-
-    @torch.no_grad()
-    def validate(self, class_weights: torch.Tensor | None = None) -> tuple[float, float]:
-        """Accuracy (%) and mean cross-entropy on the clean validation split (every rank sees all of it); with
-        ``class_weights`` (one per label) weighted means, see :func:`~.validation.accuracy_and_loss`."""
-        self.net.eval()
-        if self._validation is not None:
-            return self._validation.evaluate(class_weights)
-        batches = self.datamodule.val_dataloader()
-        outputs = ((self.net(x.to(self.device)), y.to(self.device)) for x, y, _ in batches)
-        return accuracy_and_loss(outputs, class_weights)
 
     def training_hvp(self, names: list[str], num_samples: int, scale: float = 1.0) -> Any:
         """``v ↦ scale · H v`` for the mean training loss restricted to parameters ``names`` (flat vectors), on the

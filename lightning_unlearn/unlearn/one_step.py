@@ -11,7 +11,7 @@ all ranks), the update is ``θ_S ← θ_S − τ · d`` with
   solve with Hessian-vector products on ``hvp_samples`` training samples.
 
 The step size ``τ`` is chosen on the clean validation split (optionally weighted to the retain set's classes,
-``validation_weights="retain"``) by
+``validation_weights="retain"``, and joined by the corrected forget set, ``forget_weight``) by
 :func:`~lightning_unlearn.unlearn.step_search.search_step`: ``steps`` is a coarse log grid that brackets the minimum
 of the validation loss, and a golden-section search on ``log τ`` refines it (``criterion="loss"``, the default);
 ``τ = 0``, "no change", is always a candidate, so the model is never left worse on validation than before. The
@@ -151,6 +151,12 @@ class OneStepMethod(UnlearnMethod):
             forgetting) gets weight 0: its validation samples can no longer hold the step back from forgetting it.
             Measured, not universal: it wrecks the flattest layer in a label flip (``docs/results.md``); pick it
             per scenario. Costs one pass over the retain set's labels.
+        forget_weight: Weight ``w`` of the forget set *with its corrected labels* in the criterion: the score is
+            ``L_val + w · L_forget`` (mean cross-entropies; ``criterion="acc"``: ``(A_val + w · A_forget) / (1 + w)``).
+            Clean validation cannot see what only the forget samples carry — a backdoor's trigger is on no
+            validation image, so every step along the forget gradient only raises the clean loss and the search
+            keeps "no change"; the corrected forget set (which a poison's requester holds) shows the step that
+            removes it. ``0`` (default): validation alone. Needs corrected labels (not for removal methods).
     """
 
     one_step = True
@@ -164,6 +170,7 @@ class OneStepMethod(UnlearnMethod):
         batch_size: int = 512,
         tol: float = DEFAULT_TOL,
         validation_weights: str = "uniform",
+        forget_weight: float = 0.0,
     ) -> None:
         steps = list(self.default_steps if steps is None else steps)
         if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):
@@ -177,6 +184,14 @@ class OneStepMethod(UnlearnMethod):
         if validation_weights not in VALIDATION_WEIGHTS:
             raise ValueError(f"`validation_weights` must be one of {VALIDATION_WEIGHTS}, got {validation_weights!r}.")
         self.validation_weights = validation_weights
+        if not (isinstance(forget_weight, (int, float)) and math.isfinite(forget_weight) and forget_weight >= 0):
+            raise ValueError(f"`forget_weight` must be a finite number >= 0, got {forget_weight!r}.")
+        if forget_weight > 0 and not self.needs_corrected_labels:
+            raise ValueError(
+                f"`forget_weight` scores the forget set with its corrected labels, which {self.name!r} (a removal "
+                "method, for data without them) does not use: set forget_weight=0, or use FirstOrder / SecondOrder."
+            )
+        self.forget_weight = float(forget_weight)
         self._class_weights: torch.Tensor | None = None
         self.steps = sorted(steps)
         self.criterion = criterion
@@ -251,7 +266,7 @@ class OneStepMethod(UnlearnMethod):
         self.result.update(
             forget_samples=count,
             step=best["step"],
-            **{k: best[k] for k in ("val_loss", "val_acc", "selection") if k in best},
+            **{k: best[k] for k in ("val_loss", "val_acc", "forget_loss", "forget_acc", "selection") if k in best},
             **{k: v for k, v in best.items() if k in self.setting_keys},
             candidates=self._candidates,
             evaluations=len(self._candidates),
@@ -292,10 +307,16 @@ class OneStepMethod(UnlearnMethod):
         def evaluate(step: float) -> tuple[float, dict[str, Any]]:
             _apply(params, original, direction, step)
             acc, loss = module.validate(self._class_weights)
+            scores = {"val_acc": acc, "val_loss": loss}
+            if self.forget_weight > 0:
+                forget_acc, forget_loss = module.validate(split="corrected_forget")
+                scores |= {"forget_acc": forget_acc, "forget_loss": forget_loss}
+                acc = (acc + self.forget_weight * forget_acc) / (1.0 + self.forget_weight)
+                loss = loss + self.forget_weight * forget_loss
             loss_score = loss if math.isfinite(loss) else math.inf
             # accuracy moves in steps of 1/|val|; the loss (scaled far below that) only breaks its ties
             score = loss_score if self.criterion == "loss" else -acc + 1e-6 * min(loss_score, 1e4)
-            return score, {"val_acc": acc, "val_loss": loss, **setting}
+            return score, {**scores, **setting}
 
         search = search_step(evaluate, self.steps, refine=self.criterion == "loss", tol=self.tol)
         _apply(params, original, direction, 0.0)
@@ -338,6 +359,7 @@ class OneStepMethod(UnlearnMethod):
             "criterion": self.criterion,
             "tol": self.tol,
             "validation_weights": self.validation_weights,
+            "forget_weight": self.forget_weight,
             **self.result,
         }
 
@@ -395,7 +417,7 @@ class SecondOrder(OneStepMethod):
         max_iter: CG iterations / LiSSA depth.
         hvp_samples: Training samples (the first ones, fixed) used by the HVPs of ``cg`` / ``lissa``.
         lissa_scale: LiSSA scale, relative to the same mean as ``damping`` (must exceed the largest eigenvalue).
-        validation_weights: See :class:`OneStepMethod`.
+        validation_weights, forget_weight: See :class:`OneStepMethod`.
     """
 
     name = "second_order"
@@ -415,8 +437,9 @@ class SecondOrder(OneStepMethod):
         hvp_samples: int = 2048,
         lissa_scale: float = 1000.0,
         validation_weights: str = "uniform",
+        forget_weight: float = 0.0,
     ) -> None:
-        super().__init__(steps, criterion, batch_size, tol, validation_weights)
+        super().__init__(steps, criterion, batch_size, tol, validation_weights, forget_weight)
         if solver not in SOLVERS:
             raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
         if damping is None:  # searched by default; one value when nothing is searched

@@ -14,14 +14,16 @@ be traced symbolically (data-dependent control flow), or the frontier of the who
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import fx, nn
 
+from lightning_unlearn.data.protocol import require_corrected_labels
 from lightning_unlearn.models.classifier import unpack_batch
 
 
@@ -77,6 +79,11 @@ def _nbytes(value: Any) -> int:
     if isinstance(value, dict):
         return sum(_nbytes(v) for v in value.values())
     return 0
+
+
+#: What a step or learning-rate search can score: the clean validation split, and the forget set with its corrected
+#: labels (``OneStepMethod(forget_weight=...)``).
+VALIDATION_SPLITS = ("val", "corrected_forget")
 
 
 def accuracy_and_loss(
@@ -171,4 +178,67 @@ class FrozenActivationCache:
             yield interpreter.run(initial_env=dict(env)), y
 
 
-__all__ = ["FrozenActivationCache", "accuracy_and_loss"]
+class ValidationSplits:
+    """What the searches score (a mixin of ``UnlearnModule``): :meth:`validate` on a split of
+    :data:`VALIDATION_SPLITS`, served from frozen-activation caches within :meth:`validation_cache`."""
+
+    # provided by UnlearnModule
+    net: nn.Module
+    datamodule: Any
+    guard: Any
+    validation_cache_mb: float
+
+    @property
+    def _validation(self) -> dict[str, FrozenActivationCache] | None:
+        """Within :meth:`validation_cache`: the cache of each split evaluated so far (None outside the block)."""
+        return self.__dict__.get("_validation_caches")
+
+    @contextlib.contextmanager
+    def validation_cache(self, trainable: list[nn.Parameter] | None = None) -> Iterator[FrozenActivationCache | None]:
+        """Within this block :meth:`validate` evaluates only what depends on ``trainable`` (default: the selection's
+        parameters; the frozen part's activations are computed once per split, the validation split's on entry, the
+        corrected forget set's when first asked); nothing else may change inside it. Yields the validation cache."""
+        if self.validation_cache_mb == 0:
+            yield None
+            return
+        self.net.eval()
+        if trainable is None:
+            trainable = list(self.guard.trainable.values()) if self.guard is not None else list(self.net.parameters())
+        self.__dict__["_validation_caches"], self.__dict__["_validation_trainable"] = {}, trainable
+        try:
+            yield self._cache_of("val")
+        finally:
+            self.__dict__["_validation_caches"], self.__dict__["_validation_trainable"] = None, []
+
+    def _cache_of(self, split: str) -> FrozenActivationCache:
+        caches = self._validation
+        assert caches is not None
+        if split not in caches:  # the frozen part is fixed within the block: a split's cache is built when needed
+            trainable = self.__dict__["_validation_trainable"]
+            loader = self._validation_loader(split)
+            device = self.device  # type: ignore[attr-defined]
+            caches[split] = FrozenActivationCache(self.net, trainable, loader, device, self.validation_cache_mb)
+        return caches[split]
+
+    def _validation_loader(self, split: str) -> Any:
+        if split not in VALIDATION_SPLITS:
+            raise ValueError(f"`split` must be one of {VALIDATION_SPLITS}, got {split!r}.")
+        if split == "val":
+            return self.datamodule.val_dataloader()
+        require_corrected_labels(self.datamodule, "Scoring the corrected forget set (`forget_weight` > 0)")
+        return self.datamodule.corrected_forget_dataloader()
+
+    @torch.no_grad()
+    def validate(self, class_weights: torch.Tensor | None = None, split: str = "val") -> tuple[float, float]:
+        """Accuracy (%) and mean cross-entropy on the clean validation split (``split="val"``) or on the forget set
+        with its corrected labels (``"corrected_forget"``); every rank sees all of it. With ``class_weights`` (one
+        per label) weighted means, see :func:`accuracy_and_loss`."""
+        self.net.eval()
+        if self._validation is not None:
+            return self._cache_of(split).evaluate(class_weights)
+        device = self.device  # type: ignore[attr-defined]
+        batches = (unpack_batch(batch) for batch in self._validation_loader(split))
+        return accuracy_and_loss(((self.net(x.to(device)), y.to(device)) for x, y in batches), class_weights)
+
+
+__all__ = ["VALIDATION_SPLITS", "FrozenActivationCache", "ValidationSplits", "accuracy_and_loss"]
