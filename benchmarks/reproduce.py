@@ -51,6 +51,7 @@ from lightning_unlearn.experiment import train, unlearn  # noqa: E402
 from lightning_unlearn.pipeline import evaluate_reference  # noqa: E402
 from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
+from lightning_unlearn.selection import EmptySelectionError  # noqa: E402
 from lightning_unlearn.utils import atomic_write, atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "reproduce"
@@ -258,20 +259,26 @@ def run_seed(
     print(f"== {name} seed {seed}: {result['effect']['statement']}", flush=True)
     options = EvaluationOptions(**result["options"])
     for row in rows:
-        if row.name in result["rows"]:
+        if row.name in result["rows"] or row.name in result.get("empty", {}):
             continue
         extra = ("--model.selection.init_args.seed", str(seed)) if row.config == "first_order_random" else ()
         print(f"== {name} seed {seed}: {row.name}", flush=True)
-        report = unlearn(
-            row.config,
-            run_dir,
-            *row.args,
-            *extra,
-            reference=result["reference"],
-            before=result["before"],
-            evaluation=options,
-            calibration=result["calibration"],
-        )
+        try:
+            report = unlearn(
+                row.config,
+                run_dir,
+                *row.args,
+                *extra,
+                reference=result["reference"],
+                before=result["before"],
+                evaluation=options,
+                calibration=result["calibration"],
+            )
+        except EmptySelectionError as error:  # a measured outcome (nothing to update), not a failure of the run
+            print(f"== {name} seed {seed}: {row.name}: {error}", flush=True)
+            result.setdefault("empty", {})[row.name] = str(error)
+            atomic_write_text(cache, json.dumps(result, indent=1))
+            continue
         result["rows"][row.name] = {
             "after": report["after"],
             "comparison": report.get("comparison", {}),

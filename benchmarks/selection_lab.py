@@ -204,6 +204,13 @@ def table(scenario: str, results: dict[str, Any]) -> str:
             row["n"] = str(len(metrics))
             body.append(row)
     lines.append(format_table(body) if body else "(no request finished yet)")
+    empty: dict[str, list[str]] = {}
+    for seed in seeds:
+        for key in results["seeds"][seed].get("empty", {}):
+            empty.setdefault(key, []).append(seed)
+    if empty:
+        lines += ["", "Selected no parameter (nothing to update; the request left the model as it was): "
+                  + "; ".join(f"{key} (seeds {', '.join(s)})" for key, s in empty.items()) + "."]  # fmt: skip
     skipped = results.get("skipped", {})
     if skipped:
         reasons: dict[str, list[str]] = {}

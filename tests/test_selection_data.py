@@ -27,6 +27,7 @@ from lightning_unlearn import (
     UnlearnModule,
     unlearn_model,
 )
+from lightning_unlearn.selection import EmptySelectionError
 from lightning_unlearn.unlearn.module import unlearn_trainer
 from lightning_unlearn.unlearn.ssd import dampening_factor
 
@@ -243,8 +244,9 @@ def test_a_mask_from_select_for_is_refused_when_empty():
         def select_for(self, context):
             return self.checked(ParameterMask({}, self.name))
 
-    with pytest.raises(ValueError, match="selected no parameter"):
+    with pytest.raises(EmptySelectionError, match="selected no parameter"):  # a ValueError
         Nothing().select_for(None)
+    assert issubclass(EmptySelectionError, ValueError)
 
 
 def test_sharpness_profiler_profiles_the_forget_split_after_training(tmp_path):

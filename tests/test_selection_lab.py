@@ -142,3 +142,44 @@ def test_the_paired_column_compares_each_seed_with_the_same_methods_last_layer()
     assert lab._paired_vs_last_layer(per_seed, "ssd", "last layer") == "–"
     assert lab._paired_vs_last_layer(per_seed[:1], "ssd", "all parameters") == "–"  # one seed: nothing paired
     assert lab._paired_vs_last_layer(per_seed, "finetune", "all parameters") == "–"  # no such row
+
+
+def test_a_selection_that_selects_nothing_is_recorded_and_not_retried(tmp_path, monkeypatch):
+    """``reproduce.run_seed``: a request whose selection chose no parameter (``EmptySelectionError``, e.g. SSD's
+    Fisher ratio in random-sample forgetting) is a measured outcome: kept under ``empty``, the next rows still run,
+    and a rerun does not ask again; the lab's table lists it."""
+    from types import SimpleNamespace
+
+    from lightning_unlearn.selection import EmptySelectionError
+
+    reproduce = lab.reproduce
+    folder = tmp_path / "mnist_random10" / "seed0"
+    folder.mkdir(parents=True)
+    shared = {"before": {}, "reference": {}, "options": {}, "calibration": None, "effect": {"statement": "x"}}
+    (folder / lab.CACHE).write_text(json.dumps(shared | {"rows": {}}))
+    monkeypatch.setattr(reproduce, "train", lambda *a, **k: (tmp_path, {"seconds": 1.0}))
+    monkeypatch.setattr(
+        reproduce, "TrainingRun", SimpleNamespace(from_path=lambda p: SimpleNamespace(profile_path=tmp_path / "none"))
+    )
+    calls = []
+
+    def fake_unlearn(config, run_dir, *args, **kwargs):
+        calls.append(args[-1])
+        if "FisherRatio" in args[-1]:
+            raise EmptySelectionError("Selection 'fisher_ratio' selected no parameter.")
+        return {"after": {"test/acc": 97.0}, "cost": {"seconds": 1.0, "peak_mib": 1.0}, "selection": {}, "method": {}}
+
+    monkeypatch.setattr(reproduce, "unlearn", fake_unlearn)
+    todo, _ = lab.rows(0, False, ["ssd"], ["Fisher ratio (SSD, α = 10)", "last layer"])
+    setting = reproduce.SETTINGS["mnist_random10"]
+    result = reproduce.run_seed("mnist_random10", setting, 0, tmp_path, todo, cache_name=lab.CACHE)
+    assert list(result["empty"]) == ["ssd × Fisher ratio (SSD, α = 10)"] and list(result["rows"]) == [
+        "ssd × last layer"
+    ]
+    assert len(calls) == 2
+    reproduce.run_seed("mnist_random10", setting, 0, tmp_path, todo, cache_name=lab.CACHE)
+    assert len(calls) == 2  # nothing asked again
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(reproduce, "effect_summary", lambda results: "gap")
+        text = lab.table("mnist_random10", {"seeds": {"0": result | {"kind": "random_sample"}}})
+    assert "Selected no parameter (nothing to update" in text and "ssd × Fisher ratio (SSD, α = 10) (seeds 0)" in text
