@@ -1,11 +1,11 @@
 """The selection lab: every parameter selection under every applicable method, per forgetting scenario, over seeds.
 
-Which parameters should an unlearning request update? For each scenario (a poison the model learns, class-wise
-forgetting, random-sample forgetting) and seed this script reuses the trained and retrained models of
-``benchmarks/reproduce.py`` (training them if missing, in the same ``--runs`` folder), then runs one request per
-(selection, method) pair — exactly what ``unlearn.py`` runs, with ``--model.selection`` / ``--model.method`` replaced —
-and evaluates it like every reproduction row: the attacked metric, ToW against the retrained model, the MIA scores,
-the relearning attack, seconds and cost as a fraction of retraining.
+Which parameters should an unlearning request update? For each scenario (poisons the model learns: a label flip and
+a backdoor; class-wise forgetting; random-sample forgetting) and seed this script reuses the trained and retrained
+models of ``benchmarks/reproduce.py`` (training them if missing, in the same ``--runs`` folder), then runs one
+request per (selection, method) pair — exactly what ``unlearn.py`` runs, with ``--model.selection`` /
+``--model.method`` replaced — and evaluates it like every reproduction row: the attacked metric, ToW against the
+retrained model, the MIA scores, the relearning attack, seconds and cost as a fraction of retraining.
 
 A pair is skipped (and listed as such) when it cannot apply: methods that need corrected labels (first- and
 second-order, which replace the forget samples' labels) in scenarios that have none (class-wise and random-sample
@@ -82,6 +82,14 @@ SELECTIONS: dict[str, dict[str, Any]] = {
 #: Methods by name: the request config each row starts from (its selection is replaced).
 METHODS: dict[str, Method] = {
     "first_order": Method("first_order_all", one_step=True, needs_corrected_labels=True, searches_step=True),
+    # the same update, its step scored on validation plus the forget set with its corrected labels (weight 1)
+    "first_order_forget": Method(
+        "first_order_all",
+        one_step=True,
+        needs_corrected_labels=True,
+        searches_step=True,
+        args=("--model.method.init_args.forget_weight", "1"),
+    ),
     "first_order_removal": Method(
         "first_order_removal", one_step=True, needs_corrected_labels=False, searches_step=True
     ),
@@ -103,6 +111,7 @@ METHODS: dict[str, Method] = {
 #: The matrix of issue 18 (the other methods run on request: ``--methods l1_sparse scrub``).
 DEFAULT_METHODS = [
     "first_order",
+    "first_order_forget",
     "first_order_removal",
     "first_order_removal_retain",
     "second_order",
@@ -112,7 +121,12 @@ DEFAULT_METHODS = [
 ]
 
 #: Scenarios: a setting of ``benchmarks/reproduce.py`` and whether its forget set has corrected labels.
-SCENARIOS: dict[str, bool] = {"mnist_label_flip": True, "mnist_classwise": False, "mnist_random10": False}
+SCENARIOS: dict[str, bool] = {
+    "mnist_label_flip": True,
+    "mnist_backdoor": True,
+    "mnist_classwise": False,
+    "mnist_random10": False,
+}
 
 
 def applicable(method: Method, selection: str, corrected: bool) -> str | None:

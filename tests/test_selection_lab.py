@@ -30,6 +30,7 @@ def test_every_lab_method_is_what_its_config_builds():
         assert isinstance(built, OneStepMethod) == method.searches_step, name
     assert lab.METHODS["first_order_removal_retain"].args[-1] == "retain"
     assert _build_lab("first_order_removal_retain").validation_weights == "retain"
+    assert _build_lab("first_order_forget").forget_weight == 1.0
 
 
 def _build_lab(name: str):
@@ -39,7 +40,7 @@ def _build_lab(name: str):
     prefix = "--model.method.init_args."
     flags = dict(zip(method.args[::2], method.args[1::2], strict=True))
     assert all(k.startswith(prefix) for k in flags), name  # a lab variant only sets its method's arguments
-    flags = {k[len(prefix) :]: v for k, v in flags.items()}
+    flags = {k[len(prefix) :]: yaml.safe_load(v) for k, v in flags.items()}  # typed as the command line types them
     return _build(spec | {"init_args": spec.get("init_args", {}) | flags})
 
 
