@@ -71,6 +71,8 @@ METHODS = {
 DATA_AWARE = {
     "first_order_saliency": (lambda b: FirstOrder(batch_size=b), lambda: Saliency(fraction=0.02)),
     "ssd": (lambda b: SSD(), lambda: FisherRatio(alpha=2.0, batch_size=40)),
+    # every rank scores the whole corrected forget set (51 samples) beside validation: the same step on every rank
+    "first_order_forget_weight": (lambda b: FirstOrder(batch_size=b, forget_weight=1.0), SmallestLayer),
     # the retain set's class counts (949 samples: padded shards) are all-reduced into the validation weights
     "first_order_retain_weighted": (
         lambda b: FirstOrder(batch_size=b, validation_weights="retain"),
