@@ -10,6 +10,11 @@ For SA first-order on the MNIST CNN (selected: ``fc1``) that skips both convolut
 The result is exactly that of a full forward pass (the same operations on the same inputs). Where the network cannot
 be traced symbolically (data-dependent control flow), or the frontier of the whole split would exceed
 ``max_cache_mb``, the cache is not built and :meth:`evaluate` runs the full network: slower, same numbers.
+
+:class:`ValidationSplits` (mixed into ``UnlearnModule``) is what the searches score: the clean validation split or
+the forget set with its corrected labels (:data:`VALIDATION_SPLITS`), optionally weighted per class
+(:func:`accuracy_and_loss`), each split served from its own cache (each up to ``validation_cache_mb``) within
+``validation_cache``.
 """
 
 from __future__ import annotations
