@@ -41,7 +41,7 @@ def classwise_data() -> tuple[UnlearnData, dict[str, torch.Tensor]]:
     xf = torch.randn(5, 3, generator=g, dtype=torch.float64) + torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     yf = torch.full((5,), 2)  # class-wise forgetting: every training sample of class 2
     data = UnlearnData(forget=TensorDataset(xf, yf), retain=TensorDataset(xr, yr), val=TensorDataset(xv, yv))
-    return data, {"xf": xf, "yf": yf, "xv": xv, "yv": yv}
+    return data, {"xf": xf, "yf": yf, "xr": xr, "yr": yr, "xv": xv, "yv": yv}
 
 
 def fit(method, validation_cache_mb: float = 1024.0) -> tuple[UnlearnModule, dict[str, torch.Tensor]]:
@@ -172,7 +172,7 @@ def test_forget_weight_scores_validation_plus_the_corrected_forget_set(criterion
 
 
 def test_forget_weight_is_checked_and_refused_where_there_are_no_corrected_labels():
-    for bad in (-1.0, math.inf, "1"):
+    for bad in (-1.0, math.inf, "1", True):
         with pytest.raises(ValueError, match="`forget_weight` must be a finite number >= 0"):
             FirstOrder(forget_weight=bad)
     with pytest.raises(ValueError, match="`forget_weight` scores the forget set with its corrected labels"):
@@ -184,3 +184,32 @@ def test_forget_weight_is_checked_and_refused_where_there_are_no_corrected_label
                            estimator="hutchinson", selection=TopKParameters(0.5))  # fmt: skip
     with pytest.raises(ValueError, match="corrected labels"):
         unlearn_trainer(accelerator="cpu").fit(module)
+
+
+def test_retain_weights_read_labels_from_dict_items():
+    """A user's validation set of ``{"x", "y"}`` dicts (the data protocol's other item form) gives the same weights and
+    the same search as tuples."""
+
+    class Dicts(torch.utils.data.Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, i):
+            x, y = self.dataset[i]
+            return {"x": x, "y": y}
+
+    data, d = classwise_data()
+    forget, retain, val = (TensorDataset(d[f"x{k}"], d[f"y{k}"]) for k in "frv")
+    as_dicts = UnlearnData(forget=forget, retain=retain, val=Dicts(val))
+    reports = []
+    for d in (data, as_dicts):
+        method = FirstOrderRemoval(validation_weights="retain")
+        module = UnlearnModule(model=tiny_net(), data=d, method=method, selection=TopKParameters(0.5), evaluate=False,
+                               estimator="hutchinson")  # fmt: skip
+        unlearn_trainer(accelerator="cpu").fit(module)
+        reports.append(method.report())
+    assert reports[1]["class_weights"] == pytest.approx(EXPECTED_WEIGHTS, rel=1e-12)
+    assert reports[1]["step"] == reports[0]["step"] and reports[1]["val_loss"] == pytest.approx(reports[0]["val_loss"])

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_unlearn.batches import unpack_batch
 from lightning_unlearn.curvature.precision import no_autocast
 from lightning_unlearn.evaluation.cost import device_clock
 from lightning_unlearn.evaluation.figures import log_figure, step_search_figure
@@ -184,7 +185,8 @@ class OneStepMethod(UnlearnMethod):
         if validation_weights not in VALIDATION_WEIGHTS:
             raise ValueError(f"`validation_weights` must be one of {VALIDATION_WEIGHTS}, got {validation_weights!r}.")
         self.validation_weights = validation_weights
-        if not (isinstance(forget_weight, (int, float)) and math.isfinite(forget_weight) and forget_weight >= 0):
+        number = isinstance(forget_weight, (int, float)) and not isinstance(forget_weight, bool)
+        if not (number and math.isfinite(forget_weight) and forget_weight >= 0):
             raise ValueError(f"`forget_weight` must be a finite number >= 0, got {forget_weight!r}.")
         if forget_weight > 0 and not self.needs_corrected_labels:
             raise ValueError(
@@ -328,7 +330,7 @@ class OneStepMethod(UnlearnMethod):
         report as ``class_weights``."""
         if self.validation_weights == "uniform" or self.criterion == "fixed":
             return None
-        labels = torch.cat([batch[1].reshape(-1) for batch in module.datamodule.val_dataloader()])
+        labels = torch.cat([unpack_batch(batch)[1].reshape(-1) for batch in module.datamodule.val_dataloader()])
         if labels.numel() == 0:
             raise ValueError("The validation loader yielded no samples.")
         num_classes = int(labels.max()) + 1
