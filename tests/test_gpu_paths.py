@@ -444,14 +444,14 @@ def test_device_clock_synchronises_the_device_before_reading_the_clock(monkeypat
 
 def test_one_step_timings_read_the_device_clock_of_the_module(poisoned_run, monkeypatch):
     """Row 10: every clock reading of a one-step request goes through :func:`device_clock` with the module's device
-    (gradient batches, the all-reduce, the direction, the search)."""
+    (gradient batches, the all-reduce, the validation class weights, the direction, the search)."""
     devices = []
     real = one_step_module.device_clock
     monkeypatch.setattr(one_step_module, "device_clock", lambda device: devices.append(device) or real(device))
     module = UnlearnModule(str(poisoned_run), FirstOrder(criterion="fixed", steps=[1e-4], batch_size=64), LastLayer())
     unlearn_trainer(accelerator="cpu", max_epochs=1).fit(module)
     batches = -(-module.method.result["forget_samples"] // 64)
-    assert len(devices) == 2 * batches + 6 and set(devices) == {module.device}
+    assert len(devices) == 2 * batches + 8 and set(devices) == {module.device}
 
 
 # ------------------------------------------------------------------ row 11: kernel sizes, draws, host copies
