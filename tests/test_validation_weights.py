@@ -44,9 +44,25 @@ def classwise_data() -> tuple[UnlearnData, dict[str, torch.Tensor]]:
     return data, {"xf": xf, "yf": yf, "xr": xr, "yr": yr, "xv": xv, "yv": yv}
 
 
-def fit(method, validation_cache_mb: float = 1024.0) -> tuple[UnlearnModule, dict[str, torch.Tensor]]:
+TEMPLATE = tiny_net()  # the architecture for functional calls (its own weights are never used)
+
+
+def ce(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(functional_call(TEMPLATE, params, (x,)), y, reduction=reduction)
+
+
+def masks_of(module: UnlearnModule, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The selection's boolean mask of every parameter (all False where nothing is selected)."""
+    return {n: module.mask.masks.get(n, torch.zeros_like(v, dtype=torch.bool)) for n, v in before.items()}
+
+
+def fit(
+    method, validation_cache_mb: float = 1024.0, data: UnlearnData | None = None
+) -> tuple[UnlearnModule, dict[str, torch.Tensor]]:
+    """One request on a fresh tiny network (``data``: the class-wise data by default); the module and the weights
+    before it."""
     net = tiny_net()
-    data, _ = classwise_data()
+    data = data or classwise_data()[0]
     module = UnlearnModule(model=net, data=data, method=method, selection=TopKParameters(0.5), evaluate=False,
                            estimator="hutchinson", validation_cache_mb=validation_cache_mb)  # fmt: skip
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -79,17 +95,12 @@ def test_retain_weighted_search_scores_every_candidate_on_the_retain_distributio
     assert report["validation_weights"] == "retain"
     assert report["class_weights"] == pytest.approx(EXPECTED_WEIGHTS, rel=1e-12)
     _, d = classwise_data()
-    template = tiny_net()
-
-    def ce(params, x, y):
-        return F.cross_entropy(functional_call(template, params, (x,)), y)
-
     g = grad(lambda p: ce(p, d["xf"], d["yf"]) * len(d["yf"]))(before)  # removal: θ + τ Σ ∇ℓ(x_f, y_f)
-    masks = {n: module.mask.masks.get(n, torch.zeros_like(v, dtype=torch.bool)) for n, v in before.items()}
+    masks = masks_of(module, before)
     w = torch.tensor(EXPECTED_WEIGHTS, dtype=torch.float64)[d["yv"]]
     for candidate in report["candidates"]:
         theta = {n: torch.where(masks[n], v + candidate["step"] * g[n], v) for n, v in before.items()}
-        out = functional_call(template, theta, (d["xv"],))
+        out = functional_call(TEMPLATE, theta, (d["xv"],))
         losses = F.cross_entropy(out, d["yv"], reduction="none")
         assert candidate["val_loss"] == pytest.approx(float((w * losses).sum() / w.sum()), rel=1e-9, abs=1e-12)
         hits = (out.argmax(-1) == d["yv"]).double()
@@ -138,26 +149,17 @@ def poison_data() -> tuple[UnlearnData, dict[str, torch.Tensor]]:
 def test_forget_weight_scores_validation_plus_the_corrected_forget_set(criterion, cache_mb):
     weight = 0.5
     method = FirstOrder(criterion=criterion, forget_weight=weight)
-    net = tiny_net()
     data, d = poison_data()
-    module = UnlearnModule(model=net, data=data, method=method, selection=TopKParameters(0.5), evaluate=False,
-                           estimator="hutchinson", validation_cache_mb=cache_mb)  # fmt: skip
-    before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    unlearn_trainer(accelerator="cpu").fit(module)
+    module, before = fit(method, cache_mb, data)
     report = method.report()
     assert report["forget_weight"] == weight
-    template = tiny_net()
-
-    def ce(params, x, y, reduction="mean"):
-        return F.cross_entropy(functional_call(template, params, (x,)), y, reduction=reduction)
-
     # Warnecke's first-order direction: Σ_i [∇ℓ(x_i, y_true) − ∇ℓ(x_i, y_poisoned)], the update θ − τ g
     g = grad(lambda p: ce(p, d["xf"], d["y_true"], "sum") - ce(p, d["xf"], d["y_poisoned"], "sum"))(before)
-    masks = {n: module.mask.masks.get(n, torch.zeros_like(v, dtype=torch.bool)) for n, v in before.items()}
+    masks = masks_of(module, before)
     scores = []
     for c in report["candidates"]:
         theta = {n: torch.where(masks[n], v - c["step"] * g[n], v) for n, v in before.items()}
-        val_out, forget_out = (functional_call(template, theta, (x,)) for x in (d["xv"], d["xf"]))
+        val_out, forget_out = (functional_call(TEMPLATE, theta, (x,)) for x in (d["xv"], d["xf"]))
         assert c["val_loss"] == pytest.approx(float(F.cross_entropy(val_out, d["yv"])), rel=1e-9)
         assert c["forget_loss"] == pytest.approx(float(F.cross_entropy(forget_out, d["y_true"])), rel=1e-9)
         assert c["forget_acc"] == pytest.approx(100 * float((forget_out.argmax(-1) == d["y_true"]).double().mean()))
@@ -207,9 +209,7 @@ def test_retain_weights_read_labels_from_dict_items():
     reports = []
     for d in (data, as_dicts):
         method = FirstOrderRemoval(validation_weights="retain")
-        module = UnlearnModule(model=tiny_net(), data=d, method=method, selection=TopKParameters(0.5), evaluate=False,
-                               estimator="hutchinson")  # fmt: skip
-        unlearn_trainer(accelerator="cpu").fit(module)
+        fit(method, data=d)
         reports.append(method.report())
     assert reports[1]["class_weights"] == pytest.approx(EXPECTED_WEIGHTS, rel=1e-12)
     assert reports[1]["step"] == reports[0]["step"] and reports[1]["val_loss"] == pytest.approx(reports[0]["val_loss"])
