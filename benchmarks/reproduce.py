@@ -10,7 +10,10 @@ validated selection and the iterative rows' learning rates are all chosen on the
 training data, never on the test set. Settings with ``sweep`` also run the layer sweep (each layer alone).
 
 Everything is resumable: finished trainings (``results.json``), finished rows and sweeps (``rows.json`` per seed) are
-reused, so an interrupted run continues where it stopped and more seeds or rows can be added later.
+reused, so an interrupted run continues where it stopped and more seeds or rows can be added later. A seed the results
+file already records keeps its rows when ``runs/`` is gone (a fresh checkout): the models are trained again, must
+reproduce the recorded accuracies (training is deterministic), and only the missing rows run; models that differ are
+refused rather than mixed in, and ``--overwrite`` replaces the recorded seed.
 
 Usage::
 
@@ -221,13 +224,22 @@ def run_seed(
     rows: list[Row],
     overlays: tuple[str, ...] = (),
     cache_name: str = "rows.json",
+    recorded: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train, retrain and unlearn one seed of one setting; returns ``{"before", "reference", "rows", ...}``.
 
     Finished rows are kept in ``<runs>/<setting>/seed<k>/<cache_name>`` (another benchmark over the same trained
-    models keeps its rows in a file of its own)."""
+    models keeps its rows in a file of its own). ``recorded`` is what the results file already holds for this seed:
+    the result keeps its rows, and the models trained now must be the ones it was measured on (the same accuracies of
+    the poisoned and the retrained model), else :class:`RecordedSeedMismatchError`: rows of different models are never
+    mixed in one seed. With ``overwrite`` the recorded seed is ignored (and replaced by the caller)."""
     folder = runs / name / f"seed{seed}"
     cache = folder / cache_name
+    recorded = None if overwrite else recorded
+    if recorded and not cache.is_file() and _has_everything(recorded, rows, setting):
+        print(f"== {name} seed {seed}: every requested row is recorded already", flush=True)
+        return recorded
     result: dict[str, Any] = json.loads(cache.read_text()) if cache.is_file() else {"rows": {}}
     seeds = ("--seed_everything", str(seed), "--data.poison.seed", str(seed))
     configs = [*setting.configs, *overlays]
@@ -255,7 +267,9 @@ def run_seed(
         result["before"] = evaluate_model(training_run.load_classifier().net, datamodule, options)
         result["kind"] = datamodule.spec.kind
         result["effect"] = poison_effect(result["before"], reference, datamodule.spec.kind)
-        atomic_write_text(cache, json.dumps(result, indent=1))
+    if recorded:
+        result = adopt_recorded(recorded, result, f"{name} seed {seed}")
+    atomic_write_text(cache, json.dumps(result, indent=1))
     print(f"== {name} seed {seed}: {result['effect']['statement']}", flush=True)
     options = EvaluationOptions(**result["options"])
     for row in rows:
@@ -297,6 +311,41 @@ def run_seed(
         result["sweep"] = {k: sweep[k] for k in ("metric", "spearman", "layers")}
         atomic_write_text(cache, json.dumps(result, indent=1))
     return result
+
+
+class RecordedSeedMismatchError(RuntimeError):
+    """The results file holds a seed measured on models other than the ones trained now."""
+
+
+def _has_everything(recorded: dict[str, Any], rows: list[Row], setting: Setting) -> bool:
+    done = set(recorded.get("rows", {})) | set(recorded.get("empty", {}))
+    return all(row.name in done for row in rows) and (not setting.sweep or "sweep" in recorded)
+
+
+def adopt_recorded(recorded: dict[str, Any], result: dict[str, Any], where: str) -> dict[str, Any]:
+    """``result`` (a seed's evaluation of the models trained now, maybe with rows) with the rows, empty requests and
+    sweep of ``recorded`` that it lacks — only if both describe the same models: every accuracy of the poisoned and
+    the retrained model equal to 1e-6 points (training is deterministic, so a retraining reproduces them)."""
+    differences = [
+        f"{part} {key}: recorded {recorded[part][key]!r}, now {value!r}"
+        for part in ("before", "reference")
+        for key, value in result[part].items()
+        if key.endswith(("/acc", "/asr"))
+        and (key not in recorded.get(part, {}) or abs(recorded[part][key] - value) > 1e-6)
+    ]
+    if differences:
+        raise RecordedSeedMismatchError(
+            f"{where}: the results file records this seed from other models than the ones trained now "
+            f"({'; '.join(differences[:3])}); its rows would be mixed with rows of different models. Pass --overwrite "
+            "to replace the recorded seed, or --results elsewhere."
+        )
+    merged = dict(result)
+    merged["rows"] = recorded.get("rows", {}) | result.get("rows", {})
+    if recorded.get("empty") or result.get("empty"):
+        merged["empty"] = recorded.get("empty", {}) | result.get("empty", {})
+    if "sweep" in recorded and "sweep" not in result:
+        merged["sweep"] = recorded["sweep"]
+    return merged
 
 
 # ---------------------------------------------------------------------------------------------------------- tables
@@ -725,6 +774,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tables", action="store_true", help="only rebuild the tables from the results files")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the results files and tables")
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a seed the results file records (default: keep its rows, add the missing ones, and refuse if "
+        "the models trained now differ from the recorded ones)",
+    )
+    parser.add_argument(
         "--overlay",
         nargs="+",
         default=[],
@@ -752,7 +807,16 @@ def main(argv: list[str] | None = None) -> None:
                 setting = SETTINGS[name]
                 rows = [row for row in setting.rows if args.rows is None or row.config in args.rows]
                 results = load_results(name, folder)
-                results[str(seed)] = run_seed(name, setting, seed, Path(args.runs), rows, tuple(args.overlay))
+                results[str(seed)] = run_seed(
+                    name,
+                    setting,
+                    seed,
+                    Path(args.runs),
+                    rows,
+                    tuple(args.overlay),
+                    recorded=results.get(str(seed)),
+                    overwrite=args.overwrite,
+                )
                 write_results(name, results, folder)
                 print(f"== {name} seed {seed} done", flush=True)
     for name in SETTINGS:

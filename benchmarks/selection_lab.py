@@ -13,7 +13,8 @@ forgetting remove samples: there the first-order *removal* update runs instead),
 with methods that do not search a one-step update's size (the iterative ones and SSD).
 
 Everything is resumable per request (``<runs>/<scenario>/seed<k>/lab_rows.json``; the before/reference evaluation is
-taken from the reproduction's ``rows.json`` when there is one). The iterative methods run with their configs'
+taken from the reproduction's ``rows.json`` when there is one); a seed the results file records keeps its rows, as in
+the reproduction (``--overwrite`` replaces it). The iterative methods run with their configs'
 learning rates unless ``--lr-grid`` asks for the validation search of the reproduction (five times the cost).
 
 Usage::
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default=str(RESULTS), help="folder for the results files and tables")
     parser.add_argument("--lr-grid", action="store_true", help="iterative methods: search the lr on validation")
     parser.add_argument("--tables", action="store_true", help="only rebuild the tables from the results files")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the seeds the results file records (default: add rows)"
+    )
     args = parser.parse_args(argv)
     for name, values, known in (
         ("scenarios", args.scenarios, SCENARIOS),
@@ -263,7 +267,16 @@ def main(argv: list[str] | None = None) -> None:
             for seed in args.seeds:
                 todo, skipped = rows(seed, SCENARIOS[scenario], args.methods, args.selections, args.lr_grid)
                 seed_cache(Path(args.runs), scenario, seed)
-                result = reproduce.run_seed(scenario, setting, seed, Path(args.runs), todo, cache_name=CACHE)
+                result = reproduce.run_seed(
+                    scenario,
+                    setting,
+                    seed,
+                    Path(args.runs),
+                    todo,
+                    cache_name=CACHE,
+                    recorded=results["seeds"].get(str(seed)),
+                    overwrite=args.overwrite,
+                )
                 results["seeds"][str(seed)] = result
                 results["skipped"] = results.get("skipped", {}) | skipped
                 results["lr_grid"] = args.lr_grid

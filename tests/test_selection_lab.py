@@ -184,3 +184,58 @@ def test_a_selection_that_selects_nothing_is_recorded_and_not_retried(tmp_path, 
         patch.setattr(reproduce, "effect_summary", lambda results: "gap")
         text = lab.table("mnist_random10", {"seeds": {"0": result | {"kind": "random_sample"}}})
     assert "Selected no parameter (nothing to update" in text and "ssd × Fisher ratio (SSD, α = 10) (seeds 0)" in text
+
+
+def test_a_recorded_seed_keeps_its_rows_and_is_never_mixed_with_other_models(tmp_path, monkeypatch):
+    """``reproduce.run_seed(recorded=...)`` (what the results file holds for the seed, e.g. on a fresh checkout whose
+    ``runs/`` is gone): with every requested row recorded nothing is trained; otherwise the models are trained again
+    and, when their accuracies match the recorded ones, only the missing rows run and the recorded rows are kept;
+    models that differ are refused (their rows would be mixed); ``overwrite`` replaces the recorded seed."""
+    from types import SimpleNamespace
+
+    reproduce = lab.reproduce
+    now = {"before": {"test/acc": 97.0, "forget/acc": 80.0}, "reference": {"test/acc": 98.0, "forget/acc": 1.0}}
+    trained, asked = [], []
+    monkeypatch.setattr(reproduce, "train", lambda *a, **k: trained.append(a) or (tmp_path, {"seconds": 1.0}))
+    run = SimpleNamespace(
+        profile_path=tmp_path / "none",
+        datamodule=lambda: SimpleNamespace(spec=SimpleNamespace(kind="random_sample")),
+        load_classifier=lambda: SimpleNamespace(net=None),
+    )
+    monkeypatch.setattr(reproduce, "TrainingRun", SimpleNamespace(from_path=lambda p: run))
+    monkeypatch.setattr(reproduce, "evaluate_reference", lambda d, m, o: (o, dict(now["reference"]), None))
+    monkeypatch.setattr(reproduce, "evaluate_model", lambda net, m, o: dict(now["before"]))
+    monkeypatch.setattr(reproduce, "poison_effect", lambda b, r, k: {"statement": "x"})
+
+    def fake_unlearn(config, run_dir, *args, **kwargs):
+        asked.append(args[-1])
+        return {"after": {"test/acc": 96.0}, "cost": {"seconds": 1.0, "peak_mib": 1.0}, "selection": {}, "method": {}}
+
+    monkeypatch.setattr(reproduce, "unlearn", fake_unlearn)
+    setting = reproduce.SETTINGS["mnist_random10"]
+    todo, _ = lab.rows(0, False, ["ssd"], ["last layer", "all parameters"])
+    old_row = {"after": {"test/acc": 12.5}}
+    recorded = now | {"options": {}, "rows": {"ssd × last layer": old_row}}
+
+    def run_seed(folder: str, recorded: dict, **kwargs):
+        return reproduce.run_seed(
+            "mnist_random10", setting, 0, tmp_path / folder, todo, cache_name=lab.CACHE, recorded=recorded, **kwargs
+        )
+
+    complete = recorded | {"rows": {"ssd × last layer": old_row, "ssd × all parameters": old_row}}
+    assert run_seed("a", complete) is complete and not trained and not asked
+
+    result = run_seed("b", recorded)
+    assert result["rows"]["ssd × last layer"] is old_row  # kept, not asked again
+    assert list(result["rows"]) == ["ssd × last layer", "ssd × all parameters"] and len(asked) == 1
+    cached = json.loads((tmp_path / "b" / "mnist_random10" / "seed0" / lab.CACHE).read_text())
+    assert cached["rows"]["ssd × last layer"] == old_row  # a resumed run keeps them too
+
+    other = recorded | {"before": {"test/acc": 97.5, "forget/acc": 80.0}}
+    with pytest.raises(
+        reproduce.RecordedSeedMismatchError, match="before test/acc: recorded 97.5, now 97.0.*--overwrite"
+    ):
+        run_seed("c", other)
+    assert len(asked) == 1  # nothing ran on the other models
+    replaced = run_seed("d", other, overwrite=True)
+    assert replaced["before"] == now["before"] and len(replaced["rows"]) == 2 and len(asked) == 3
