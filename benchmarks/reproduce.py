@@ -109,6 +109,19 @@ MNIST_ROWS = (
         ("--model.lr_grid", LR_GRID, *RETAIN_EPOCH),
     ),
 )
+#: A backdoor's trigger is invisible to a clean validation split (the plain search keeps "no change"): the same
+#: first-order updates with their step scored on validation plus the forget set with its corrected labels (weight 1).
+FORGET_WEIGHT = ("--model.method.init_args.forget_weight", "1")
+FORGET_ROWS = (
+    Row("first-order, last layer, step on val + forget", "first_order_last_layer", FORGET_WEIGHT,
+        key="first_order_last_layer_forget"),
+    Row("SA first-order, smallest-diagonal layer, step on val + forget", "sa_first_order", FORGET_WEIGHT,
+        key="sa_first_order_forget"),
+    Row("first-order, all layers, step on val + forget", "first_order_all", FORGET_WEIGHT,
+        key="first_order_all_forget"),
+    Row("first-order, selection chosen on val + forget", "first_order_validated", FORGET_WEIGHT,
+        key="first_order_validated_forget"),
+)  # fmt: skip
 #: The forgetting scenarios (clean labels, nothing to put in the removed samples' place): methods that need no
 #: corrected labels, the first-order *removal* update on the selections of the MNIST rows.
 LAST_LAYER = ("--model.selection", "lightning_unlearn.selection.LastLayer")
@@ -151,6 +164,7 @@ SETTINGS: dict[str, Setting] = {
     "mnist_backdoor": Setting(
         "MNIST CNN, BadNets backdoor: white 3×3 patch on 500 training images of classes 1–9, labelled 0",
         ("mnist_cnn_backdoor.yaml",),
+        rows=MNIST_ROWS + FORGET_ROWS,
         sweep=True,
     ),
     "mnist_noise": Setting(
@@ -213,6 +227,11 @@ LEGACY_SETTINGS = {
 }
 #: Pairs compared seed by seed (paired differences): SA first-order against each of these rows.
 COMPARED_WITH = ("first_order_last_layer", "first_order_largest", "finetune_all", "first_order_all")
+#: The paired comparisons (row minus row, seed by seed): SA against the others, and so again where the step also sees
+#: the corrected forget set (settings without those rows skip them).
+PAIRS = tuple(("sa_first_order", other) for other in COMPARED_WITH) + tuple(
+    ("sa_first_order_forget", other) for other in ("first_order_last_layer_forget", "first_order_all_forget")
+)
 
 
 # --------------------------------------------------------------------------------------------------------- running
@@ -537,17 +556,18 @@ def _validated_choices(results: dict[str, dict[str, Any]]) -> str:
 
 
 def paired_comparisons(results: dict[str, dict[str, Any]], kind: str) -> list[str]:
-    """Seed-by-seed differences of SA first-order against the other rows (ToW and the attacked metric), with a
-    paired t-test; "SA better" counts seeds where SA is closer to retraining (ToW) or less harmed (attacked metric)."""
+    """Seed-by-seed differences of SA first-order against the other rows (:data:`PAIRS`; ToW and the attacked metric),
+    with a paired t-test; "SA better" counts seeds where SA is closer to retraining (ToW) or less harmed (attacked
+    metric)."""
     from scipy import stats
 
     direction = ATTACKED_METRICS.get(kind, ("test/acc", -1, ""))[1]
     rows = []
-    for other in COMPARED_WITH:
+    for mine, other in PAIRS:
         for key, name, sign in (("tow", "ToW", 1), ("attacked", _header(kind, "attacked"), -direction)):
             diffs = []
             for r in results.values():
-                a, b = _row_metrics(r, "sa_first_order"), _row_metrics(r, other)
+                a, b = _row_metrics(r, mine), _row_metrics(r, other)
                 if a.get(key) is not None and b.get(key) is not None:
                     diffs.append(a[key] - b[key])
             if len(diffs) < 2:
@@ -555,7 +575,7 @@ def paired_comparisons(results: dict[str, dict[str, Any]], kind: str) -> list[st
             p = stats.ttest_rel(diffs, [0.0] * len(diffs)).pvalue if statistics.pstdev(diffs) > 0 else math.nan
             rows.append(
                 {
-                    "comparison": f"SA − {other}",
+                    "comparison": f"SA − {other}" if mine == "sa_first_order" else f"{mine} − {other}",
                     "metric": name,
                     "mean diff ± std": _mean_std(diffs, 4 if key == "tow" else 2),
                     "SA better in": f"{sum(sign * d > 0 for d in diffs)}/{len(diffs)} seeds",

@@ -239,3 +239,31 @@ def test_a_recorded_seed_keeps_its_rows_and_is_never_mixed_with_other_models(tmp
     assert len(asked) == 1  # nothing ran on the other models
     replaced = run_seed("d", other, overwrite=True)
     assert replaced["before"] == now["before"] and len(replaced["rows"]) == 2 and len(asked) == 3
+
+
+def test_the_backdoor_reproduction_pairs_sa_with_the_last_layer_when_the_step_sees_the_forget_set():
+    """The backdoor's extra rows are the same requests with ``forget_weight`` 1 (own results keys, a method that takes
+    it), and the paired table compares them seed by seed like the plain rows (differences computed by hand)."""
+    reproduce = lab.reproduce
+    rows = reproduce.SETTINGS["mnist_backdoor"].rows
+    assert len({row.name for row in rows}) == len(rows)
+    for row in reproduce.FORGET_ROWS:
+        assert row in rows and row.args[-2:] == reproduce.FORGET_WEIGHT
+        config = yaml.safe_load((lab.ROOT / "configs" / "unlearn" / f"{row.config}.yaml").read_text())
+        method = config["model"]["method"]
+        built = _build(method | {"init_args": method.get("init_args", {}) | {"forget_weight": 1.0}})
+        assert built.forget_weight == 1.0 and built.needs_corrected_labels
+    assert not any(row in reproduce.SETTINGS["mnist_label_flip"].rows for row in reproduce.FORGET_ROWS)
+
+    def seed(sa: float, last: float) -> dict:
+        row = lambda tow, asr: {"after": {"test/asr": asr}, "comparison": {"tow": tow}, "seconds": 1.0}  # noqa: E731
+        rows = {"sa_first_order_forget": row(sa, 5.0), "first_order_last_layer_forget": row(last, 9.0)}
+        return {"before": {}, "reference": {}, "kind": "backdoor", "rows": rows}
+
+    lines = reproduce.paired_comparisons({"0": seed(0.9, 0.8), "1": seed(0.7, 0.75)}, "backdoor")
+    table = "\n".join(lines)
+    tow = next(li for li in table.splitlines() if "− first_order_last_layer_forget" in li and "ToW" in li)
+    asr = next(li for li in table.splitlines() if "− first_order_last_layer_forget" in li and "ASR" in li)
+    assert "sa_first_order_forget − first_order_last_layer_forget" in tow
+    assert "0.0250 ± 0.1061" in tow and "1/2 seeds" in tow  # +0.10 and −0.05
+    assert "-4.00 ± 0.00" in asr and "2/2 seeds" in asr  # a lower ASR is better
