@@ -269,6 +269,7 @@ def run_seed(
     for key, value in (("train_seconds", trained["seconds"]), ("retrain_seconds", retrained["seconds"])):
         if result.get(key) is None:
             result[key] = value
+    result.setdefault("machine", machine())
     profile_file = TrainingRun.from_path(run_dir).profile_path
     if profile_file.is_file():
         profile = SharpnessProfile.load(profile_file)
@@ -332,6 +333,19 @@ def run_seed(
     return result
 
 
+def machine() -> dict[str, Any]:
+    """Where a seed is trained (its weights depend on the CPU's kernels and the thread count, not only on the seed)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((li.split(":", 1)[1].strip() for li in cpuinfo.read_text().splitlines() if "model name" in li), cpu)
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
 class RecordedSeedMismatchError(RuntimeError):
     """The results file holds a seed measured on models other than the ones trained now."""
 
@@ -355,8 +369,10 @@ def adopt_recorded(recorded: dict[str, Any], result: dict[str, Any], where: str)
     if differences:
         raise RecordedSeedMismatchError(
             f"{where}: the results file records this seed from other models than the ones trained now "
-            f"({'; '.join(differences[:3])}); its rows would be mixed with rows of different models. Pass --overwrite "
-            "to replace the recorded seed, or --results elsewhere."
+            f"({'; '.join(differences[:3])}); its rows would be mixed with rows of different models. A seed trains "
+            "the same weights only on the same code, CPU and thread count (floating-point rounding differs between "
+            f"kernels): recorded on {recorded.get('machine', 'an unrecorded machine')}, now on {result['machine']}. "
+            "Pass --overwrite to replace the recorded seed, use new seeds, or --results elsewhere."
         )
     merged = dict(result)
     merged["rows"] = recorded.get("rows", {}) | result.get("rows", {})

@@ -228,12 +228,14 @@ def test_a_recorded_seed_keeps_its_rows_and_is_never_mixed_with_other_models(tmp
     result = run_seed("b", recorded)
     assert result["rows"]["ssd × last layer"] is old_row  # kept, not asked again
     assert list(result["rows"]) == ["ssd × last layer", "ssd × all parameters"] and len(asked) == 1
+    assert result["machine"]["threads"] >= 1 and result["machine"]["cpu"]  # where this seed's models were trained
     cached = json.loads((tmp_path / "b" / "mnist_random10" / "seed0" / lab.CACHE).read_text())
     assert cached["rows"]["ssd × last layer"] == old_row  # a resumed run keeps them too
 
     other = recorded | {"before": {"test/acc": 97.5, "forget/acc": 80.0}}
     with pytest.raises(
-        reproduce.RecordedSeedMismatchError, match="before test/acc: recorded 97.5, now 97.0.*--overwrite"
+        reproduce.RecordedSeedMismatchError,
+        match="before test/acc: recorded 97.5, now 97.0.*same code, CPU and thread count.*--overwrite",
     ):
         run_seed("c", other)
     assert len(asked) == 1  # nothing ran on the other models
