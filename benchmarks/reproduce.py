@@ -12,8 +12,9 @@ training data, never on the test set. Settings with ``sweep`` also run the layer
 Everything is resumable: finished trainings (``results.json``), finished rows and sweeps (``rows.json`` per seed) are
 reused, so an interrupted run continues where it stopped and more seeds or rows can be added later. A seed the results
 file already records keeps its rows when ``runs/`` is gone (a fresh checkout): the models are trained again, must
-reproduce the recorded accuracies (training is deterministic), and only the missing rows run; models that differ are
-refused rather than mixed in, and ``--overwrite`` replaces the recorded seed.
+reproduce the recorded accuracies (a seed trains the same weights on the same code, CPU and thread count, which each
+seed records), and only the missing rows run; models that differ are refused rather than mixed in, and
+``--overwrite`` replaces the recorded seed.
 
 Usage::
 
@@ -358,7 +359,7 @@ def _has_everything(recorded: dict[str, Any], rows: list[Row], setting: Setting)
 def adopt_recorded(recorded: dict[str, Any], result: dict[str, Any], where: str) -> dict[str, Any]:
     """``result`` (a seed's evaluation of the models trained now, maybe with rows) with the rows, empty requests and
     sweep of ``recorded`` that it lacks — only if both describe the same models: every accuracy of the poisoned and
-    the retrained model equal to 1e-6 points (training is deterministic, so a retraining reproduces them)."""
+    the retrained model equal to 1e-6 points (training is deterministic on one code, CPU and thread count)."""
     differences = [
         f"{part} {key}: recorded {recorded[part][key]!r}, now {value!r}"
         for part in ("before", "reference")
