@@ -459,9 +459,13 @@ def _columns(kind: str) -> list[str]:
     return keys
 
 
+#: The attacked metric's column header per kind (:data:`ATTACKED_METRICS`; default: a class's test accuracy).
+ATTACKED_HEADERS = {"backdoor": "ASR %", "untargeted": "test %", "pairflip": "test %", "random_sample": "forget %"}
+
+
 def _header(kind: str, key: str) -> str:
     if key == "attacked":
-        return "ASR %" if kind == "backdoor" else "attacked class %"
+        return ATTACKED_HEADERS.get(kind, "attacked class %")
     if key == "restored":
         return (
             "% restored (ASR)"

@@ -269,3 +269,12 @@ def test_the_backdoor_reproduction_pairs_sa_with_the_last_layer_when_the_step_se
     assert "sa_first_order_forget − first_order_last_layer_forget" in tow
     assert "0.0250 ± 0.1061" in tow and "1/2 seeds" in tow  # +0.10 and −0.05
     assert "-4.00 ± 0.00" in asr and "2/2 seeds" in asr  # a lower ASR is better
+
+
+def test_the_attacked_metric_is_named_after_what_each_kind_measures():
+    """Column headers name the metric ``ATTACKED_METRICS`` picks for the kind (not "attacked class" for all)."""
+    from lightning_unlearn.evaluation.suite import ATTACKED_METRICS
+
+    metric_words = {"test/asr": "ASR", "test/acc": "test", "test/acc_attacked": "class", "forget/acc": "forget"}
+    for kind, (metric, _, _) in ATTACKED_METRICS.items():
+        assert metric_words[metric] in lab.reproduce._header(kind, "attacked"), kind
