@@ -485,15 +485,16 @@ def effect_summary(results: dict[str, dict[str, Any]]) -> str:
         return "No poison: nothing to unlearn."
     harm = _mean_std([e["harm"] for e in effects])
     plain = sum(bool(e["plain"]) for e in effects)
+    above = sum(e["harm"] >= e["noise"] for e in effects)  # plain also counts a memorised fit below the harm's noise
     if _kind(results) in REMOVAL:  # a clean forget set: the gap to forget, trained vs retrained
         text = (
             f"**Gap to forget** {harm} points ({first['label']}: {_mean_std([e['poisoned'] for e in effects])} % "
             f"trained on it vs {_mean_std([e['retrained'] for e in effects])} % retrained without it); **fit** "
             f"{_mean_std([e['fit'] for e in effects])} % (forget-set accuracy; retrained "
             f"{_mean_std([e['fit_retrained'] for e in effects])} %). The gap exceeds the noise level "
-            f"({first['noise']:g} points) in {plain}/{len(effects)} seeds."
+            f"({first['noise']:g} points) in {above}/{len(effects)} seeds."
         )
-        if plain < len(effects):
+        if above < len(effects):
             text += " Where it does not, accuracy cannot show the forgetting: membership inference is the evidence."
         return text
     text = (
@@ -501,10 +502,16 @@ def effect_summary(results: dict[str, dict[str, Any]]) -> str:
         f"{_mean_std([e['retrained'] for e in effects])} % retrained); **fit** "
         f"{_mean_std([e['fit'] for e in effects])} % (forget accuracy w.r.t. the poisoned labels; retrained "
         f"{_mean_std([e['fit_retrained'] for e in effects])} %). The harm exceeds the noise level "
-        f"({first['noise']:g} points) in {plain}/{len(effects)} seeds."
+        f"({first['noise']:g} points) in {above}/{len(effects)} seeds."
     )
+    memorised = [e for e in effects if e["plain"] and e["harm"] < e["noise"]]
+    if memorised:
+        text += (
+            f" In {len(memorised)} seed(s) below it the memorised poison is what there is to unlearn (fit "
+            f"{_mean_std([e['memorisation'] for e in memorised])} points above the retrained model's)."
+        )
     if plain < len(effects):
-        text += " Where it does not, no unlearning result can show that the poison's effect was removed."
+        text += " Where neither, no unlearning result can show that the poison's effect was removed."
     return text
 
 

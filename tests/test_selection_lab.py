@@ -278,3 +278,21 @@ def test_the_attacked_metric_is_named_after_what_each_kind_measures():
     metric_words = {"test/asr": "ASR", "test/acc": "test", "test/acc_attacked": "class", "forget/acc": "forget"}
     for kind, (metric, _, _) in ATTACKED_METRICS.items():
         assert metric_words[metric] in lab.reproduce._header(kind, "attacked"), kind
+
+
+def test_the_effect_summary_counts_harm_above_the_noise_apart_from_a_memorised_fit():
+    """A noise seed whose test-accuracy harm is below the noise but whose fit is memorised is not counted as harm
+    above the noise; the summary says what there is to unlearn in it."""
+    from lightning_unlearn.evaluation.suite import poison_effect
+
+    def seed(poisoned: float, retrained: float) -> dict:
+        before = {"test/acc": poisoned, "forget/acc": 83.0}
+        reference = {"test/acc": retrained, "forget/acc": 0.1}
+        return {"kind": "untargeted", "effect": poison_effect(before, reference, "untargeted")}
+
+    results = {"0": seed(95.0, 99.0), "1": seed(96.0, 98.7)}  # harms 4.0 and 2.7 points, both memorised (82.9)
+    assert all(r["effect"]["plain"] for r in results.values())
+    text = lab.reproduce.effect_summary(results)
+    assert "exceeds the noise level (3 points) in 1/2 seeds" in text
+    assert "In 1 seed(s) below it the memorised poison is what there is to unlearn (fit 82.90" in text
+    assert "Where neither" not in text
