@@ -459,21 +459,16 @@ def _columns(kind: str) -> list[str]:
     return keys
 
 
-#: The attacked metric's column header per kind (:data:`ATTACKED_METRICS`; default: a class's test accuracy).
-ATTACKED_HEADERS = {"backdoor": "ASR %", "untargeted": "test %", "pairflip": "test %", "random_sample": "forget %"}
+#: Short names of the attacked metrics (:data:`ATTACKED_METRICS`), for the column headers of every kind.
+METRIC_WORDS = {"test/asr": "ASR", "test/acc": "test", "test/acc_attacked": "class", "forget/acc": "forget"}
 
 
 def _header(kind: str, key: str) -> str:
-    if key == "attacked":
-        return ATTACKED_HEADERS.get(kind, "attacked class %")
-    if key == "restored":
-        return (
-            "% restored (ASR)"
-            if kind == "backdoor"
-            else "% restored (class)"
-            if kind in ("label_flip", "targeted", "classwise")
-            else "% restored (test)"
-        )
+    if key in ("attacked", "restored"):
+        word = METRIC_WORDS[ATTACKED_METRICS.get(kind, ("test/acc",))[0]]  # the metric _row_metrics reads
+        if key == "restored":
+            return f"% restored ({word})"
+        return "attacked class %" if word == "class" else f"{word} %"
     return COLUMNS[key][0]
 
 

@@ -272,12 +272,15 @@ def test_the_backdoor_reproduction_pairs_sa_with_the_last_layer_when_the_step_se
 
 
 def test_the_attacked_metric_is_named_after_what_each_kind_measures():
-    """Column headers name the metric ``ATTACKED_METRICS`` picks for the kind (not "attacked class" for all)."""
+    """Column headers name the metric ``ATTACKED_METRICS`` picks for the kind (not "attacked class" for all), for the
+    metric itself and for its % restored."""
     from lightning_unlearn.evaluation.suite import ATTACKED_METRICS
 
     metric_words = {"test/asr": "ASR", "test/acc": "test", "test/acc_attacked": "class", "forget/acc": "forget"}
     for kind, (metric, _, _) in ATTACKED_METRICS.items():
         assert metric_words[metric] in lab.reproduce._header(kind, "attacked"), kind
+        assert lab.reproduce._header(kind, "restored") == f"% restored ({metric_words[metric]})", kind
+    assert lab.reproduce._header("label_flip", "attacked") == "attacked class %"
 
 
 def test_the_effect_summary_counts_harm_above_the_noise_apart_from_a_memorised_fit():
