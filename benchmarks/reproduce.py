@@ -849,22 +849,24 @@ def main(argv: list[str] | None = None) -> None:
             for name in names:
                 setting = SETTINGS[name]
                 rows = [row for row in setting.rows if args.rows is None or row.config in args.rows]
-                results = load_results(name, folder)
-                results[str(seed)] = run_seed(
+                result = run_seed(
                     name,
                     setting,
                     seed,
                     Path(args.runs),
                     rows,
                     tuple(args.overlay),
-                    recorded=results.get(str(seed)),
+                    recorded=load_results(name, folder).get(str(seed)),
                     overwrite=args.overwrite,
                 )
+                # Read the file again: a run of another seed may have written it in the hour this one took.
+                results = load_results(name, folder)
+                results[str(seed)] = result
                 write_results(name, results, folder)
                 print(f"== {name} seed {seed} done", flush=True)
-    for name in SETTINGS:
-        if load_results(name, folder):
-            write_results(name, load_results(name, folder), folder)
+    for name in SETTINGS:  # the tables only: a results file is written by the run that measured its seed
+        if results := load_results(name, folder):
+            atomic_write_text(folder / f"{name}.md", section(name, results))
     print(f"tables: {write_summary(folder)}")
 
 

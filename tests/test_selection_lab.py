@@ -299,3 +299,29 @@ def test_the_effect_summary_counts_harm_above_the_noise_apart_from_a_memorised_f
     assert "exceeds the noise level (3 points) in 1/2 seeds" in text
     assert "In 1 seed(s) below it the memorised poison is what there is to unlearn (fit 82.90" in text
     assert "Where neither" not in text
+
+
+def test_reproduce_writes_only_the_seed_it_ran_into_a_file_another_run_wrote_meanwhile(tmp_path, monkeypatch):
+    """``reproduce.py SETTING --seeds N`` reads the results file again after its seed's hour of work (another seed's run
+    may have written it meanwhile) and sets only its own seed; its closing table rebuild writes tables, never another
+    setting's results file."""
+    reproduce = lab.reproduce
+    monkeypatch.setattr(reproduce, "write_summary", lambda folder: folder / "summary.md")
+    monkeypatch.setattr(reproduce, "section", lambda name, results: f"{name}: seeds {sorted(results)}\n")
+    reproduce.write_results("mnist_noise", {"0": {"rows": {}}}, tmp_path)
+    other = tmp_path / "mnist_backdoor.json"  # written by hand, as no run of this code would write it
+    other.write_text(json.dumps({"setting": "mnist_backdoor", "seeds": {"3": {"rows": {}}}}))
+    untouched = other.read_bytes()
+
+    def run_seed(name, setting, seed, runs, rows, overlay, recorded=None, overwrite=False):
+        assert recorded is None  # seed 1 is not in the file yet
+        reproduce.write_results(name, reproduce.load_results(name, tmp_path) | {"2": {"by": "other run"}}, tmp_path)
+        return {"by": "this run"}
+
+    monkeypatch.setattr(reproduce, "run_seed", run_seed)
+    reproduce.main(["mnist_noise", "--seeds", "1", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    seeds = reproduce.load_results("mnist_noise", tmp_path)
+    assert seeds == {"0": {"rows": {}}, "2": {"by": "other run"}, "1": {"by": "this run"}}
+    assert other.read_bytes() == untouched
+    assert (tmp_path / "mnist_noise.md").read_text() == "mnist_noise: seeds ['0', '1', '2']\n"
+    assert (tmp_path / "mnist_backdoor.md").read_text() == "mnist_backdoor: seeds ['3']\n"
