@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
                     recorded=results["seeds"].get(str(seed)),
                     overwrite=args.overwrite,
                 )
+                if path.is_file():  # read again: another run may have written the file while this seed ran
+                    results = json.loads(path.read_text())
                 results["seeds"][str(seed)] = result
                 results["skipped"] = results.get("skipped", {}) | skipped
                 results["lr_grid"] = args.lr_grid

@@ -325,3 +325,24 @@ def test_reproduce_writes_only_the_seed_it_ran_into_a_file_another_run_wrote_mea
     assert other.read_bytes() == untouched
     assert (tmp_path / "mnist_noise.md").read_text() == "mnist_noise: seeds ['0', '1', '2']\n"
     assert (tmp_path / "mnist_backdoor.md").read_text() == "mnist_backdoor: seeds ['3']\n"
+
+
+def test_the_lab_writes_only_the_seed_it_ran_into_a_file_another_run_wrote_meanwhile(tmp_path, monkeypatch):
+    """``selection_lab.py SCENARIO --seeds N`` reads its results file again before it records seed N: a seed another
+    run wrote meanwhile is kept."""
+    path = tmp_path / "mnist_random10.json"
+    path.write_text(json.dumps({"scenario": "mnist_random10", "seeds": {"0": {"rows": {}}}}))
+
+    def run_seed(name, setting, seed, runs, rows, cache_name, recorded=None, overwrite=False):
+        assert recorded is None  # seed 1 is not in the file yet
+        other = json.loads(path.read_text())
+        path.write_text(json.dumps(other | {"seeds": other["seeds"] | {"2": {"by": "other run"}}}))
+        return {"by": "this run"}
+
+    monkeypatch.setattr(lab.reproduce, "run_seed", run_seed)
+    monkeypatch.setattr(lab, "table", lambda scenario, results: f"{scenario}: seeds {sorted(results['seeds'])}\n")
+    argv = ["mnist_random10", "--seeds", "1", "--methods", "ssd", "--selections", "last layer"]
+    lab.main([*argv, "--results", str(tmp_path), "--runs", str(tmp_path / "runs")])
+    seeds = json.loads(path.read_text())["seeds"]
+    assert seeds == {"0": {"rows": {}}, "2": {"by": "other run"}, "1": {"by": "this run"}}
+    assert (tmp_path / "mnist_random10.md").read_text() == "mnist_random10: seeds ['0', '1', '2']\n"
