@@ -111,3 +111,29 @@ def test_demo_refuses_an_unknown_accelerator_before_training(tmp_path):
     with pytest.raises(ValueError, match="`accelerator` must be one of"):
         main(["demo", "--out", str(tmp_path / "demo"), "--accelerator", "tpuz"])
     assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").iterdir())  # nothing was trained
+
+
+def test_the_documented_quick_check_of_random_sample_forgetting_parses(capsys):
+    """The quick check ``configs/mnist_cnn_random10.yaml`` and the README print (debug.yaml's ``count`` set back to
+    null so that ``fraction`` applies) is a command the CLI accepts, and it configures 10 % with no count."""
+    import re
+    import shlex
+
+    import yaml
+
+    config = ROOT / "configs" / "mnist_cnn_random10.yaml"
+    snippet = re.search(r"Quick check: add `([^`]+)`", config.read_text()).group(1)
+    assert f"add `{snippet.split(' ', 2)[-1]}`" in (ROOT / "README.md").read_text()  # the README says the same
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "train",
+                "fit",
+                "-c",
+                str(config),
+                *shlex.split(snippet.replace("configs/", f"{ROOT}/configs/")),
+                "--print_config",
+            ]
+        )
+    poison = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["poison"]
+    assert poison["kind"] == "random_sample" and poison["count"] is None and poison["fraction"] == 0.1
