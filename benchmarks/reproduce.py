@@ -194,7 +194,7 @@ SETTINGS: dict[str, Setting] = {
     "fashion_resnet18_untargeted_2500": Setting(
         "ResNet-18 on Fashion-MNIST 32×32, untargeted: 2,500 random training images",
         ("fashion_resnet18_paper.yaml",),
-        ("--data.poison.kind", "untargeted", "--data.poison.target_class", "null"),
+        ("--data.poison.kind", "untargeted"),
         group="resnet",
         rows=PAPER_ROWS,
         evaluation=RESNET_EVALUATION,
@@ -202,7 +202,7 @@ SETTINGS: dict[str, Setting] = {
     "fashion_resnet18_untargeted_5000": Setting(
         "ResNet-18 on Fashion-MNIST 32×32, untargeted: 5,000 random training images",
         ("fashion_resnet18_paper.yaml",),
-        ("--data.poison.kind", "untargeted", "--data.poison.target_class", "null", "--data.poison.count", "5000"),
+        ("--data.poison.kind", "untargeted", "--data.poison.count", "5000"),
         group="resnet",
         rows=PAPER_ROWS,
         evaluation=RESNET_EVALUATION,
@@ -211,6 +211,20 @@ SETTINGS: dict[str, Setting] = {
         "ResNet-18 on Fashion-MNIST 32×32, label flip 9 → 7 (ankle boot → sneaker): 2,500 of ~5,000 class-9 images",
         ("fashion_resnet18_paper.yaml",),
         ("--data.poison.kind", "label_flip", "--data.poison.source_class", "9", "--data.poison.target_class", "7"),
+        group="resnet",
+        rows=PAPER_ROWS,
+        evaluation=RESNET_EVALUATION,
+    ),
+    # Half the class flipped is a coin toss (seeds 0-2 of the setting above: harm 90.80, 3.80, 12.50 points); 70 %, as
+    # for the MNIST CNN, makes the flipped label the class's majority.
+    "fashion_resnet18_label_flip_70": Setting(
+        "ResNet-18 on Fashion-MNIST 32×32, label flip 9 → 7 (ankle boot → sneaker): "
+        "3,500 of ~5,000 class-9 images (70 %)",
+        ("fashion_resnet18_paper.yaml",),
+        (
+            *("--data.poison.kind", "label_flip", "--data.poison.source_class", "9", "--data.poison.target_class", "7"),
+            *("--data.poison.count", "3500"),
+        ),
         group="resnet",
         rows=PAPER_ROWS,
         evaluation=RESNET_EVALUATION,

@@ -346,3 +346,29 @@ def test_the_lab_writes_only_the_seed_it_ran_into_a_file_another_run_wrote_meanw
     seeds = json.loads(path.read_text())["seeds"]
     assert seeds == {"0": {"rows": {}}, "2": {"by": "other run"}, "1": {"by": "this run"}}
     assert (tmp_path / "mnist_random10.md").read_text() == "mnist_random10: seeds ['0', '1', '2']\n"
+
+
+@pytest.mark.parametrize("name", list(lab.reproduce.SETTINGS))
+def test_every_reproduction_setting_parses_into_the_poison_its_label_states(name, capsys):
+    """Each setting's configs and overrides are a valid training command (an hour of ResNet-18 training would start
+    from them), and the poison they configure is the one the setting's label names."""
+    from lightning_unlearn.__main__ import main
+    from lightning_unlearn.experiment import config_path
+
+    setting = lab.reproduce.SETTINGS[name]
+    configs = [arg for config in setting.configs for arg in ("-c", str(config_path(config)))]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "fit", *configs, *setting.overrides, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    poison = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["poison"]
+    count = f"{poison['count']:,}" if poison.get("count") else None
+    words = {
+        "label_flip": ("label flip",),
+        "backdoor": ("backdoor",),
+        "classwise": ("class-wise",),
+        "random_sample": ("random-sample",),
+        "targeted": ("targeted: 2,500 of class 9 → random other class",),
+        "untargeted": ("untargeted: ", "random wrong label"),
+    }[poison["kind"]]
+    assert any(word in setting.label for word in words), (poison, setting.label)
+    assert count is None or count in setting.label, (count, setting.label)
