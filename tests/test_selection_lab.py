@@ -350,8 +350,8 @@ def test_the_lab_writes_only_the_seed_it_ran_into_a_file_another_run_wrote_meanw
 
 @pytest.mark.parametrize("name", list(lab.reproduce.SETTINGS))
 def test_every_reproduction_setting_parses_into_the_poison_its_label_states(name, capsys):
-    """Each setting's configs and overrides are a valid training command (an hour of ResNet-18 training would start
-    from them), and the poison they configure is the one the setting's label names."""
+    """Each setting's configs and overrides are a valid training command (the ResNet-18 untargeted settings were not:
+    a chain of benchmark runs stopped there), and the poison they configure is the one the setting's label names."""
     from lightning_unlearn.__main__ import main
     from lightning_unlearn.experiment import config_path
 
