@@ -805,7 +805,9 @@ def write_summary(folder: Path = RESULTS) -> Path:
         names = [n for n, s in SETTINGS.items() if s.group == group and current[n]]
         if names:
             parts.append(f"## {title}\n")
-            parts += [section(n, current[n]) for n in names]
+        for name in names:  # each setting's own table file too (its results file is written by the run of its seed)
+            parts.append(section(name, current[name]))
+            atomic_write_text(folder / f"{name}.md", parts[-1])
     if folder == RESULTS:
         for name, results in current.items():
             if results:
@@ -878,9 +880,6 @@ def main(argv: list[str] | None = None) -> None:
                 results[str(seed)] = result
                 write_results(name, results, folder)
                 print(f"== {name} seed {seed} done", flush=True)
-    for name in SETTINGS:  # the tables only: a results file is written by the run that measured its seed
-        if results := load_results(name, folder):
-            atomic_write_text(folder / f"{name}.md", section(name, results))
     print(f"tables: {write_summary(folder)}")
 
 

@@ -306,7 +306,7 @@ def test_reproduce_writes_only_the_seed_it_ran_into_a_file_another_run_wrote_mea
     may have written it meanwhile) and sets only its own seed; its closing table rebuild writes tables, never another
     setting's results file."""
     reproduce = lab.reproduce
-    monkeypatch.setattr(reproduce, "write_summary", lambda folder: folder / "summary.md")
+    monkeypatch.setattr(reproduce, "harm_table", lambda current, legacy: "")
     monkeypatch.setattr(reproduce, "section", lambda name, results: f"{name}: seeds {sorted(results)}\n")
     reproduce.write_results("mnist_noise", {"0": {"rows": {}}}, tmp_path)
     other = tmp_path / "mnist_backdoor.json"  # written by hand, as no run of this code would write it
