@@ -76,6 +76,11 @@ SELECTIONS: dict[str, dict[str, Any]] = {
         "init_args": {"alpha": 10.0, "importance": "batch", "batch_size": 128},
     },
     "random layer": {"class_path": "lightning_unlearn.selection.RandomLayer", "init_args": {"seed": "{seed}"}},
+    # the control of the element-wise selections above: as many entries as "top 1 %", drawn at random
+    "random 1 % entries": {
+        "class_path": "lightning_unlearn.selection.RandomEntries",
+        "init_args": {"fraction": 0.01, "seed": "{seed}"},
+    },
     "all parameters": {"class_path": "lightning_unlearn.selection.AllLayers"},
     "validated": {"class_path": "lightning_unlearn.selection.Validated"},
 }

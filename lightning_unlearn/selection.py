@@ -13,7 +13,9 @@ strategy            selects
 ``last``            the last layer in model order (the classic last-layer baseline)
 ``all``             every parameter
 ``named``           the layers named in ``layers``
-``random``          one layer drawn uniformly with ``seed`` (a control)
+``random``          one layer drawn uniformly with ``seed`` (a control for the layer-wise strategies)
+``random_entries``  a ``fraction`` of single entries drawn uniformly over the whole model with ``seed`` (the control
+                    for the element-wise ones: ``topk``, ``saliency``)
 ``validated``       the candidate (by default the ``k`` flattest layers, the last layer and the top 1 % entries) whose
                     searched one-step update has the lowest validation loss, chosen per request
 ``saliency``        the top ``fraction`` of entries by ``|∇ forget loss|`` over the whole model (SalUn's weight
@@ -216,6 +218,41 @@ class RandomLayer(_LayerStrategy):
         return _whole_layers(profile, [stats[pick].name], self.name, mean_diagonal=stats[pick].mean, seed=self.seed)
 
 
+class RandomEntries(SelectionStrategy):
+    """``round(fraction × total)`` single entries (at least one) drawn uniformly without replacement over every
+    parameter of the model with ``seed``: the control for the element-wise selections (``topk``, ``saliency``), which
+    choose as many entries by a score. Entries are numbered as in :func:`top_entries` (parameters in profile order,
+    entries row-major), so a seed gives the same mask on every machine.
+
+    Args:
+        fraction: Share of all entries to select, in (0, 1].
+        seed: Seed of the draw.
+    """
+
+    name = "random_entries"
+
+    def __init__(self, fraction: float = 0.01, seed: int = 0) -> None:
+        if isinstance(fraction, bool) or not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"`fraction` must lie in (0, 1], got {fraction!r}.")
+        if isinstance(seed, bool) or int(seed) != seed:
+            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        self.fraction, self.seed = float(fraction), int(seed)
+
+    def select(self, profile: SharpnessProfile) -> ParameterMask:
+        total = total_parameters(profile)
+        k = max(1, round(self.fraction * total))
+        order = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[:k]
+        chosen = torch.zeros(total, dtype=torch.bool)
+        chosen[order] = True
+        masks, offset = {}, 0
+        for name, diagonal in profile.diagonals.items():
+            part = chosen[offset : offset + diagonal.numel()].reshape(diagonal.shape)
+            if part.any():
+                masks[name] = part
+            offset += diagonal.numel()
+        return ParameterMask(masks, self.name, [], {"fraction": self.fraction, "seed": self.seed})
+
+
 class TopKParameters(SelectionStrategy):
     """The ``fraction`` of single parameters with the largest (or smallest) Hessian diagonal, across all layers.
 
@@ -405,8 +442,8 @@ class FisherRatio(_DataAware):
 STRATEGIES: dict[str, type[SelectionStrategy]] = {
     cls.name: cls
     for cls in (
-        SmallestLayer, LargestLayer, TopKParameters, LastLayer, AllLayers, NamedLayers, RandomLayer, Validated,
-        Saliency, FisherRatio,
+        SmallestLayer, LargestLayer, TopKParameters, LastLayer, AllLayers, NamedLayers, RandomLayer, RandomEntries,
+        Validated, Saliency, FisherRatio,
     )
 }  # fmt: skip
 

@@ -12,6 +12,7 @@ from lightning_unlearn.selection import (
     LargestLayer,
     LastLayer,
     NamedLayers,
+    RandomEntries,
     RandomLayer,
     SmallestLayer,
     TopKParameters,
@@ -69,6 +70,37 @@ def test_random_layer_is_seeded_and_a_candidate(profile):
     picks = {tuple(RandomLayer(seed=s)(profile).layers) for s in range(20)}
     assert picks <= {("net.conv1",), ("net.fc1",), ("net.fc2",)} and len(picks) > 1
     assert RandomLayer(seed=3)(profile).layers == RandomLayer(seed=3)(profile).layers
+
+
+def test_random_entries_draws_the_count_uniformly_and_is_seeded(profile):
+    """``round(fraction × total)`` entries; the same seed the same mask; over many seeds every one of the 16 entries
+    is drawn with probability k / total = 1/4 (binomial std over 4,000 draws ≈ 0.0068; tolerance 5 std), whatever its
+    diagonal or its parameter: a control that looks at nothing."""
+    counts = torch.zeros(profile.total)
+    draws = 4000
+    for seed in range(draws):
+        mask = RandomEntries(fraction=0.25, seed=seed)(profile)
+        assert mask.num_selected == 4 and mask.strategy == "random_entries" and mask.layers == []
+        flat = torch.cat(
+            [mask.masks.get(n, torch.zeros_like(d, dtype=torch.bool)).reshape(-1) for n, d in profile.diagonals.items()]
+        )
+        assert set(mask.masks) == {n for n in profile.diagonals if mask.masks.get(n, torch.zeros(1)).any()}
+        counts += flat.float()
+    assert torch.allclose(counts / draws, torch.full_like(counts, 0.25), atol=5 * (0.25 * 0.75 / draws) ** 0.5)
+    same = [RandomEntries(0.25, seed=7)(profile).masks for _ in range(2)]
+    assert same[0].keys() == same[1].keys() and all(torch.equal(same[0][n], same[1][n]) for n in same[0])
+    assert RandomEntries(1e-9)(profile).num_selected == 1 and RandomEntries(1.0)(profile).num_selected == 16
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"fraction": 0.0}, "`fraction`"), ({"fraction": 1.5}, "`fraction`"), ({"fraction": True}, "`fraction`"),
+     ({"seed": 1.5}, "`seed`")],
+)  # fmt: skip
+def test_random_entries_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RandomEntries(**kwargs)
+    assert get_strategy("random_entries", fraction=0.5, seed=3).seed == 3
 
 
 @pytest.mark.parametrize("largest", [True, False])

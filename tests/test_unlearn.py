@@ -9,7 +9,15 @@ from lightning.pytorch import Trainer
 from torch import nn
 
 from lightning_unlearn.run import TrainingRun
-from lightning_unlearn.selection import AllLayers, LastLayer, NamedLayers, SmallestLayer, TopKParameters, Validated
+from lightning_unlearn.selection import (
+    AllLayers,
+    LastLayer,
+    NamedLayers,
+    RandomEntries,
+    SmallestLayer,
+    TopKParameters,
+    Validated,
+)
 from lightning_unlearn.unlearn import (
     Finetune,
     FirstOrder,
@@ -177,8 +185,23 @@ METHODS = [
 ]
 
 
-@pytest.mark.parametrize("make_method", METHODS, ids=["first_order", "second_order", "finetune", "neggrad_plus", "sam"])
-@pytest.mark.parametrize("selection", [SmallestLayer(), TopKParameters(0.05)], ids=["smallest", "topk"])
+@pytest.mark.parametrize(
+    ("make_method", "selection"),
+    [
+        *[(m, s) for m in METHODS for s in (SmallestLayer(), TopKParameters(0.05))],
+        (METHODS[0], RandomEntries(0.05, seed=1)),
+        (METHODS[2], RandomEntries(0.05, seed=1)),
+    ],
+    ids=[
+        *[
+            f"{m}-{s}"
+            for m in ("first_order", "second_order", "finetune", "neggrad_plus", "sam")
+            for s in ("smallest", "topk")
+        ],
+        "first_order-random_entries",
+        "finetune-random_entries",
+    ],
+)
 def test_frozen_parameters_are_bit_identical(poisoned_run, make_method, selection):
     """With weight decay and momentum in the optimizer, nothing outside the mask moves, bit for bit."""
 

@@ -80,9 +80,9 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
             ``SharpMinMax``, ``SSD``; without corrected labels also ``FirstOrderRemoval``, ``RandomLabel``,
             ``L1Sparse``, ``SCRUB``).
         selection: Which parameters may change (``SmallestLayer``, ``LargestLayer``, ``TopKParameters``,
-            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``Validated``; from the model and the
-            data: ``Saliency``, ``FisherRatio``). ``prepare`` calls its ``select_for(self)``; statistics of any split
-            (``split_profile("forget")``, ``split_gradient``, ``batch_importance``, see
+            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``RandomEntries``, ``Validated``; from
+            the model and the data: ``Saliency``, ``FisherRatio``). ``prepare`` calls its ``select_for(self)``;
+            statistics of any split (``split_profile("forget")``, ``split_gradient``, ``batch_importance``, see
             :mod:`~lightning_unlearn.unlearn.splits`) are computed once and kept in :attr:`split_cache`.
         profile: A :class:`SharpnessProfile` or the path of a saved one; default: a run's own (computed and saved if
             missing), or for ``model`` computed on the data's training set (``profile_dataloader()``, default retain
