@@ -46,13 +46,13 @@ def compare(profile: SharpnessProfile, reference: SharpnessProfile, types: tuple
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, help="Training run directory (or checkpoint).")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1000, 5000, 50000])
     parser.add_argument("--estimators", nargs="+", default=["exact", "mc"])
     parser.add_argument("--out", default="benchmarks/results/profile_convergence.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     run = TrainingRun.from_path(args.run)
     model = run.load_classifier()

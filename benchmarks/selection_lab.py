@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("scenarios", nargs="*", default=list(SCENARIOS), help=f"of {list(SCENARIOS)}")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"of {list(METHODS)}")
-    parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), help=f"of {list(SELECTIONS)}")
+    # argparse %-formats help strings: the labels' "%" must be doubled
+    selections = str(list(SELECTIONS)).replace("%", "%%")
+    parser.add_argument("--selections", nargs="+", default=list(SELECTIONS), help=f"of {selections}")
     parser.add_argument("--runs", default="runs/reproduce", help="the reproduction's runs folder (models are shared)")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the results files and tables")
     parser.add_argument("--lr-grid", action="store_true", help="iterative methods: search the lr on validation")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,3 +40,12 @@ def test_exact_passes_compute_nothing_and_leave_the_estimator_intact():
     assert all(v.abs().sum() == 0 for v in methods[bench.PASSES]().values())  # no products: nothing summed
     diagonal = methods["exact"]()  # after the passes-only run: real products again
     assert all(v.abs().sum() > 0 for v in diagonal.values())
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py")))
+def test_every_benchmark_script_prints_its_help(name, capsys):
+    """``--help`` is a user's first call; argparse %-formats every help string (a literal "%" breaks it)."""
+    with pytest.raises(SystemExit) as exit_:
+        load_script(name).main(["--help"])
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
