@@ -119,6 +119,17 @@ def test_the_forgetting_settings_run_only_methods_that_need_no_corrected_labels(
                 _build({"class_path": path})
 
 
+def test_the_resnet_scenario_runs_only_when_named_and_matches_its_setting(capsys):
+    """The ResNet-18 arm's scenario takes hours a seed: a bare ``selection_lab.py`` runs the MNIST scenarios only; the
+    ResNet one is the reproduction's 70 % label flip, whose corrected labels the first-order methods need."""
+    assert "fashion_resnet18_label_flip_70" in lab.SCENARIOS
+    assert "fashion_resnet18_label_flip_70" not in lab.DEFAULT_SCENARIOS
+    assert lab.DEFAULT_SCENARIOS == ["mnist_label_flip", "mnist_backdoor", "mnist_classwise", "mnist_random10"]
+    setting = lab.reproduce.SETTINGS["fashion_resnet18_label_flip_70"]
+    assert setting.group == "resnet" and "label_flip" in setting.overrides
+    assert lab.SCENARIOS["fashion_resnet18_label_flip_70"] is True
+
+
 def test_lr_grid_searches_the_learning_rate_of_iterative_methods_only():
     todo, _ = lab.rows(0, True, ["first_order", "finetune", "ssd"], ["last layer"], lr_grid=True)
     by_method = {row.key.split(" × ")[0]: row.args for row in todo}
