@@ -644,12 +644,13 @@ def paired_comparisons(results: dict[str, dict[str, Any]], kind: str) -> list[st
 
 
 def paper_table(name: str, results: dict[str, dict[str, Any]]) -> str:
-    """The paper's Table 2–4 layout: other classes / target class / overall, rows fine-tune, last layer, SA."""
+    """The paper's Table 2–4 layout: other classes / target class / overall (a backdoor: ASR / overall), rows
+    fine-tune, last layer, SA and any other row of the setting."""
     setting = SETTINGS[name]
     seeds = sorted(results, key=int)
     kind = _kind(results)
     targeted = kind in ("label_flip", "targeted")
-    labels = [("poisoned model (before)", "before")] + [(r.label, r.config) for r in PAPER_ROWS]
+    labels = [("poisoned model (before)", "before")] + [(r.label, r.name) for r in setting.rows]
     labels.append((RETRAIN_LABEL, None))
     rows = []
     for label, config in labels:
@@ -658,6 +659,8 @@ def paper_table(name: str, results: dict[str, dict[str, Any]]) -> str:
         if targeted:
             row["other classes %"] = _mean_std([m.get("other") for m in per_seed])
             row["target class %"] = _mean_std([m.get("attacked") for m in per_seed])
+        if kind == "backdoor":
+            row["ASR %"] = _mean_std([m.get("attacked") for m in per_seed])
         row["overall %"] = _mean_std([m.get("test") for m in per_seed])
         row["paper (CIFAR-10)"] = "n/a offline"
         rows.append(row)

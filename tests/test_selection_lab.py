@@ -383,3 +383,28 @@ def test_every_reproduction_setting_parses_into_the_poison_its_label_states(name
     }[poison["kind"]]
     assert any(word in setting.label for word in words), (poison, setting.label)
     assert count is None or count in setting.label, (count, setting.label)
+
+
+def test_the_paper_layout_of_a_resnet_backdoor_shows_its_asr_and_every_row_of_the_setting():
+    """A backdoor's attacked metric is the ASR, not a class: the paper's layout shows it beside the overall accuracy,
+    and the setting's extra rows (the forget-weighted steps, which are the ones that remove a trigger) are listed."""
+    reproduce = lab.reproduce
+    setting = reproduce.SETTINGS["fashion_resnet18_backdoor"]
+
+    def metrics(test: float, asr: float) -> dict:
+        return {"test/acc": test, "test/asr": asr, "forget/acc": asr, "forget_true/acc": 100.0 - asr}
+
+    rows = {
+        row.name: {"after": metrics(80.0 + i, 10.0 * i), "comparison": {"tow": 0.5}, "seconds": 1.0}
+        for i, row in enumerate(setting.rows)
+    }
+    seed = {"before": metrics(88.0, 99.0), "reference": metrics(89.0, 2.0), "kind": "backdoor", "rows": rows}
+    text = reproduce.paper_table("fashion_resnet18_backdoor", {"0": seed, "1": seed})
+    header = next(line for line in text.splitlines() if line.startswith("| method"))
+    assert [c.strip() for c in header.strip("|").split("|")] == ["method", "ASR %", "overall %", "paper (CIFAR-10)"]
+    for i, row in enumerate(setting.rows):
+        line = next(li for li in text.splitlines() if li.startswith(f"| {row.label} "))
+        assert f"{10.0 * i:.2f} ± 0.00" in line and f"{80.0 + i:.2f} ± 0.00" in line, line
+    assert any(row.name == "sa_first_order_forget" for row in setting.rows)
+    assert "| poisoned model (before)" in text and "99.00 ± 0.00" in text
+    assert reproduce.RETRAIN_LABEL in text and "2.00 ± 0.00" in text
