@@ -119,7 +119,7 @@ def test_the_forgetting_settings_run_only_methods_that_need_no_corrected_labels(
                 _build({"class_path": path})
 
 
-def test_the_resnet_scenario_runs_only_when_named_and_matches_its_setting(capsys):
+def test_the_resnet_scenario_runs_only_when_named_and_matches_its_setting():
     """The ResNet-18 arm's scenario takes hours a seed: a bare ``selection_lab.py`` runs the MNIST scenarios only; the
     ResNet one is the reproduction's 70 % label flip, whose corrected labels the first-order methods need."""
     assert "fashion_resnet18_label_flip_70" in lab.SCENARIOS
