@@ -5,39 +5,77 @@ it before any work (a lock beside it, so two processes never write one folder), 
 something (unless ``overwrite``) or that holds anything such an output never writes (a training run), has the
 outputs written into a staging folder beside it, and at the end renames the staging folder into place, or swaps it
 atomically with an earlier result. A failed request leaves nothing; a killed one leaves the earlier result whole.
+
+Nothing escapes the output folder's parent. The lock file, the staging folder and the ``.previous`` folder are
+created exclusively (``O_EXCL``) and never through a link (``O_NOFOLLOW``); a symbolic link, FIFO, device, hard-linked
+or another user's file found at one of these names, or a link in the output folder's own place, is refused with an
+error naming it (:class:`UnsafeOutputError`), never followed, truncated or removed. Leftovers of killed claims are
+recovered only where the marker file inside them (:data:`OWNER_FILE`) proves them this library's own; anything else
+is left alone with a warning (:class:`ForeignEntryWarning`). A claim whose folder disappeared or was replaced while its
+request ran commits nothing, and a folder that is no longer writable is reported as such.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
+import contextlib
 import errno
 import os
 import re
-import shutil
-import tempfile
-import warnings
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from lightning_unlearn.utils import MARKER, RANDOM, InterruptedWriteWarning, stale_entries, umask
+from lightning_unlearn.folder_safety import (
+    OWNER_FILE,
+    ForeignEntryWarning,
+    UnsafeOutputError,
+    _identity,
+    _listing,
+    _Lock,
+    _lstat,
+    _mark,
+    _open_folder,
+    _owner_text,
+    _remove_owned,
+    _renameat2_exchange,
+    _stat,
+    _target,
+    _token,
+    _unmark,
+    _warn_once,
+    make_staging,
+    recover,
+)
+from lightning_unlearn.utils import (
+    MARKER,
+    FolderGoneError,
+    make_folder,
+)
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX: exclusive lock files without the kernel's automatic release
-    fcntl = None  # type: ignore[assignment]
+__all__ = [
+    "OWNER_FILE",
+    "ForeignEntryWarning",
+    "OutputBusyError",
+    "OutputClaim",
+    "UnsafeOutputError",
+    "launched_as_rank_zero",
+    "safe_folder_name",
+]
 
-#: Staging folders of :class:`OutputClaim`: ``.<folder name>.<pid>.<8 random>.lightning-unlearn.staging``.
-STAGING_PATTERN = re.compile(rf"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<random>{RANDOM})\.{MARKER}\.staging$")
-#: The previous contents of a folder being replaced where the kernel cannot swap two folders atomically.
-PREVIOUS_PATTERN = re.compile(rf"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<random>{RANDOM})\.{MARKER}\.previous$")
 #: Lock files of :class:`OutputClaim`: ``.<folder name>.lightning-unlearn.lock`` beside the folder.
 LOCK_SUFFIX = f".{MARKER}.lock"
+#: What a rename in a folder that is no longer writable fails with (a read-only mount included).
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 class OutputBusyError(FileExistsError):
     """Another live process holds the claim on an output folder (it is writing it right now)."""
+
+
+class _TakenError(Exception):
+    """A version's name is taken (by a folder, or by leftovers that are not provably this library's)."""
 
 
 def safe_folder_name(value: str, what: str) -> str:
@@ -69,95 +107,8 @@ def launched_as_rank_zero() -> bool:
     return True
 
 
-class _Lock:
-    """An exclusive lock file ``.<folder>.lightning-unlearn.lock`` beside an output folder: ``flock`` on it, so the
-    kernel releases it when its process dies (no stale lock after ``kill -9``); removed again on release."""
-
-    def __init__(self, path: Path, fd: int) -> None:
-        self.path, self.fd = path, fd
-
-    @classmethod
-    def try_acquire(cls, path: Path) -> _Lock | None:
-        """The lock, or None while another live process holds it."""
-        while True:
-            if fcntl is None:  # pragma: no cover - exclusive creation; a killed holder leaves it to be removed by hand
-                try:
-                    return cls(path, os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666))
-                except FileExistsError:
-                    return None
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:  # not a file its previous holder removed after we opened it
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                return cls(path, fd)
-            os.close(fd)
-
-    @staticmethod
-    def holder(path: Path) -> str:
-        try:
-            return f"pid {int(path.read_text().strip())}"
-        except (OSError, ValueError):
-            return "another process"
-
-    def release(self) -> None:
-        if self.fd < 0:
-            return
-        try:
-            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)
-        self.fd = -1
-
-
-def _renameat2_exchange(first: Path, second: Path) -> bool:
-    """Swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where the C library, kernel or filesystem
-    lacks it."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(code, f"Cannot swap {str(first)!r} and {str(second)!r}: {os.strerror(code)}")
-
-
-def _exchange(first: Path, second: Path) -> None:
-    """Swap two folders atomically (:func:`_renameat2_exchange`); where that is missing, by three renames through a
-    ``.previous`` name, which :meth:`OutputClaim.acquire` restores if a kill falls between them."""
-    if _renameat2_exchange(first, second):
-        return
-    previous = Path(
-        tempfile.mkdtemp(prefix=f".{second.name}.{os.getpid()}.", suffix=f".{MARKER}.previous", dir=second.parent)
-    )
-    os.rmdir(previous)  # only its (unique) name is needed
-    os.rename(second, previous)
-    os.rename(first, second)
-    os.rename(previous, first)
-
-
 def _entries(folder: Path) -> list[str]:
     return sorted(entry.name + ("/" if entry.is_dir() else "") for entry in folder.iterdir())
-
-
-def _listing(names: list[str], limit: int = 6) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 class OutputClaim:
@@ -167,12 +118,17 @@ class OutputClaim:
     :meth:`acquire` runs before any work: it takes the folder's lock (``.<folder>.lightning-unlearn.lock`` beside
     it; concurrent claims of the same folder get :class:`OutputBusyError`), refuses a folder that already holds
     something unless ``overwrite`` (and, even then, one that holds anything an output of this kind never holds, such
-    as a training run), and creates the staging folder ``.<folder>.<pid>.<random>.lightning-unlearn.staging``.
-    :meth:`commit` renames the staging folder to the final name, or, over an earlier result, swaps the two atomically
-    and deletes the old one: a kill at any moment leaves the old result or the new one, never a mix. :meth:`abort`
-    (also run at exit for claims neither committed nor aborted) deletes the staging folder. Leftovers of killed
-    claims are recognised by the marker and a dead pid in their names, and removed (with a warning) the next time the
-    same folder is claimed.
+    as a training run), and creates the staging folder ``.<folder>.<pid>.<random>.lightning-unlearn.staging`` with
+    its ownership marker (:data:`OWNER_FILE`). :meth:`commit` renames the staging folder to the final name, or, over
+    an earlier result, swaps the two atomically and deletes the old one: a kill at any moment leaves the old result
+    or the new one, never a mix. :meth:`abort` (also run at exit for claims neither committed nor aborted) deletes
+    the staging folder. Leftovers of killed claims are recognised by their names, a dead pid and their marker, and
+    removed (with a warning) the next time the same folder is claimed; what is named like one but holds no marker is
+    left alone (:class:`ForeignEntryWarning`).
+
+    The claim keeps the folder that holds it (the output folder's parent) and the staging folder open: if either is
+    deleted, moved or replaced while the request runs, :meth:`commit` commits nothing (and
+    :func:`~lightning_unlearn.utils.atomic_write` never re-creates a staging folder that is gone).
 
     Attributes:
         final: The folder the outputs end up in.
@@ -182,13 +138,25 @@ class OutputClaim:
     _active: ClassVar[dict[Path, OutputClaim]] = {}
 
     def __init__(
-        self, final: Path, staging: Path, lock: _Lock, overwrite: bool, foreign: Callable[[Path], list[str]]
+        self,
+        final: Path,
+        staging: Path,
+        lock: _Lock,
+        overwrite: bool,
+        foreign: Callable[[Path], list[str]],
+        what: str = "output",
+        parent_fd: int | None = None,
+        staging_fd: int | None = None,
     ) -> None:
         self.final, self.staging, self._lock = final, staging, lock
-        self.overwrite, self._foreign = overwrite, foreign
+        self.overwrite, self._foreign, self.what = overwrite, foreign, what
+        # held open until the claim ends: their identities cannot be taken by a folder created meanwhile
+        self._parent_fd = parent_fd if parent_fd is not None else _open_folder(final.parent, follow=True)
+        self._staging_fd = staging_fd if staging_fd is not None else _open_folder(staging)
         self._owner = os.getpid()
         self.done = False
-        OutputClaim._active[staging.resolve()] = self
+        self._key = staging.resolve()
+        OutputClaim._active[self._key] = self
 
     # ---------------------------------------------------------------------------------------------------- claim
     @classmethod
@@ -212,14 +180,32 @@ class OutputClaim:
 
         Raises:
             OutputBusyError: If another live process holds the claim.
+            UnsafeOutputError: If the folder is a symbolic link, or its lock file is not one this library created (a
+                link, FIFO, device, hard-linked or another user's file), naming it.
             FileExistsError: If the folder holds something and ``overwrite`` is False, holds something foreign, or
                 is not a folder.
+            FolderGoneError: If the folder lies in a staging folder that is gone (a claim inside another's).
             PermissionError: If the folder's parent cannot be created or written.
         """
-        folder = Path(folder)
+        return cls._claim(Path(folder), overwrite, describe, foreign, what)
+
+    @classmethod
+    def _claim(
+        cls,
+        folder: Path,
+        overwrite: bool = False,
+        describe: Callable[[Path], str] | None = None,
+        foreign: Callable[[Path], list[str]] | None = None,
+        what: str = "output",
+        next_free: bool = False,
+    ) -> OutputClaim:
+        """:meth:`acquire`; with ``next_free``, :class:`_TakenError` where ``folder`` exists or leftovers beside it that
+        are not provably this library's remain (for :meth:`acquire_version`)."""
         parent = folder.parent
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            make_folder(parent)
+        except FolderGoneError:
+            raise
         except OSError as err:
             raise type(err)(
                 err.errno, f"Cannot create the output folder {str(folder)!r} ({err.strerror}): choose another folder."
@@ -227,6 +213,8 @@ class OutputClaim:
         lock_path = parent / f".{folder.name}{LOCK_SUFFIX}"
         try:
             lock = _Lock.try_acquire(lock_path)
+        except UnsafeOutputError:
+            raise
         except OSError as err:
             raise type(err)(
                 err.errno, f"Cannot claim the output folder {str(folder)!r} ({err.strerror}): choose another folder."
@@ -236,32 +224,42 @@ class OutputClaim:
                 f"The output folder {str(folder)!r} is being written by another {what} ({_Lock.holder(lock_path)}) "
                 "right now: wait for it to finish, or choose another folder."
             )
+        parent_fd = staging_fd = -1
         try:
-            _recover(folder)
+            parent_fd = _open_folder(parent, follow=True)
+            taken = recover(folder, what)
+            if next_free and (taken or os.path.lexists(folder)):
+                raise _TakenError(folder)
             cls._check_existing(folder, overwrite, describe, foreign, what)
-            staging = Path(
-                tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=f".{MARKER}.staging", dir=parent)
-            )
-            os.chmod(staging, 0o777 & ~umask())  # mkdtemp creates 0700: the permissions mkdir would give
+            staging, staging_fd = make_staging(folder)
+            return cls(folder, staging, lock, overwrite, foreign or (lambda _: []), what, parent_fd, staging_fd)
         except BaseException:
+            for fd in (parent_fd, staging_fd):
+                if fd >= 0:
+                    os.close(fd)
             lock.release()
             raise
-        return cls(folder, staging, lock, overwrite, foreign or (lambda _: []))
 
     @classmethod
     def acquire_version(cls, parent: str | os.PathLike, **kwargs: Any) -> OutputClaim:
-        """Claim the next free ``parent/version_<n>`` (one more than the largest existing one, skipping any another
-        process holds), as TensorBoard numbers its versions; ``kwargs`` go to :meth:`acquire`."""
+        """Claim the next free ``parent/version_<n>`` (one more than the largest existing one), as TensorBoard numbers
+        its versions; ``kwargs`` go to :meth:`acquire`.
+
+        A version is skipped while another process holds it, and where its name is taken by anything: a file, folder
+        or link of that name, or, beside it, a lock file or a folder named like a claim's leftovers that this library
+        cannot prove its own (left as they are, with one warning)."""
         parent = Path(parent)
         found = [re.fullmatch(r"version_(\d+)", p.name) for p in parent.iterdir()] if parent.is_dir() else []
         version = max((int(m[1]) for m in found if m), default=-1) + 1
         while True:
             folder = parent / f"version_{version}"
-            if not folder.exists():
+            if not os.path.lexists(folder):
                 try:
-                    return cls.acquire(folder, overwrite=False, **kwargs)
-                except OutputBusyError:
+                    return cls._claim(folder, overwrite=False, next_free=True, **kwargs)
+                except (OutputBusyError, _TakenError):
                     pass
+                except UnsafeOutputError as err:
+                    _warn_once(str(folder), f"{err} Until then {folder.name} is skipped.", stacklevel=2)
             version += 1
 
     @staticmethod
@@ -272,9 +270,15 @@ class OutputClaim:
         foreign: Callable[[Path], list[str]] | None,
         what: str,
     ) -> None:
-        if not folder.exists() and not folder.is_symlink():
+        st = _lstat(folder)
+        if st is None:
             return
-        if folder.is_symlink() or not folder.is_dir():
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafeOutputError(
+                f"The output folder {str(folder)!r} is a symbolic link (to {_target(folder)}): an output is never "
+                "written through a link in its folder's place. Remove the link, or choose another folder."
+            )
+        if not stat.S_ISDIR(st.st_mode):
             raise FileExistsError(f"The output folder {str(folder)!r} exists and is not a folder: choose another one.")
         entries = _entries(folder)
         if not entries:
@@ -308,35 +312,136 @@ class OutputClaim:
         Raises:
             FileExistsError: If the final folder was filled meanwhile by something that did not take the claim (it is
                 left as it is; the staging folder is removed).
+            UnsafeOutputError: If a link was put in the final folder's place meanwhile (it is left as it is).
+            FileNotFoundError: If the folder that held the claim, or the staging folder, is gone or was replaced
+                while the request ran: nothing is committed.
+            PermissionError: If the output folder is no longer writable: nothing is committed.
         """
         if self.done:
             raise RuntimeError(f"The claim on {str(self.final)!r} is already finished.")
         try:
-            if self.final.is_dir() and not self.final.is_symlink() and not any(self.final.iterdir()):
-                os.rename(self.staging, self.final)  # replaces an empty folder atomically
-            elif self.final.exists() or self.final.is_symlink():
-                self._check_existing(self.final, self.overwrite, None, self._foreign, "output")
-                _exchange(self.staging, self.final)
-                shutil.rmtree(self.staging)  # the previous contents
-            else:
-                os.rename(self.staging, self.final)
+            self._check_in_place()
+            aside = self._put_in_place()
         except BaseException:
             self.abort()
             raise
+        if aside is not None:  # the previous contents, marked as ours before they were moved aside
+            _remove_owned(aside)  # where it cannot be removed whole, the next claim removes what is left
         self._finish()
         return self.final
 
+    def _check_in_place(self) -> None:
+        """Refuse to commit where the folder that held the claim, or the staging folder, is no longer the one the
+        claim created (deleted, moved, or replaced by one created meanwhile)."""
+        folders = (
+            (self._parent_fd, _stat(self.final.parent), f"The folder {str(self.final.parent)!r} holding the claim on"),
+            (self._staging_fd, _lstat(self.staging), f"The staging folder {str(self.staging)!r} of"),
+        )
+        for fd, now, what in folders:
+            held = os.fstat(fd)
+            if held.st_nlink == 0 or now is None or _identity(now) != _identity(held):
+                state = "is gone" if now is None else "was replaced by another folder"
+                raise FileNotFoundError(
+                    errno.ENOENT,
+                    f"{what} {str(self.final)!r} {state} while the {self.what} ran (deleted or moved?): nothing was "
+                    "committed.",
+                )
+
+    def _not_writable(self, err: OSError) -> OSError:
+        if err.errno not in _NOT_WRITABLE:
+            return err
+        return PermissionError(
+            err.errno,
+            f"The output folder {str(self.final.parent)!r} is no longer writable ({err.strerror}): nothing was "
+            f"committed, {str(self.final)!r} is as it was.",
+        )
+
+    def _rename(self, source: Path, target: Path) -> None:
+        try:
+            os.rename(source, target)
+        except OSError as err:
+            raise self._not_writable(err) from err
+
+    def _put_in_place(self) -> Path | None:
+        """Rename the staging folder to the final name, or swap it with an earlier result; the folder now holding the
+        earlier result, to delete, or None. Raises before anything changed (or after undoing it)."""
+        final = self.final
+        st = _lstat(final)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise UnsafeOutputError(
+                f"The output folder {str(final)!r} became a symbolic link (to {_target(final)}) while the {self.what} "
+                "ran: it is never followed or replaced. Remove the link; nothing was committed."
+            )
+        if st is None or (stat.S_ISDIR(st.st_mode) and not _entries(final)):
+            self._rename(self.staging, final)  # replaces an empty folder atomically
+            _unmark(self._staging_fd)  # now the result's
+            return None
+        self._check_existing(final, self.overwrite, None, self._foreign, self.what)
+        pid, random = _token(self.staging)
+        try:
+            old = _open_folder(final)
+        except OSError:
+            old = -1
+        marked = False
+        if old >= 0:  # the marker proves the earlier result ours once it is aside (at the staging or .previous name)
+            with contextlib.suppress(OSError):  # an earlier result this user cannot write into is replaced all the same
+                _mark(old, _owner_text(pid, random))
+                marked = True
+        try:
+            try:
+                swapped = _renameat2_exchange(self.staging, final)
+            except OSError as err:
+                raise self._not_writable(err) from err
+            if swapped:
+                aside = self.staging
+            else:
+                aside = final.parent / f".{final.name}.{pid}.{random}.{MARKER}.previous"
+                self._swap_through(aside)
+        except BaseException:
+            if marked:
+                _unmark(old)
+            raise
+        finally:
+            if old >= 0:
+                os.close(old)
+        _unmark(self._staging_fd)  # now the result's
+        return aside
+
+    def _swap_through(self, aside: Path) -> None:
+        """Replace the final folder by the staging folder where the kernel cannot swap them: three renames through
+        ``aside``, which :meth:`acquire` undoes if a kill falls between them."""
+        final = self.final
+        if os.path.lexists(aside):
+            raise UnsafeOutputError(
+                f"{str(aside)!r} exists (planted?): an earlier result is moved aside only to a new name, never over "
+                "something else. Remove it; nothing was committed."
+            )
+        # a rename never follows a link at its target, and replaces nothing but an empty folder
+        self._rename(final, aside)
+        try:
+            self._rename(self.staging, final)
+        except BaseException:
+            os.rename(aside, final)  # the earlier result back in its place
+            raise
+
     def abort(self) -> None:
-        """Delete the staging folder and release the claim; the final folder is left as it was (idempotent)."""
+        """Delete the staging folder and release the claim; the final folder is left as it was (idempotent, never
+        raises for the file system: a staging folder that cannot be removed is left, marked, for the next claim)."""
         if self.done:
             return
-        shutil.rmtree(self.staging, ignore_errors=True)
+        here = _lstat(self.staging)
+        if here is not None and stat.S_ISDIR(here.st_mode) and _identity(here) == _identity(os.fstat(self._staging_fd)):
+            _remove_owned(self.staging)  # only the folder this claim created, never one created meanwhile
         self._finish()
 
     def _finish(self) -> None:
         self.done = True
-        OutputClaim._active.pop(self.staging.resolve(), None)
+        OutputClaim._active.pop(self._key, None)
         self._lock.release()
+        for fd in (self._parent_fd, self._staging_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._parent_fd = self._staging_fd = -1
 
     def __enter__(self) -> OutputClaim:
         return self
@@ -346,32 +451,6 @@ class OutputClaim:
             self.commit()
         else:
             self.abort()
-
-
-def _recover(folder: Path) -> None:
-    """Before claiming ``folder``: remove the staging folders of killed claims on it, and undo a replacement that a
-    kill interrupted between its renames (only where ``renameat2`` is missing). Only names of the exact forms
-    :data:`STAGING_PATTERN` / :data:`PREVIOUS_PATTERN` for this folder, whose pid is dead, are touched."""
-    parent = folder.parent
-    previous = sorted(stale_entries(parent, PREVIOUS_PATTERN, folder.name))
-    if previous and not folder.exists():
-        os.rename(previous.pop(), folder)
-        warnings.warn(
-            f"Replacing {str(folder)!r} was interrupted midway: restored its previous contents.",
-            InterruptedWriteWarning,
-            stacklevel=4,
-        )
-    leftovers = sorted(stale_entries(parent, STAGING_PATTERN, folder.name)) + previous
-    if leftovers:
-        state = f"{str(folder)!r} holds the last complete result" if folder.exists() else "no result was committed"
-        warnings.warn(
-            f"An earlier writer of {str(folder)!r} was interrupted; removing what it left: "
-            f"{', '.join(p.name for p in leftovers)} ({state}).",
-            InterruptedWriteWarning,
-            stacklevel=4,
-        )
-        for path in leftovers:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 @atexit.register

@@ -18,11 +18,18 @@ MARKER = "lightning-unlearn"
 RANDOM = r"[a-z0-9_]{8}"  # tempfile's random part: 8 characters of [a-z0-9_]
 #: Temporary files of :func:`atomic_write`: ``.<artifact name>.<writer pid>.<8 random>.lightning-unlearn.tmp``.
 TEMP_PATTERN = re.compile(rf"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<random>{RANDOM})\.{MARKER}\.tmp$")
+#: The staging (and ``.previous``) folders of :class:`~lightning_unlearn.outputs.OutputClaim`: never re-created.
+_CLAIM_FOLDER = re.compile(rf"^\..+\.\d+\.{RANDOM}\.{MARKER}\.(?:staging|previous)$")
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 class InterruptedWriteWarning(UserWarning):
     """A previous atomic write of an artifact was interrupted (its process was killed): its temporary file is left."""
+
+
+class FolderGoneError(FileNotFoundError):
+    """The staging folder of an output claim that a write goes into is gone (deleted or moved while the request ran):
+    it is never re-created, so nothing half-written can be committed into a folder created meanwhile."""
 
 
 # ----------------------------------------------------------------------------------------------------- disk errors
@@ -71,21 +78,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], exc
 
     Raises:
         FileExistsError: With ``exclusive``, if ``path`` exists (nothing is written).
+        FolderGoneError: If ``path`` lies in the staging folder of an output claim that is gone (see
+            :func:`make_folder`; nothing is written).
         OSError: "no space left on the device" (or quota) in plain words, naming ``path``; the previous version of
             the file is intact.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     clean_stale_temp_files(path.parent, path.name)
     if exclusive and (path.exists() or path.is_symlink()):
         raise FileExistsError(errno.EEXIST, f"{str(path)!r} already exists; it is never replaced without overwrite.")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".{MARKER}.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            # mkstemp creates 0600 (O_EXCL | O_NOFOLLOW): give the file the permissions open() would, through its
+            # descriptor (not through its name, which could be a link by now)
+            if hasattr(os, "fchmod"):
+                os.fchmod(handle.fileno(), 0o666 & ~umask())
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600: give the file the permissions open() would
+        if not hasattr(os, "fchmod"):  # pragma: no cover - Windows before Python 3.13
+            os.chmod(tmp, 0o666 & ~umask())
         if exclusive:
             _link_exclusive(tmp, path)
         else:
@@ -113,6 +127,33 @@ def _link_exclusive(tmp: str, path: Path) -> None:
         os.replace(tmp, path)
         return
     os.unlink(tmp)
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` and its missing parents, except the staging folder of an output claim
+    (:class:`~lightning_unlearn.outputs.OutputClaim`, ``.<name>.<pid>.<random>.lightning-unlearn.staging``): one that
+    disappeared while its request ran (its run folder deleted, and perhaps created anew) is never re-created, so a
+    request cannot write half of its outputs into a folder that is not the one it claimed.
+
+    Folders inside an existing staging folder are created as usual.
+
+    Raises:
+        FolderGoneError: If ``folder`` is, or lies in, a staging folder that does not exist.
+    """
+    folder = Path(folder)
+    if folder.is_dir():
+        return folder
+    for ancestor in (folder, *folder.parents):
+        if _CLAIM_FOLDER.match(ancestor.name):
+            if not ancestor.is_dir() or ancestor.is_symlink():
+                raise FolderGoneError(
+                    errno.ENOENT,
+                    f"The staging folder {str(ancestor)!r} is gone or replaced (was its folder deleted or moved while "
+                    "the request ran?): it is not re-created, and nothing was committed.",
+                )
+            break
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def umask() -> int:
@@ -164,7 +205,8 @@ def stale_temp_files(folder: str | os.PathLike, name: str | None = None) -> list
         folder: The folder to look in (not recursive); a missing folder has none.
         name: Only temporary files of the artifact with this file name (e.g. ``"report.json"``); default: all.
     """
-    return sorted(entry for entry in stale_entries(Path(folder), TEMP_PATTERN, name) if entry.is_file())
+    entries = stale_entries(Path(folder), TEMP_PATTERN, name)
+    return sorted(entry for entry in entries if entry.is_file() and not entry.is_symlink())  # never a link: not ours
 
 
 def clean_stale_temp_files(folder: str | os.PathLike, name: str | None = None) -> list[Path]:

@@ -495,9 +495,10 @@ def test_a_killed_claim_leaves_the_previous_result_and_the_next_claim_cleans_up(
 
 def test_without_an_atomic_swap_a_replacement_interrupted_between_renames_is_undone(tmp_path, monkeypatch):
     """Where ``renameat2(RENAME_EXCHANGE)`` is missing the swap takes three renames; a kill between the first two
-    leaves the old result under a ``.previous`` name, which the next claim of the folder puts back."""
+    leaves the old result under a ``.previous`` name (marked as the library's own), which the next claim of the folder
+    puts back."""
     from lightning_unlearn import outputs
-    from lightning_unlearn.outputs import OutputClaim
+    from lightning_unlearn.outputs import OWNER_FILE, OutputClaim
 
     monkeypatch.setattr(outputs, "_renameat2_exchange", lambda first, second: False)
     folder = tmp_path / "version_0"
@@ -506,8 +507,10 @@ def test_without_an_atomic_swap_a_replacement_interrupted_between_renames_is_und
     with OutputClaim.acquire(folder, overwrite=True) as claim:  # the fallback swap, completed
         new = _result(claim.staging, 2)
     assert _contents(folder) == new and _hidden(tmp_path) == []
-    previous = tmp_path / f".version_0.{_dead_pid()}.abcd_123.lightning-unlearn.previous"
-    folder.rename(previous)  # as left by a writer killed after the first rename
+    dead = _dead_pid()
+    previous = tmp_path / f".version_0.{dead}.abcd_123.lightning-unlearn.previous"
+    folder.rename(previous)  # as left by a writer killed after the first rename, which marked it as its own before
+    (previous / OWNER_FILE).write_text(f"lightning-unlearn claim {dead} abcd_123\n")
     with pytest.warns(InterruptedWriteWarning, match="restored its previous contents"):
         OutputClaim.acquire(folder, overwrite=True).abort()
     assert _contents(folder) == new and _hidden(tmp_path) == []
