@@ -1,4 +1,5 @@
-"""SalUn's five-feature SVC attack: each feature against a hand computation, the attack on synthetic logits."""
+"""SalUn's five-feature SVC attack: each feature against a hand computation, the attack on synthetic logits, and the
+subsample that decided near-binary scores by its seed (issue 30, item 7)."""
 
 import math
 
@@ -9,6 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_unlearn.evaluation.mia import (
     SALUN_FEATURES,
+    SALUN_MAX_SAMPLES,
+    m_entropy_song_mittal,
     mia_salun,
     salun_features,
     salun_scores,
@@ -27,7 +30,7 @@ def _hand(logits: list[float], label: int) -> dict[str, object]:
         "correctness": float(max(range(len(p)), key=p.__getitem__) == label),
         "confidence": p[label],
         "entropy": -sum(v * math.log(v) for v in p if v > 0),
-        "m_entropy": m_entropy,
+        "m_entropy_song_mittal": m_entropy,
         "prob": p,
     }
 
@@ -46,12 +49,14 @@ def test_each_feature_equals_a_hand_computation():
     assert set(features) == set(SALUN_FEATURES)
     for i, (z, y) in enumerate(rows):
         hand = _hand(z, y)
-        for name in ("correctness", "confidence", "entropy", "m_entropy"):
+        for name in ("correctness", "confidence", "entropy", "m_entropy_song_mittal"):
             assert features[name][i].item() == pytest.approx(hand[name], rel=1e-6, abs=1e-12), (name, i)
         assert features["prob"][i].tolist() == pytest.approx(hand["prob"], rel=1e-6, abs=1e-12)
     # the values the floor produces, written out: 50 + 69.08 and 2 * 69.08
-    assert features["m_entropy"][3].item() == pytest.approx(50.0 - math.log(1e-30), rel=1e-6)
-    assert features["m_entropy"][4].item() == pytest.approx(-2 * math.log(1e-30), rel=1e-6)
+    assert features["m_entropy_song_mittal"][3].item() == pytest.approx(50.0 - math.log(1e-30), rel=1e-6)
+    assert features["m_entropy_song_mittal"][4].item() == pytest.approx(-2 * math.log(1e-30), rel=1e-6)
+    probs = torch.softmax(logits.double(), -1)
+    assert torch.equal(m_entropy_song_mittal(probs, labels), features["m_entropy_song_mittal"])
     assert features["entropy"][2].item() == pytest.approx(math.log(3))
     assert features["correctness"].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
 
@@ -118,6 +123,73 @@ def test_confidence_without_a_cap_is_the_optml_svc_score():
     assert salun_scores(members, nonmembers, forget, max_samples=None)["confidence"] == pytest.approx(expected)
 
 
+def _near_binary(n: int, confident: int, generator: torch.Generator, classes: int = 10):
+    """Logits of a well-trained model's outputs: ``confident`` samples with the label's logit 40 above the rest (p_y is
+    1.0 in float64: correct, zero entropy), the others wrong (another class's logit 3 above the rest)."""
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    logits = torch.zeros(n, classes)
+    rows = torch.randperm(n, generator=generator)
+    sure, unsure = rows[:confident], rows[confident:]
+    logits[sure, labels[sure]] = 40.0
+    logits[unsure, (labels[unsure] + 1) % classes] = 3.0
+    return logits, labels
+
+
+def test_a_subsample_no_longer_decides_the_near_binary_scores():
+    """Issue 30, item 7: nearly every member and non-member sits at p_y = 1, the non-members by two more (4,851 vs
+    4,849 of 5,000), so on the full sets the SVC calls that point a non-member and 98 % of the forget set (490 of 500
+    there) unseen. A 2,000-sample subsample turns that two-sample majority into a coin toss: seed 0 scores 2 %, as a
+    retrained MNIST model scored 0.20 % against 99.36 % on SalUn's full sets. The default (the full sets) is the same
+    number for every seed; a capped estimate averaged over subsamples reports the coin toss as its spread."""
+    g = torch.Generator().manual_seed(0)
+    members, nonmembers = _near_binary(5000, 4849, g), _near_binary(5000, 4851, g)
+    forget = _near_binary(500, 490, g)
+    headline = ("confidence", "correctness", "entropy")
+    full = salun_scores(members, nonmembers, forget, max_samples=None)
+    assert [full[name] for name in headline] == pytest.approx([98.0] * 3)
+    assert (full["members"], full["repeats"], full["confidence_std"]) == (5000, 1, 0.0)
+
+    seeds = range(8)
+    single = [salun_scores(members, nonmembers, forget, max_samples=2000, subsample_repeats=1, seed=s) for s in seeds]
+    for name in headline:  # the flip: one subsample's score jumps between ~0 and ~100 with its seed
+        values = [out[name] for out in single]
+        assert min(values) <= 5.0 and max(values) >= 95.0, (name, values)
+        assert math.isnan(single[0][f"{name}_std"])  # one subsample: no spread measured
+    assert single[0]["confidence"] <= 5.0  # the seed every report used
+
+    default = [salun_scores(members, nonmembers, forget, seed=s) for s in seeds]
+    for name in headline:  # gone with the default: stable across seeds, at the full-set score
+        values = [out[name] for out in default]
+        assert max(values) - min(values) <= 2.0, (name, values)
+        assert all(abs(v - full[name]) <= 2.0 for v in values), (name, values, full[name])
+        assert all(out[f"{name}_std"] == 0.0 for out in default)
+
+    averaged = salun_scores(members, nonmembers, forget, max_samples=2000, subsample_repeats=8)
+    assert averaged["repeats"] == 8 and averaged["members"] == 2000
+    for name in headline:  # the cheaper estimate does not hide the coin toss: its spread is ~50 points
+        assert averaged[f"{name}_std"] >= 30.0, (name, averaged)
+
+
+def test_subsample_repeats_average_seeded_subsamples():
+    g = torch.Generator().manual_seed(6)
+    members, nonmembers, forget = _synthetic(300, "same", g), _synthetic(300, "non", g), _synthetic(80, "same", g)
+    out = salun_scores(members, nonmembers, forget, max_samples=100, subsample_repeats=3, seed=2)
+    assert out == salun_scores(members, nonmembers, forget, max_samples=100, subsample_repeats=3, seed=2)
+    assert (out["members"], out["nonmembers"], out["repeats"]) == (100, 100, 3)
+    assert set(out) == {*SALUN_FEATURES, *(f"{name}_std" for name in SALUN_FEATURES), "members", "nonmembers",
+                        "forget", "repeats"}  # fmt: skip
+    first = salun_scores(members, nonmembers, forget, max_samples=100, subsample_repeats=1, seed=2)
+    assert first["repeats"] == 1 and all(math.isnan(first[f"{name}_std"]) for name in SALUN_FEATURES)
+    assert all(out[f"{name}_std"] >= 0.0 for name in SALUN_FEATURES)
+    # a cap at or above the set's size is the full set: one fit, whatever the repeats
+    whole = salun_scores(members, nonmembers, forget, max_samples=300, subsample_repeats=4)
+    assert whole == salun_scores(members, nonmembers, forget)
+    assert whole["repeats"] == 1 and whole["confidence_std"] == 0.0
+    assert SALUN_MAX_SAMPLES is None  # the product default: SalUn's full sets
+    with pytest.raises(ValueError, match="subsample_repeats"):
+        salun_scores(members, nonmembers, forget, max_samples=100, subsample_repeats=0)
+
+
 def test_loaders_give_the_same_scores_and_bad_arguments_are_refused():
     g = torch.Generator().manual_seed(5)
     model = nn.Linear(4, 3)
@@ -140,4 +212,7 @@ def test_evaluation_options_check_the_cap():
 
     with pytest.raises(ValueError, match="mia_samples"):
         EvaluationOptions(mia_samples=0)
-    assert EvaluationOptions(mia_samples=None).mia_samples is None
+    with pytest.raises(ValueError, match="mia_subsample_repeats"):
+        EvaluationOptions(mia_subsample_repeats=0)
+    assert EvaluationOptions().mia_samples is None  # SalUn's full sets by default
+    assert EvaluationOptions(mia_samples=2000).mia_samples == 2000

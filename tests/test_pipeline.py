@@ -55,7 +55,7 @@ def test_evaluate_model_matches_independent_references(poisoned_run):
 
     from lightning_unlearn.evaluation import mia_summary, relearning_attack
     from lightning_unlearn.evaluation.mia import mia_salun
-    from lightning_unlearn.evaluation.suite import EvaluationOptions, evaluate_model
+    from lightning_unlearn.evaluation.suite import EvaluationOptions, evaluate_model, salun_metric_key
     from lightning_unlearn.run import TrainingRun
 
     training_run = TrainingRun.from_path(poisoned_run)
@@ -86,12 +86,19 @@ def test_evaluate_model_matches_independent_references(poisoned_run):
     assert metrics["mia/loss_auc_retain"] == pytest.approx(mia["mia_loss_auc_retain"], abs=1e-6)
     assert metrics["mia/loss_auc_forget"] == pytest.approx(mia["mia_loss_auc_forget"], abs=1e-6)
     salun = mia_salun(
-        net, datamodule.retain_dataloader(), test, datamodule.forget_dataloader(), max_samples=options.mia_samples
+        net,
+        datamodule.retain_dataloader(),
+        test,
+        datamodule.forget_dataloader(),
+        max_samples=options.mia_samples,
+        subsample_repeats=options.mia_subsample_repeats,
     )
-    assert {f"mia/salun_{k}": v for k, v in salun.items()} == pytest.approx(
-        {k: metrics[k] for k in metrics if "salun" in k}
-    )
-    assert salun["nonmembers"] == min(options.mia_samples, len(test.dataset))
+    salun_keys = {salun_metric_key(k) for k in salun}
+    assert {salun_metric_key(k): v for k, v in salun.items()} == pytest.approx({k: metrics[k] for k in salun_keys})
+    assert {k for k in metrics if "salun" in k or "m_entropy" in k} == salun_keys
+    # the default: SalUn's full sets (the first |test| = all 3,800 retain samples against as many test samples)
+    assert salun["members"] == salun["nonmembers"] == len(datamodule.retain_dataloader().dataset)
+    assert salun["repeats"] == 1 and salun["confidence_std"] == 0.0
     attack = relearning_attack(net, datamodule.forget_dataloader(), test, fraction=0.2, steps=3, seed=5)
     assert metrics["relearn/forget_acc_after"] == pytest.approx(attack["forget_acc_after"])
     assert metrics["relearn/recovery"] == pytest.approx(attack["recovery"])

@@ -371,6 +371,11 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, retrained_ru
             str(tmp_path),
             "--trainer.enable_progress_bar",
             "false",
+            # the CLI's cap on SalUn's attack: two subsamples of 1,000 (its default, the full sets: test_pipeline.py)
+            "--evaluation.mia_samples",
+            "1000",
+            "--evaluation.mia_subsample_repeats",
+            "2",
         ]
     )
     out = tmp_path / "firstorder_smallestlayer" / "version_0"
@@ -383,10 +388,13 @@ def test_unlearn_cli_end_to_end_improves_target_class(poisoned_run, retrained_ru
     assert report["method"]["val_loss"] <= no_change["val_loss"]  # chosen on validation loss, never worse
     assert report["method"]["seconds_update"] > 0 and report["method"]["seconds_search"] > 0  # timed (no bound)
     # the evaluation suite: every model judged on accuracies, MIA and the relearning attack, compared by ToW
-    salun = {f"mia/salun_{name}" for name in ("correctness", "confidence", "entropy", "m_entropy", "prob")}
+    salun = {f"mia/salun_{name}" for name in ("correctness", "confidence", "entropy", "prob")}
+    salun |= {"mia/m_entropy_song_mittal"}
+    salun |= {f"{key}_std" for key in salun}
     for model in ("before", "after", "reference"):
         assert {"mia/svc", "mia/loss_auc_forget", "relearn/recovery", *salun} <= set(report[model]), model
-        assert report[model]["mia/salun_members"] == report[model]["mia/salun_nonmembers"] == 2000  # 3,800 retain
+        assert report[model]["mia/salun_members"] == report[model]["mia/salun_nonmembers"] == 1000  # 3,800 retain
+        assert report[model]["mia/salun_repeats"] == 2
         assert report[model]["mia/salun_forget"] == report["forget_samples"]
     assert "gap_mia_salun_confidence" in report["comparison"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -15,19 +15,28 @@ a fraction, × 100). With ``p = softmax(z)`` of a sample's logits ``z`` over ``C
 * ``correctness`` = 1[argmax_j p_j = y] (0 or 1);
 * ``confidence`` = p_y, the **headline** (SalUn's "MIA-Efficacy"; the same feature as the OPTML SVC score above);
 * ``entropy`` = −Σ_j p_j log p_j (0 · log 0 = 0);
-* ``m_entropy``, the modified entropy of Song & Mittal (USENIX Security 2021; their code: inspire-group/
-  membership-inference-evaluation, ``_m_entr_comp``): −(1 − p_y) log p_y − Σ_{j≠y} p_j log(1 − p_j), logarithms of
-  arguments below 1e-30 taken at 1e-30 as there.
-  SalUn's ``m_entropy`` computes something else: it indexes ``[:, labels]`` (for every sample, every class that is the
-  label of *any* sample of the set) and takes ``log p`` where ``log(1 − p)`` belongs, so for a set that holds every
-  class it is −Σ_j (1 − p_j) log p_j, independent of the label. The formula above is the published one;
+* ``m_entropy_song_mittal``: the modified entropy of Song & Mittal (:func:`m_entropy_song_mittal`). SalUn's code has
+  a feature it calls ``m_entropy`` but computes something else: it indexes ``[:, labels]`` (for every sample, every
+  class that is the label of *any* sample of the set) and takes ``log p`` where ``log(1 − p)`` belongs, so for a set
+  that holds every class it is −Σ_j (1 − p_j) log p_j, independent of the label. The published formula is computed
+  here, under its authors' name;
 * ``prob`` = the whole vector p (a C-dimensional feature, ``gamma = 1/C``).
 
-SalUn fits on all ``|test|`` members and non-members (MNIST: 20,000 points; on a 4,000-sample debug run, 3,800 + 3,800
-took 50 s for the five features on this project's shared 2-core machine); here each side is a seeded random subsample
-of at most ``max_samples`` (default :data:`SALUN_MAX_SAMPLES`: 9 s for the five there) of SalUn's sets, and the sizes
-are returned with the scores (``max_samples=None``: SalUn's exact sets, where ``confidence`` equals the OPTML SVC
-score). A retain set shorter than the test set cuts the test set to its length (SalUn's code would fail there).
+*Which samples.* By default (``max_samples=None``) the SVCs are fitted on SalUn's exact sets, all ``n = min(|retain|,
+|test|)`` members and all ``n`` non-members; ``confidence`` then equals the OPTML SVC score. This is the robust
+default: a trained model puts nearly every sample, member or not, at p_y ≈ 1 (correct, near-zero entropy), so the
+SVC's call on those samples, and with it most of the forget set, is a vote between the members and the non-members
+that sit there. A subsample of a few thousand changes the vote's outcome with its seed: a retrained MNIST model
+scored 0.20 % (confidence) and 0.44 % (correctness) on one 2,000-sample subsample, 99.36 % and 99.56 % on the full
+sets (as SalUn's own code), and ``entropy`` moved by 80 points between subsample seeds.
+
+*Cost.* MNIST's 10,000 + 10,000 take 40–80 s per model for the five features on a shared 2-core CPU (measured: 42 s
+for an MNIST CNN trained 3 epochs on 24,000 images, 44–81 s for others); the test suite's debug run (3,800 + 3,800)
+5 s. The cheaper alternative, ``max_samples=k``: ``subsample_repeats`` seeded random subsamples of ``k`` members and
+``k`` non-members, each attacked, the scores averaged and their sample standard deviation reported as
+``<feature>_std``; roughly ``subsample_repeats · (k / n)²`` of the full cost (the MNIST CNN above: 2 s for one
+2,000-sample subsample, 11 s for five). A large ``_std`` says the score is decided by the subsample, not by the model.
+A retain set shorter than the test set cuts the test set to its length (SalUn's code would fail there).
 
 *Loss threshold*: the ROC-AUC of ``-loss`` as a score separating members (1) from non-members (0). 0.5 = the sets are
 indistinguishable, 1 = every member has a lower loss than every non-member. Run it on retain-vs-test (how much the
@@ -38,6 +47,8 @@ scikit-learn is needed for the attacks (``pip install lightning-unlearn[eval]``)
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,10 +59,14 @@ from torch import nn
 from lightning_unlearn.evaluation.metrics import evaluating, iter_logits, predictions
 
 SVC_PARAMS: dict[str, Any] = {"C": 3, "gamma": "auto", "kernel": "rbf"}
-#: The SalUn attack's features, in their code's order; ``confidence`` is the headline.
-SALUN_FEATURES = ("correctness", "confidence", "entropy", "m_entropy", "prob")
-#: Default cap on the SalUn attack's members and on its non-members (each a seeded random subsample of SalUn's set).
-SALUN_MAX_SAMPLES = 2000
+#: The SalUn attack's features, in their code's order (its ``m_entropy`` replaced by Song & Mittal's published
+#: formula, under their name); ``confidence`` is the headline.
+SALUN_FEATURES = ("correctness", "confidence", "entropy", "m_entropy_song_mittal", "prob")
+#: Default cap on the SalUn attack's members and on its non-members: None, SalUn's full sets (module docstring: a
+#: subsample of a few thousand decides the near-binary scores by its seed).
+SALUN_MAX_SAMPLES: int | None = None
+#: Default number of seeded subsamples averaged when a cap is set (their spread is reported as ``<feature>_std``).
+SALUN_SUBSAMPLE_REPEATS = 5
 _LOG_FLOOR = 1e-30  # Song & Mittal's `small_value`: log of anything smaller is log(1e-30)
 
 
@@ -171,6 +186,29 @@ def svc_nonmember_share(members: torch.Tensor, nonmembers: torch.Tensor, targets
     return float(100.0 * (1.0 - predicted_member.mean()))
 
 
+def m_entropy_song_mittal(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Modified entropy of each sample (Song & Mittal, "Systematic Evaluation of Privacy Risks of Machine Learning
+    Models", USENIX Security 2021, eq. 6; their code: inspire-group/membership-inference-evaluation, ``_m_entr_comp``).
+
+    ``Mentr(p, y) = −(1 − p_y) log p_y − Σ_{j≠y} p_j log(1 − p_j)``: low for a confident, correct prediction, high for
+    a confident wrong one (unlike the entropy, it uses the label). Logarithms of arguments below 1e-30 are taken at
+    1e-30, as in their code. Not SalUn's ``m_entropy`` (module docstring), which computes another quantity.
+
+    Args:
+        probs: ``(n, C)`` probabilities (rows summing to 1).
+        labels: ``(n,)`` labels.
+
+    Returns:
+        ``(n,)`` values, in the dtype of ``probs``.
+    """
+    y = labels.long().unsqueeze(1)
+    floor = torch.tensor(_LOG_FLOOR, dtype=probs.dtype)
+    log_p = torch.log(torch.maximum(probs, floor))
+    log_not_p = torch.log(torch.maximum(1.0 - probs, floor))
+    is_label = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, y, True)
+    return -torch.where(is_label, (1.0 - probs) * log_p, probs * log_not_p).sum(dim=1)
+
+
 def salun_features(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """SalUn's five attack features of each sample, in float64 (formulas: the module docstring).
 
@@ -182,19 +220,12 @@ def salun_features(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torc
         ``{name: tensor}`` for :data:`SALUN_FEATURES`: ``(n,)`` tensors, ``prob`` ``(n, C)``.
     """
     z = logits.double()
-    y = labels.long().unsqueeze(1)
     p = torch.softmax(z, dim=-1)
-    p_y = p.gather(1, y).squeeze(1)
-    floor = torch.tensor(_LOG_FLOOR, dtype=torch.float64)
-    log_p = torch.log(torch.maximum(p, floor))
-    log_not_p = torch.log(torch.maximum(1.0 - p, floor))
-    is_label = torch.zeros_like(p, dtype=torch.bool).scatter_(1, y, True)
-    m_entropy = -torch.where(is_label, (1.0 - p) * log_p, p * log_not_p).sum(dim=1)
     return {
         "correctness": (z.argmax(dim=1) == labels.long()).double(),
-        "confidence": p_y,
+        "confidence": p.gather(1, labels.long().unsqueeze(1)).squeeze(1),
         "entropy": -torch.where(p > 0, p * torch.log(p), torch.zeros_like(p)).sum(dim=1),
-        "m_entropy": m_entropy,
+        "m_entropy_song_mittal": m_entropy_song_mittal(p, labels),
         "prob": p,
     }
 
@@ -206,16 +237,35 @@ def _subsample(count: int, max_samples: int | None, generator: torch.Generator) 
     return torch.randperm(count, generator=generator)[:max_samples].sort().values
 
 
+def _sample_std(values: list[float]) -> float:
+    """Sample standard deviation of ``values``; NaN for fewer than two."""
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def _check_positive(value: int | None, name: str, none_ok: bool) -> None:
+    """Raise ValueError unless ``value`` is an integer >= 1 (or None, where ``none_ok``)."""
+    if value is None and none_ok:
+        return
+    if value is None or isinstance(value, bool) or int(value) != value or value < 1:
+        allowed = "an integer >= 1 or None" if none_ok else "an integer >= 1"
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+
+
 def salun_scores(
     members: tuple[torch.Tensor, torch.Tensor],
     nonmembers: tuple[torch.Tensor, torch.Tensor],
     forget: tuple[torch.Tensor, torch.Tensor],
     *,
     max_samples: int | None = SALUN_MAX_SAMPLES,
+    subsample_repeats: int = SALUN_SUBSAMPLE_REPEATS,
     seed: int = 0,
 ) -> dict[str, float]:
     """SalUn's SVC attack (forget efficacy) on precomputed outputs: one SVC per feature, % of forget samples called
     non-members (module docstring).
+
+    The default fits on SalUn's full sets (MNIST, 10,000 + 10,000: 40–80 s per call on a 2-core CPU); a subsample of
+    a few thousand decides the near-binary scores of a well-trained model by its seed (module docstring), so a cap
+    is only the cheaper estimate, averaged over ``subsample_repeats`` subsamples with its spread reported.
 
     Args:
         members: ``(logits, labels)`` of the retain set in its fixed order; its first ``n = min(|retain|, |test|)``
@@ -223,38 +273,52 @@ def salun_scores(
         nonmembers: ``(logits, labels)`` of the test set (shadow-test: its first ``n``, all of it when the retain
             set is the longer, as in SalUn).
         forget: ``(logits, labels)`` of the forget set (the target), with the labels the model was trained with.
-        max_samples: At most this many members and this many non-members, each a random subsample of SalUn's set
-            (None: all of them, SalUn's exact sets).
-        seed: Seed of the subsample.
+        max_samples: None (default): all ``n`` members and non-members, SalUn's exact sets, one fit per feature.
+            An integer ``k < n``: ``subsample_repeats`` seeded random subsamples of ``k`` members and ``k``
+            non-members, one fit per feature on each.
+        subsample_repeats: How many subsamples a cap averages over (ignored without one).
+        seed: Seed of the subsamples (one generator draws them all, members then non-members of each repeat).
 
     Returns:
-        ``{feature: %}`` for :data:`SALUN_FEATURES` and the sizes used: ``members``, ``nonmembers``, ``forget``.
+        ``{feature: %}`` for :data:`SALUN_FEATURES` (the mean over the subsamples), ``{feature}_std`` (their sample
+        standard deviation, points: 0.0 for the full sets, which have no subsample to vary; NaN for a single
+        subsample, whose spread is not measured), and the sizes used: ``members``, ``nonmembers`` (per fit),
+        ``forget`` and ``repeats`` (fits per feature).
 
     Raises:
-        ValueError: If a set is empty or ``max_samples`` is not a positive integer or None.
+        ValueError: If a set is empty, ``max_samples`` is not a positive integer or None, or ``subsample_repeats``
+            is not a positive integer.
     """
-    if max_samples is not None and (int(max_samples) != max_samples or max_samples < 1):
-        raise ValueError(f"`max_samples` must be an integer >= 1 or None, got {max_samples!r}.")
+    _check_positive(max_samples, "max_samples", none_ok=True)
+    _check_positive(subsample_repeats, "subsample_repeats", none_ok=False)
     for name, (logits, _) in (("members", members), ("nonmembers", nonmembers), ("forget", forget)):
         _require(logits, name)
     # SalUn: the first |test| retain samples are the members, the test set the non-members; a retain set shorter than
     # the test set cuts the test set to its size, as the OPTML SVC score does (balanced classes)
     count = min(len(members[0]), len(nonmembers[0]))
-    generator = torch.Generator().manual_seed(int(seed))
-    keep_in = _subsample(count, max_samples, generator)
-    keep_out = _subsample(count, max_samples, generator)
-    inside = salun_features(members[0][:count][keep_in], members[1][:count][keep_in])
-    outside = salun_features(nonmembers[0][:count][keep_out], nonmembers[1][:count][keep_out])
+    full = max_samples is None or count <= max_samples
+    repeats = 1 if full else int(subsample_repeats)
+    inside = salun_features(members[0][:count], members[1][:count])
+    outside = salun_features(nonmembers[0][:count], nonmembers[1][:count])
     target = salun_features(*forget)
-    scores = {
-        name: svc_nonmember_share(
-            inside[name].reshape(len(keep_in), -1),
-            outside[name].reshape(len(keep_out), -1),
-            target[name].reshape(len(forget[0]), -1),
-        )
-        for name in SALUN_FEATURES
-    }
-    return scores | {"members": len(keep_in), "nonmembers": len(keep_out), "forget": len(forget[0])}
+    generator = torch.Generator().manual_seed(int(seed))
+    runs: dict[str, list[float]] = {name: [] for name in SALUN_FEATURES}
+    for _ in range(repeats):
+        keep_in = _subsample(count, max_samples, generator)
+        keep_out = _subsample(count, max_samples, generator)
+        for name in SALUN_FEATURES:
+            runs[name].append(
+                svc_nonmember_share(
+                    inside[name][keep_in].reshape(len(keep_in), -1),
+                    outside[name][keep_out].reshape(len(keep_out), -1),
+                    target[name].reshape(len(forget[0]), -1),
+                )
+            )
+    scores = {name: sum(values) / len(values) for name, values in runs.items()}
+    # sample standard deviation over the subsamples (NaN for a single one); the full sets have nothing to vary
+    spread = {f"{name}_std": 0.0 if full else _sample_std(values) for name, values in runs.items()}
+    size = len(keep_in)
+    return scores | spread | {"members": size, "nonmembers": size, "forget": len(forget[0]), "repeats": repeats}
 
 
 def mia_salun(
@@ -264,6 +328,7 @@ def mia_salun(
     forget_loader: Iterable[Any],
     *,
     max_samples: int | None = SALUN_MAX_SAMPLES,
+    subsample_repeats: int = SALUN_SUBSAMPLE_REPEATS,
     seed: int = 0,
     device: str | torch.device | None = None,
 ) -> dict[str, float]:
@@ -274,8 +339,10 @@ def mia_salun(
         retain_loader: Retain set D_r, in a fixed order (its first |test| samples are the members).
         test_loader: Test set (non-members).
         forget_loader: Forget set D_f, with the labels the model was trained with.
-        max_samples: Cap on members and on non-members (see :func:`salun_scores`).
-        seed: Seed of the subsample.
+        max_samples: None (default): SalUn's full sets; an integer: the size of each subsample (see
+            :func:`salun_scores`).
+        subsample_repeats: How many subsamples a cap averages over.
+        seed: Seed of the subsamples.
         device: Where to run; default: the model's device.
 
     Returns:
@@ -285,7 +352,7 @@ def mia_salun(
         test = predictions(model, test_loader, dev)
         retain = predictions(model, retain_loader, dev, limit=len(test[1]))
         forget = predictions(model, forget_loader, dev)
-    return salun_scores(retain, test, forget, max_samples=max_samples, seed=seed)
+    return salun_scores(retain, test, forget, max_samples=max_samples, subsample_repeats=subsample_repeats, seed=seed)
 
 
 def mia_loss_auc(
@@ -352,10 +419,12 @@ def mia_summary(
 __all__ = [
     "SALUN_FEATURES",
     "SALUN_MAX_SAMPLES",
+    "SALUN_SUBSAMPLE_REPEATS",
     "SVC_PARAMS",
     "label_probabilities",
     "loss_auc",
     "losses",
+    "m_entropy_song_mittal",
     "mia_loss_auc",
     "mia_salun",
     "mia_summary",

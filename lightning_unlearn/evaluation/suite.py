@@ -9,9 +9,10 @@
 * membership inference (with ``EvaluationOptions.mia``): ``mia/svc`` (OPTML's SVC score of the forget set, %),
   ``mia/loss_auc_retain`` and ``mia/loss_auc_forget`` (loss-threshold ROC-AUC against the test set), and SalUn's SVC
   attack on five features, % of forget samples called non-members (``mia/salun_correctness``,
-  ``mia/salun_confidence`` (the headline), ``mia/salun_entropy``, ``mia/salun_m_entropy``, ``mia/salun_prob``) with
-  the sizes it used (``mia/salun_members``, ``mia/salun_nonmembers``, ``mia/salun_forget``; formulas in
-  :mod:`~lightning_unlearn.evaluation.mia`);
+  ``mia/salun_confidence`` (the headline), ``mia/salun_entropy``, ``mia/m_entropy_song_mittal`` (Song & Mittal's
+  modified entropy, not SalUn's formula), ``mia/salun_prob``), each with its spread over subsamples (``..._std``:
+  0 on the full sets, the default) and the sizes it used (``mia/salun_members``, ``mia/salun_nonmembers`` per fit,
+  ``mia/salun_forget``, ``mia/salun_repeats``; formulas in :mod:`~lightning_unlearn.evaluation.mia`);
 * the relearning attack (with ``EvaluationOptions.relearn``): ``relearn/forget_acc_before``,
   ``relearn/forget_acc_after`` (poisoned-label accuracy on the forget samples the attack did not use),
   ``relearn/recovery`` (after − before, points), ``relearn/auc`` (the mean of the recovery curve over the attack, %),
@@ -40,7 +41,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from lightning_unlearn.evaluation.metrics import accuracy_of, evaluating, gap, percent_restored, predictions, tow
-from lightning_unlearn.evaluation.mia import SALUN_MAX_SAMPLES, loss_auc, salun_scores, svc_score
+from lightning_unlearn.evaluation.mia import (
+    SALUN_MAX_SAMPLES,
+    SALUN_SUBSAMPLE_REPEATS,
+    loss_auc,
+    salun_scores,
+    svc_score,
+)
 from lightning_unlearn.evaluation.relearn import calibrate_relearning, relearning_attack
 
 #: The splits ToW multiplies over (EVALUATION.md): forget (poisoned labels), retain and test accuracy.
@@ -76,9 +83,14 @@ class EvaluationOptions:
     Args:
         mia: Run the membership-inference attacks (SVC score, loss-threshold AUCs, SalUn's five-feature SVC attack;
             needs scikit-learn).
-        mia_samples: The SalUn attack's cap on members and on non-members: a seeded random subsample of each of
-            its sets (None: all, as SalUn; MNIST: 10,000 each, a minute or more per model on a CPU).
-        mia_seed: Seed of that subsample (the same for every model, so all are attacked on the same samples).
+        mia_samples: The SalUn attack's members and non-members. None (default): all of SalUn's sets, its
+            protocol, the only choice that does not let a subsample's seed decide the near-binary scores of a
+            well-trained model (:mod:`~lightning_unlearn.evaluation.mia`); it costs 40–80 s per model on MNIST
+            (10,000 + 10,000) on a 2-core CPU, three models per unlearning report. An integer ``k``: the cheaper
+            estimate, ``mia_subsample_repeats`` seeded random subsamples of ``k`` each, scores averaged, their
+            spread reported in the ``..._std`` keys.
+        mia_subsample_repeats: How many subsamples a ``mia_samples`` cap averages over (>= 1; ignored without one).
+        mia_seed: Seed of those subsamples (the same for every model, so all are attacked on the same samples).
         relearn: Run the relearning attack.
         relearn_fraction: Share of the forget set the attacker fine-tunes on, in (0, 1].
         relearn_steps: SGD steps of the attack (>= 1).
@@ -97,6 +109,7 @@ class EvaluationOptions:
 
     mia: bool = True
     mia_samples: int | None = SALUN_MAX_SAMPLES
+    mia_subsample_repeats: int = SALUN_SUBSAMPLE_REPEATS
     mia_seed: int = 0
     relearn: bool = True
     relearn_fraction: float = 0.1
@@ -111,6 +124,8 @@ class EvaluationOptions:
     def __post_init__(self) -> None:
         if self.mia_samples is not None and (int(self.mia_samples) != self.mia_samples or self.mia_samples < 1):
             raise ValueError(f"`mia_samples` must be an integer >= 1 or None, got {self.mia_samples!r}.")
+        if int(self.mia_subsample_repeats) != self.mia_subsample_repeats or self.mia_subsample_repeats < 1:
+            raise ValueError(f"`mia_subsample_repeats` must be an integer >= 1, got {self.mia_subsample_repeats!r}.")
         if not 0.0 < float(self.relearn_fraction) <= 1.0:
             raise ValueError(f"`relearn_fraction` must lie in (0, 1], got {self.relearn_fraction!r}.")
         if int(self.relearn_steps) != self.relearn_steps or self.relearn_steps < 1:
@@ -192,9 +207,10 @@ def evaluate_model(
             outputs["test"],
             outputs["forget"],
             max_samples=options.mia_samples,
+            subsample_repeats=options.mia_subsample_repeats,
             seed=options.mia_seed,
         )
-        metrics |= {f"mia/salun_{name}": value for name, value in salun.items()}
+        metrics |= {salun_metric_key(name): value for name, value in salun.items()}
     if options.relearn:
         attack = relearning_attack(
             net,
@@ -212,6 +228,12 @@ def evaluate_model(
         for step, value in zip(attack["curve_steps"], attack["curve"], strict=True):
             metrics[f"relearn/curve@{step}"] = float(value)
     return metrics
+
+
+def salun_metric_key(name: str) -> str:
+    """The metric key of a :func:`~lightning_unlearn.evaluation.mia.salun_scores` entry: ``mia/salun_<name>``,
+    except Song & Mittal's modified entropy (and its spread), which is not SalUn's formula: ``mia/<name>``."""
+    return f"mia/{name}" if name.startswith("m_entropy_song_mittal") else f"mia/salun_{name}"
 
 
 def _first(loader: DataLoader, count: int | None) -> DataLoader:
@@ -372,4 +394,5 @@ __all__ = [
     "evaluate_splits",
     "poison_effect",
     "restored",
+    "salun_metric_key",
 ]
