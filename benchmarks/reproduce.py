@@ -52,7 +52,7 @@ from lightning_unlearn.evaluation.suite import (  # noqa: E402
     poison_effect,
 )
 from lightning_unlearn.experiment import train, unlearn  # noqa: E402
-from lightning_unlearn.pipeline import evaluate_reference  # noqa: E402
+from lightning_unlearn.reference import evaluate_reference  # noqa: E402
 from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.selection import EmptySelectionError  # noqa: E402
@@ -321,7 +321,9 @@ def run_seed(
         result = adopt_recorded(recorded, result, f"{name} seed {seed}")
     atomic_write_text(cache, json.dumps(result, indent=1))
     print(f"== {name} seed {seed}: {result['effect']['statement']}", flush=True)
-    options = EvaluationOptions(**result["options"])
+    # a cache written before the SalUn scores were averaged over subsamples measured one subsample: rows added to it
+    # are measured the same way, so that every row of a seed compares like with like
+    options = EvaluationOptions(**{"mia_subsample_repeats": 1, **result["options"]})
     for row in rows:
         if row.name in result["rows"] or row.name in result.get("empty", {}):
             continue

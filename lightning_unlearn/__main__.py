@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], Any], str]] = {
     "profile": (cli.profile_main, "the Hessian-diagonal profile of a trained checkpoint"),
     "sweep": (sweep.main, "update each weight layer alone: improvement vs sharpness"),
     "demo": (demo.main, "the whole pipeline on real MNIST, with a results table"),
+    "history": (cli.history_main, "print the chain of unlearning requests recorded in an unlearned checkpoint"),
 }
 
 
@@ -34,13 +35,12 @@ def usage() -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``lightning-unlearn`` console script, ``python -m lightning_unlearn``, ``train.py`` and
-    ``unlearn.py``: ``argv[0]`` names the command, the rest are its arguments."""
-    argv = sys.argv[1:] if argv is None else argv
+def run(argv: list[str]) -> Any:
+    """Run the command ``argv[0]`` names with the rest of ``argv`` as its arguments; returns what it returns (a
+    report, a history, a path)."""
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
-        return
+        return None
     if not argv or argv[0] not in COMMANDS:
         raise SystemExit(
             f"lightning-unlearn: the first argument must be one of {{{', '.join(COMMANDS)}}}, got {argv[:1]}\n\n"
@@ -49,7 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     command, _ = COMMANDS[argv[0]]
     # `sys.argv` is left as it is: under `strategy="ddp"` Lightning starts the other ranks by running it again
     with quiet():
-        command(argv[1:])
+        return command(argv[1:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``lightning-unlearn`` console script, ``python -m lightning_unlearn``, ``train.py`` and
+    ``unlearn.py``: ``argv[0]`` names the command, the rest are its arguments (:func:`run`; nothing is returned, so
+    the console script's exit status is 0 on success)."""
+    run(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -158,13 +158,20 @@ class UnlearnCLI(LightningCLI):
             help="Replace the results of an earlier request in the output folder, whole (refused by default when "
             "it holds anything, and always when it holds files a request does not write).",
         )
+        parser.add_argument(
+            "--force",
+            action=ActionYesNo,
+            default=False,
+            help="Unlearn a forget set that an earlier request of this checkpoint's chain already unlearned (refused "
+            "by default; `lightning-unlearn history CKPT` prints the chain).",
+        )
         from lightning_unlearn.evaluation.suite import EvaluationOptions
 
         parser.add_class_arguments(EvaluationOptions, "evaluation", sub_configs=True)
 
     def before_instantiate_classes(self) -> None:
         from lightning_unlearn.curvature import ESTIMATORS
-        from lightning_unlearn.pipeline import check_reference
+        from lightning_unlearn.reference import check_reference
         from lightning_unlearn.run import TrainingRun
 
         config = self.config
@@ -191,7 +198,7 @@ class UnlearnCLI(LightningCLI):
             training_run.check_unlearnable()  # the record verified against the checkpoint, before any output or work
             if config.get("reference"):
                 check_reference(TrainingRun.from_path(config.reference), training_run)
-            home = training_run.directory
+            home = training_run.home
         logger = config.trainer.logger
         init = getattr(logger, "init_args", None)
         if init is not None and getattr(logger, "class_path", "").endswith("TensorBoardLogger"):
@@ -271,7 +278,8 @@ def _default_name(model_config: Any) -> str:
 def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:
     """Run one unlearning request from the command line (``args``, default ``sys.argv[1:]``) and print its table."""
     from lightning_unlearn.evaluation.cost import main_process_device
-    from lightning_unlearn.pipeline import evaluate_reference, run_unlearning
+    from lightning_unlearn.pipeline import run_unlearning
+    from lightning_unlearn.reference import evaluate_reference
 
     cli = UnlearnCLI(args=args)
     try:
@@ -288,7 +296,13 @@ def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:
             )
         overwrite = bool(cli.config.get("overwrite", False))
         report = run_unlearning(
-            cli.trainer, cli.model, reference, evaluation=options, overwrite=overwrite, calibration=calibration
+            cli.trainer,
+            cli.model,
+            reference,
+            evaluation=options,
+            overwrite=overwrite,
+            calibration=calibration,
+            force=bool(cli.config.get("force", False)),
         )
     except BaseException:
         if cli.output_claim is not None:
@@ -350,6 +364,11 @@ def profile_checkpoint(
             none = " or None" if name == "max_samples" else ""
             raise ValueError(f"`{name}` must be an integer >= 1{none}, got {value!r}.")
     training_run = TrainingRun.from_path(run)
+    if not output and not training_run.stores_profile:
+        raise ValueError(
+            f"{str(training_run.checkpoint)!r} is an unlearned checkpoint: its folder belongs to the request that "
+            "wrote it, so a profile is not written there. Pass `--output PATH`."
+        )
     path = Path(output) if output else training_run.profile_path
     _check_profile_output(path, training_run.checkpoint, overwrite)
     classifier = training_run.load_classifier(map_location=device)
@@ -428,6 +447,13 @@ def function_main(function: Callable[..., Any], command: str, args: list[str] | 
     config = parser.parse_args(args)
     config.pop("config", None)
     return function(**parser.instantiate_classes(config).as_dict())
+
+
+def history_main(args: list[str]) -> list[dict[str, Any]]:
+    """``lightning-unlearn history CKPT``: :func:`~lightning_unlearn.ledger.print_history` from the command line."""
+    from lightning_unlearn.ledger import print_history
+
+    return function_main(print_history, "history", args)
 
 
 def profile_main(args: list[str]) -> None:

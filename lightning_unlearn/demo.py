@@ -24,7 +24,7 @@ from typing import Any
 from lightning_unlearn.evaluation.cost import accelerator_device, device_label
 from lightning_unlearn.evaluation.suite import EvaluationOptions, evaluate_model, poison_effect
 from lightning_unlearn.experiment import train, unlearn
-from lightning_unlearn.pipeline import evaluate_reference
+from lightning_unlearn.reference import evaluate_reference
 from lightning_unlearn.reporting import format_table
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.utils import atomic_write_text

@@ -91,7 +91,7 @@ def unlearn(
 
     ``reference`` / ``before``: metrics of the retrained and the poisoned model (computed once per run by the caller,
     with the same ``evaluation`` options); ``calibration``: the relearning attack's calibration record
-    (:func:`~lightning_unlearn.pipeline.evaluate_reference`).
+    (:func:`~lightning_unlearn.reference.evaluate_reference`).
     """
     args = ["-c", str(config_path(f"unlearn/{config}")), "--model.run", str(run_dir), "--name", config, *QUIET, *extra]
     with quiet():

@@ -16,31 +16,28 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_unlearn.checkpoints import read_checkpoint, verify_archive
 from lightning_unlearn.console import quiet
-from lightning_unlearn.curvature import SharpnessProfile
-from lightning_unlearn.data.datamodule import PoisonedDataModule
+from lightning_unlearn.curvature import SharpnessProfile, weights_fingerprint
+from lightning_unlearn.data.identity import sample_digests, split_fingerprint
 from lightning_unlearn.evaluation.cost import fit_memory, main_process_device, measure
 from lightning_unlearn.evaluation.figures import curve_of, log_figure, relearn_figure
 from lightning_unlearn.evaluation.suite import (
     EvaluationOptions,
-    calibrated_options,
     compare,
     evaluate_model,
     poison_effect,
 )
+from lightning_unlearn.ledger import HISTORY_KEY, check_repeat, history_of, new_entry
 from lightning_unlearn.outputs import OutputClaim, launched_as_rank_zero
 from lightning_unlearn.run import (
     DATAMODULE_STATE_KEY,
+    PROFILE_FILENAME,
     InterruptedTrainingWarning,
-    TrainingRun,
     check_profile,
-    verify_archive,
 )
 from lightning_unlearn.unlearn.results import finite, lr_search_record, poison_kind, request_scalars
 from lightning_unlearn.unlearn.source import (
-    LogitsOf,
-    ModelSource,
-    load_model,
     own_unlearned_checkpoint,
     profile_training_set,
 )
@@ -50,7 +47,7 @@ REPORT_FILENAME = "report.json"
 UNLEARNED_FILENAME = "unlearned.ckpt"
 #: The files an unlearning request writes into its output folder (besides TensorBoard's ``events.out.tfevents.*``):
 #: a folder holding anything else is never replaced, even with ``overwrite``.
-REQUEST_FILES = (REPORT_FILENAME, UNLEARNED_FILENAME, "config.yaml", "hparams.yaml")
+REQUEST_FILES = (REPORT_FILENAME, UNLEARNED_FILENAME, "config.yaml", "hparams.yaml", PROFILE_FILENAME)
 
 
 def request_foreign(folder: Path) -> list[str]:
@@ -87,96 +84,6 @@ def claim_request_folder(folder: str | Path, overwrite: bool = False) -> OutputC
     )
 
 
-def check_reference(reference: TrainingRun, poisoned: TrainingRun) -> None:
-    """Refuse a reference that is the poisoned model itself (the same checkpoint file, or the same weights), and
-    warn when it was trained on another split or poison record than the poisoned run (its comparison would not be
-    on the same forget set).
-
-    Raises:
-        ValueError: If ``reference`` is the poisoned run's checkpoint or holds identical weights.
-    """
-    same = reference.checkpoint.resolve() == poisoned.checkpoint.resolve()
-    if not same:
-        ours, theirs = poisoned.state().get("state_dict") or {}, reference.state().get("state_dict") or {}
-        same = ours.keys() == theirs.keys() and all(
-            torch.is_tensor(ours[k])
-            and torch.is_tensor(theirs[k])
-            and ours[k].shape == theirs[k].shape
-            and torch.equal(ours[k], theirs[k])
-            for k in ours
-        )
-    if same:
-        raise ValueError(
-            f"`reference` {str(reference.checkpoint)!r} is the poisoned model itself (same checkpoint or identical "
-            f"weights as {str(poisoned.checkpoint)!r}): pass the run retrained without the poisoned samples "
-            "(`train.py fit -c <config> -c configs/retrain.yaml`)."
-        )
-    try:
-        theirs_record, ours_record = reference.checkpoint_record(), poisoned.checkpoint_record()
-    except ValueError:
-        return
-    if theirs_record is not None and ours_record is not None and theirs_record.differences(ours_record):
-        rank_zero_warn(
-            f"The reference {str(reference.checkpoint)!r} was trained with another poison record than the poisoned "
-            f"run ({'; '.join(theirs_record.differences(ours_record))}): it was not retrained without exactly this "
-            "forget set, so its comparison is not like for like."
-        )
-
-
-def reference_metrics(
-    reference_run: str | Path,
-    datamodule: PoisonedDataModule,
-    options: EvaluationOptions | None = None,
-    poisoned: TrainingRun | None = None,
-) -> dict[str, float]:
-    """All metrics (:func:`~lightning_unlearn.evaluation.suite.evaluate_model`) of a reference model, retrained
-    without the poisoned samples, on ``datamodule``'s exact splits (the poisoned run's forget/retain/test sets); with
-    ``poisoned``, the reference is checked first (:func:`check_reference`)."""
-    return evaluate_model(_reference_net(reference_run, poisoned), datamodule, options)
-
-
-def evaluate_reference(
-    reference_run: str | Path,
-    datamodule: PoisonedDataModule,
-    options: EvaluationOptions | None = None,
-    poisoned: TrainingRun | ModelSource | None = None,
-    device: torch.device | str | None = None,
-) -> tuple[EvaluationOptions, dict[str, float], dict[str, Any] | None]:
-    """Calibrate the relearning attack with the reference model on the validation split (see
-    :func:`~lightning_unlearn.evaluation.suite.calibrated_options`), then evaluate the reference with it.
-
-    Args:
-        reference_run: The reference's run directory or checkpoint (for an own model: a checkpoint of its class).
-        datamodule: The poisoned run's data module (its exact splits).
-        options: What to evaluate besides accuracies.
-        poisoned: The poisoned run: the reference is checked against it (:func:`check_reference`); or an own
-            model's source (``UnlearnModule.source``): the reference is loaded like it.
-        device: Where to calibrate and evaluate: the device the request's own evaluations run on
-            (:func:`~lightning_unlearn.evaluation.cost.main_process_device` of its Trainer); None: the CPU.
-
-    Returns:
-        ``(options, metrics, calibration)``: the options every model of the request must be evaluated with (the
-        calibrated attack), the reference's metrics, and the calibration's record (None when it is off).
-    """
-    net = _reference_net(reference_run, poisoned)
-    options, calibration = calibrated_options(net, datamodule, options, device)
-    return options, evaluate_model(net, datamodule, options, device), calibration
-
-
-def _reference_net(reference_run: str | Path, poisoned: TrainingRun | Any | None) -> torch.nn.Module:
-    """The reference's logits network: a training run's classifier, or with ``poisoned`` an own-model module (a
-    :class:`~lightning_unlearn.unlearn.source.ModelSource`) a checkpoint of the same class."""
-    if isinstance(poisoned, ModelSource):
-        if Path(reference_run).resolve() == (poisoned.checkpoint or Path()).resolve():
-            raise ValueError(f"`reference` {str(reference_run)!r} is the model to unlearn itself.")
-        net = load_model(reference_run, poisoned.model_class or type(poisoned.names_root))
-        return net if poisoned.output_transform is None else LogitsOf(net, poisoned.output_transform)
-    reference = TrainingRun.from_path(reference_run)
-    if poisoned is not None:
-        check_reference(reference, poisoned)
-    return reference.load_classifier().net
-
-
 def run_unlearning(
     trainer: Trainer,
     module: Any,
@@ -186,6 +93,7 @@ def run_unlearning(
     before: dict[str, float] | None = None,
     overwrite: bool = False,
     calibration: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Evaluate, unlearn with ``trainer.fit(module)``, evaluate again, write ``report.json`` + TensorBoard scalars.
 
@@ -209,6 +117,8 @@ def run_unlearning(
         overwrite: Replace the results of an earlier request in the output folder; by default a folder that already
             holds anything is refused before any work.
         calibration: The relearning attack's calibration record (:func:`evaluate_reference`), stored in the report.
+        force: Unlearn a forget set that an earlier request of the checkpoint's chain already unlearned (refused by
+            default: :func:`~lightning_unlearn.ledger.check_repeat`).
 
     Returns:
         The report (also written to ``report.json`` on global rank zero). ``before``/``after``/``reference`` hold the
@@ -219,7 +129,8 @@ def run_unlearning(
         FileExistsError: If the output folder already holds something and ``overwrite`` is False, holds anything a
             request does not write, or another request is writing it.
         ValueError: If the forget set is empty or the whole training split, the model never trained on it, the
-            Trainer sets ``max_epochs``, or the profile does not fit the checkpoint.
+            Trainer sets ``max_epochs``, the profile does not fit the checkpoint, or the chain already unlearned this
+            forget set (without ``force``).
         OSError: "no space left on the device" in plain words (nothing of the request is committed).
     """
     expected = module.max_epochs
@@ -231,6 +142,7 @@ def run_unlearning(
         )
     if module.training_run is not None:
         module.training_run.check_unlearnable(module.datamodule.record, module.datamodule.drop_poisoned)
+    module.ledger = start_ledger(module, force)  # a repeated forget set is refused before any output or work
     claim, folder = _claim_output(trainer, module, out_dir, overwrite)
     try:
         report = _unlearn(trainer, module, reference, folder, claim, evaluation, before, overwrite, calibration)
@@ -270,7 +182,7 @@ def _claim_output(
         raise ValueError("An own model's request needs an output folder: pass `out_dir` (`--output_dir`) or a logger.")
     if out_dir is None:
         name = f"{type(module.method).__name__}_{type(module.selection).__name__}".lower()
-        parent = module.training_run.directory / "unlearn" / name
+        parent = module.training_run.home / "unlearn" / name  # a chained request beside the earlier one, not in it
         return (OutputClaim.acquire_version(parent, foreign=request_foreign) if writer else None), None
     folder = Path(out_dir)
     if writer:
@@ -290,6 +202,8 @@ def _prepare_profile(module: Any, device: torch.device) -> None:
     if module.profile is not None or (module.training_run is None and not getattr(module, "profile_path", None)):
         return  # an own model's profile: given as an object, or computed by the module on its training data
     given = getattr(module, "profile_path", None)
+    if not given and not module.training_run.stores_profile:
+        return  # an unlearned checkpoint's profile is computed by the module and kept in the request's own folder
     path = Path(given) if given else module.training_run.profile_path
     if path.is_file():  # checked before the module loads it and selects with it
         verify_archive(path, "sharpness profile")
@@ -322,6 +236,35 @@ def _prepare_profile(module: Any, device: torch.device) -> None:
     checkpoint = module.training_run.checkpoint if module.training_run is not None else module.source.checkpoint
     profile.metadata.update(split="train", checkpoint=str(checkpoint))
     profile.save(path)
+
+
+def start_ledger(module: Any, force: bool) -> dict[str, Any]:
+    """The request's place in its checkpoint's unlearning chain (:mod:`lightning_unlearn.ledger`): the parent's
+    history, the forget set's sample digests and fingerprint, and the parent's weights; a forget set that the chain
+    already unlearned is refused unless ``force`` (partial overlaps are warned about)."""
+    module.datamodule.setup("fit")
+    digests = sample_digests(module.datamodule.forget_dataloader())
+    run, checkpoint = module.training_run, module.source.checkpoint
+    if run is not None:
+        state, checkpoint = run.state(), run.checkpoint
+    else:
+        state = read_checkpoint(checkpoint, "Lightning checkpoint", "model") if checkpoint is not None else {}
+    history = history_of(state)
+    notes = check_repeat(history, digests, force)
+    for note in notes:
+        rank_zero_warn(note)
+    return {
+        "history": history,
+        "digests": digests,
+        "fingerprint": split_fingerprint(digests),
+        "notes": notes,
+        "forced": any(note.endswith("repeated with force.") for note in notes),
+        "parent": {
+            "checkpoint": None if checkpoint is None else str(checkpoint),
+            "run": None if run is None else str(run.directory),
+            "weights": weights_fingerprint(module.names_root),
+        },
+    }
 
 
 def _check_prepared(module: Any, after_fit: bool = False) -> None:
@@ -421,12 +364,25 @@ def _unlearn(
         report["restored"] = {k: v for k, v in report["comparison"].items() if "_restored/" in k}
     if calibration is not None:
         report["relearn_calibration"] = calibration
+    ledger = getattr(module, "ledger", None)
+    if ledger is not None:
+        report["history"] = {
+            "step": len(ledger["history"]) + 1,
+            "forget_sha256": ledger["fingerprint"],
+            "parent_weights": ledger["parent"]["weights"],
+            "weights": weights_fingerprint(module.names_root),
+            "notes": ledger["notes"],
+        }
     if trainer.is_global_zero:
         final = claim.final if claim is not None else folder
         target = claim.staging if claim is not None else folder
         exclusive = claim is None and not overwrite  # in place (the caller's logger folder): never replace
         report["output_dir"] = str(final)
-        save_unlearned(module, target / UNLEARNED_FILENAME, exclusive=exclusive)
+        save_unlearned(module, target / UNLEARNED_FILENAME, exclusive=exclusive, report=report)
+        if run is not None and not run.stores_profile and not getattr(module, "profile_path", None):
+            # a chained request's computed profile: in its own folder (the earlier request's is not written into)
+            state = module.profile.state_dict()
+            atomic_write(target / PROFILE_FILENAME, lambda handle: torch.save(state, handle), exclusive=exclusive)
         atomic_write_text(target / REPORT_FILENAME, json.dumps(_jsonable(report), indent=1), exclusive=exclusive)
         for logger in trainer.loggers:
             logger.log_metrics(request_scalars(report), step=trainer.global_step)
@@ -455,14 +411,17 @@ def log_relearn_curves(loggers: list[Any], report: dict[str, Any]) -> None:
     log_figure(loggers, "relearn/recovery_curves", lambda: relearn_figure(curves))
 
 
-def save_unlearned(module: Any, path: Path, exclusive: bool = False) -> Path:
+def save_unlearned(module: Any, path: Path, exclusive: bool = False, report: dict[str, Any] | None = None) -> Path:
     """Save the unlearned network as a ``ClassifierModule`` checkpoint (atomically), which reopens wherever a training
     checkpoint does (``unlearn.py --model.run``, ``lightning-unlearn profile``, ``sweep``, :class:`TrainingRun`):
     the classifier's and the data module's own hyper-parameters, the poison record (in the data module's state, as
     Lightning stores it) and where it came from (``unlearned_from``). An own model's: its own checkpoint's layout
-    (:func:`~lightning_unlearn.unlearn.source.own_unlearned_checkpoint`)."""
+    (:func:`~lightning_unlearn.unlearn.source.own_unlearned_checkpoint`). Both carry the chain's audit ledger
+    with this request appended (``unlearning_history``, :mod:`lightning_unlearn.ledger`; ``report`` gives its key
+    metrics)."""
     if module.training_run is None:
         state = own_unlearned_checkpoint(module)
+        state.update(_history(module, report))
         return atomic_write(path, lambda handle: torch.save(state, handle), exclusive=exclusive)
     datamodule = module.datamodule
     data = {k: v for k, v in dict(datamodule.hparams).items() if not str(k).startswith("_")}
@@ -480,8 +439,29 @@ def save_unlearned(module: Any, path: Path, exclusive: bool = False) -> Path:
             "selection": None if mask is None else mask.strategy,
         },
         "pytorch-lightning_version": __import__("lightning").__version__,
+        **_history(module, report),
     }
     return atomic_write(path, lambda handle: torch.save(state, handle), exclusive=exclusive)
+
+
+def _history(module: Any, report: dict[str, Any] | None) -> dict[str, Any]:
+    """``{"unlearning_history": …}``: the parent's chain with this request appended ({} outside a request)."""
+    ledger = getattr(module, "ledger", None)
+    if ledger is None:
+        return {}
+    mask = getattr(module, "mask", None)
+    history = new_entry(
+        ledger["history"],
+        digests=ledger["digests"],
+        fingerprint=ledger["fingerprint"],
+        method=module.method.name,
+        selection=None if mask is None else mask.strategy,
+        parent=ledger["parent"],
+        weights=weights_fingerprint(module.names_root),
+        report=report,
+        forced=ledger["forced"],
+    )
+    return {HISTORY_KEY: history}
 
 
 def _jsonable(value: Any) -> Any:

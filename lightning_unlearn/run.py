@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from lightning_unlearn.checkpoints import instantiate_lightning_module, read_checkpoint
 from lightning_unlearn.data.datamodule import POISON_FILENAME, PoisonedDataModule
 from lightning_unlearn.data.poison import PoisonRecord
 from lightning_unlearn.models.classifier import ClassifierModule
@@ -43,30 +43,6 @@ class InterruptedTrainingWarning(UserWarning):
     """The training run of a request (or profile) looks interrupted: its checkpoint is from before its last epoch."""
 
 
-def verify_archive(path: str | os.PathLike, what: str) -> None:
-    """Check a ``torch.save`` file (a zip archive) against the CRC-32 checksums it carries for every part.
-
-    ``torch.load`` does not check them: a flipped bit in a weight or a curvature value loads silently as another
-    number. Every single-bit error (and any burst up to 32 bits) in a part fails here.
-
-    Raises:
-        ValueError: If the file is not a zip archive, is truncated, or a part's checksum does not match.
-    """
-    path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except Exception as err:  # noqa: BLE001 - any failure to read the archive means the file is unusable
-        raise ValueError(
-            f"{str(path)!r} is not a readable {what} (not a complete torch.save archive: {type(err).__name__}: {err})."
-        ) from err
-    if bad is not None:
-        raise ValueError(
-            f"{str(path)!r} is not a readable {what}: it is corrupted (the checksum of its part {bad!r} does not "
-            "match: a flipped bit or a damaged copy). Restore it, or recompute it."
-        )
-
-
 def _load_checkpoint(path: Path, cache: dict[str, Any] | None = None) -> dict[str, Any]:
     """The checkpoint's contents (plain data only), its archive checksums verified; kept in ``cache`` (a
     :class:`TrainingRun`'s) while the file is unchanged (size and modification time)."""
@@ -75,15 +51,7 @@ def _load_checkpoint(path: Path, cache: dict[str, Any] | None = None) -> dict[st
     cache = {} if cache is None else cache
     if key is not None and cache.get("key") == key:
         return cache["state"]
-    verify_archive(path, "Lightning checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
-        raise ValueError(
-            f"{str(path)!r} is not a readable Lightning checkpoint ({type(err).__name__}: {err})."
-        ) from err
-    if not isinstance(state, dict):
-        raise ValueError(f"{str(path)!r} is not a readable Lightning checkpoint (it holds a {type(state).__name__}).")
+    state = read_checkpoint(path, "Lightning checkpoint")
     cache.update(key=key, state=state)
     return state
 
@@ -141,6 +109,28 @@ class TrainingRun:
     @property
     def profile_path(self) -> Path:
         return self.directory / PROFILE_FILENAME
+
+    @property
+    def is_unlearned(self) -> bool:
+        """Whether the checkpoint was written by an unlearning request (``unlearned_from``): a chained request's
+        source, whose folder is the earlier request's committed output."""
+        return "unlearned_from" in self.state()
+
+    @property
+    def stores_profile(self) -> bool:
+        """Whether a profile computed for this checkpoint is saved at :attr:`profile_path`: for a training run; not
+        for an unlearned checkpoint, whose folder belongs to the request that wrote it (a chained request keeps its
+        profile in its own output folder)."""
+        return not self.is_unlearned
+
+    @property
+    def home(self) -> Path:
+        """The folder this checkpoint's own outputs go under by default (``unlearn/…``, ``sweep_…``): the run
+        directory; for an unlearned checkpoint in a request folder (``<run>/unlearn/<name>/<version>/``) the original
+        run's, so that a chained request writes into a folder of its own beside the earlier one, never into it."""
+        if self.is_unlearned and self.directory.parent.parent.name == "unlearn":
+            return self.directory.parent.parent.parent
+        return self.directory
 
     @classmethod
     def from_path(cls, path: str | os.PathLike) -> TrainingRun:
@@ -315,7 +305,11 @@ class TrainingRun:
                 "would be NaN. Use an earlier checkpoint of the run, or retrain (e.g. with a smaller learning rate)."
             )
         try:
-            return ClassifierModule.load_from_checkpoint(self.checkpoint, map_location=map_location, weights_only=True)
+            # the library's own class, whatever the file records; nothing in its hyper-parameters picks an import
+            # (and the factories ClassifierModule never saves are not taken from a file)
+            hparams = {k: v for k, v in state["hyper_parameters"].items() if k not in ("optimizer", "lr_scheduler")}
+            plain = {**state, "hyper_parameters": hparams}
+            return instantiate_lightning_module(plain, ClassifierModule, where=where).to(map_location)
         except (RuntimeError, ValueError, TypeError) as err:
             hparams = state["hyper_parameters"]
             arch = {k: hparams.get(k) for k in ("architecture", "arch_kwargs", "num_classes", "in_channels")}

@@ -67,6 +67,7 @@ def layer_sweep(
     out: str | None = None,
     accelerator: str = "auto",
     overwrite: bool = False,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Unlearn with each weight layer alone and relate the improvement to the layer's mean Hessian diagonal.
 
@@ -81,15 +82,19 @@ def layer_sweep(
         out: Output folder; default ``<run>/sweep_<method>``.
         accelerator: Lightning accelerator for the requests.
         overwrite: Replace the results of an earlier sweep in ``out``, whole (refused by default).
+        force: Sweep an unlearned checkpoint whose chain already unlearned this forget set (refused by default, as
+            a request is: :func:`~lightning_unlearn.ledger.check_repeat`).
 
     Returns:
         The sweep results (also written to ``sweep.json``, ``sweep.png`` and TensorBoard in ``out``).
     """
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from lightning_unlearn.checkpoints import verify_archive
     from lightning_unlearn.evaluation.suite import ACCURACY_ONLY, ATTACKED_METRICS
-    from lightning_unlearn.pipeline import reference_metrics, run_unlearning
-    from lightning_unlearn.run import TrainingRun, check_profile, verify_archive
+    from lightning_unlearn.pipeline import run_unlearning
+    from lightning_unlearn.reference import reference_metrics
+    from lightning_unlearn.run import TrainingRun, check_profile
     from lightning_unlearn.selection import DEFAULT_LAYER_TYPES, NamedLayers
     from lightning_unlearn.unlearn import UnlearnModule, get_method
     from lightning_unlearn.unlearn.module import unlearn_trainer
@@ -98,7 +103,7 @@ def layer_sweep(
         raise ValueError(f"`method` must be one of {tuple(METHOD_CONFIGS)}, got {method!r}.")
     training_run = TrainingRun.from_path(run)
     training_run.check_unlearnable()
-    final = Path(out or training_run.directory / f"sweep_{method}")
+    final = Path(out or training_run.home / f"sweep_{method}")
     claim = OutputClaim.acquire(
         final, overwrite=overwrite, describe=describe_sweep_folder, foreign=sweep_foreign, what="sweep"
     )
@@ -120,7 +125,12 @@ def layer_sweep(
             trainer = unlearn_trainer(accelerator=accelerator)
             # layer names are the model's own parameter names (checked above): one folder inside the sweep's
             report = run_unlearning(
-                trainer, module, ref, out_dir=folder / safe_folder_name(stats.name, "layer"), evaluation=ACCURACY_ONLY
+                trainer,
+                module,
+                ref,
+                out_dir=folder / safe_folder_name(stats.name, "layer"),
+                evaluation=ACCURACY_ONLY,
+                force=force,
             )
             rows.append(
                 {

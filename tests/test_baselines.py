@@ -359,7 +359,7 @@ def test_scrub_from_the_command_line_writes_its_settings_into_the_report(poisone
     (report_path,) = tmp_path.glob("scrub/version_*/report.json")
     report = json.loads(report_path.read_text())
     assert report["method"] | {"method": "scrub", "msteps": 2, "temperature": 4.0, "epochs": 1} == report["method"]
-    state = torch.load(report_path.parent / "unlearned.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(report_path.parent / "unlearned.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert not any("teacher" in key for key in state)
 
 

@@ -202,7 +202,7 @@ def test_every_method_under_ddp_equals_one_process(odd_run, tmp_path):
     (run / "sharpness_profile.pt").unlink()
     out = tmp_path / "ranks.pt"
     mp.start_processes(_rank_worker, args=(_free_port(), str(run), str(out)), nprocs=WORLD, start_method="spawn")
-    distributed = torch.load(out, weights_only=False)
+    distributed = torch.load(out, weights_only=True)
     assert sorted(p.name for p in (tmp_path / "request").iterdir()) == [REPORT_FILENAME, "unlearned.ckpt"]
     written = json.loads((tmp_path / "request" / REPORT_FILENAME).read_text())
     assert written["after"] == distributed.pop("request") and written["method"]["forget_samples"] == 51
@@ -223,7 +223,7 @@ def test_data_aware_selections_and_ssd_under_ddp_equal_one_process(odd_run, tmp_
     out = tmp_path / "ranks.pt"
     args = (_free_port(), str(odd_run), str(out), "DATA_AWARE")
     mp.start_processes(_rank_worker, args=args, nprocs=WORLD, start_method="spawn")
-    distributed = torch.load(out, weights_only=False)
+    distributed = torch.load(out, weights_only=True)
     assert distributed["ssd"][1]["dampened"] > 0 and distributed["ssd"][1]["batch_size"] == 40
     _compare_with_one_process(odd_run, DATA_AWARE, distributed)
 

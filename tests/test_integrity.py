@@ -299,7 +299,7 @@ def test_unlearned_checkpoints_reopen_everywhere_so_requests_chain(poisoned_run,
 
     first = unlearn_main(request_args(poisoned_run, tmp_path / "first"))
     once = Path(first["output_dir"]) / UNLEARNED_FILENAME
-    second = unlearn_main(request_args(once, tmp_path / "second"))
+    second = unlearn_main(request_args(once, tmp_path / "second", "--force"))  # the same forget set again
     twice = Path(second["output_dir"]) / UNLEARNED_FILENAME
     assert second["before"] == first["after"]  # the second request starts where the first ended
     assert second["forget_samples"] == first["forget_samples"] == 200
@@ -320,7 +320,9 @@ def test_unlearned_checkpoints_reopen_everywhere_so_requests_chain(poisoned_run,
     assert state["datamodule_hyper_parameters"]["train_subset"] == SUBSET  # the data's, not the request's
     assert "run" not in state["datamodule_hyper_parameters"]
 
-    sweep = layer_sweep(str(twice), out=str(tmp_path / "sweep"), accelerator="cpu")
+    with pytest.raises(ValueError, match="already unlearned"):
+        layer_sweep(str(twice), out=str(tmp_path / "sweep"), accelerator="cpu")
+    sweep = layer_sweep(str(twice), out=str(tmp_path / "sweep"), accelerator="cpu", force=True)
     assert [row["layer"] for row in sweep["layers"]] == ["net.conv1", "net.conv2", "net.fc1", "net.fc2"]
 
 

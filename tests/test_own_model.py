@@ -323,7 +323,8 @@ def test_the_request_pipeline_writes_an_own_checkpoint_that_reopens_unlearned(po
     ``unlearned.ckpt`` that reopens with the model's own class and holds exactly the unlearned weights."""
     import json
 
-    from lightning_unlearn.pipeline import evaluate_reference, run_unlearning
+    from lightning_unlearn.pipeline import run_unlearning
+    from lightning_unlearn.reference import evaluate_reference
 
     _, data, raw = poisoned
     fit_tuple_model(raw["x"], raw["poisoned"], tmp_path / "poisoned.ckpt")
@@ -343,7 +344,7 @@ def test_the_request_pipeline_writes_an_own_checkpoint_that_reopens_unlearned(po
     assert written["checkpoint"] == str(tmp_path / "poisoned.ckpt") and written["model"] == "TupleOutput"
     assert written["poison_effect"]["metric"] == "test/acc_attacked" and "comparison" in written
     assert report["after"]["test/acc_attacked"] == written["after"]["test/acc_attacked"]
-    reopened = TupleOutput.load_from_checkpoint(tmp_path / "out" / "unlearned.ckpt", weights_only=False)
+    reopened = TupleOutput.load_from_checkpoint(tmp_path / "out" / "unlearned.ckpt", weights_only=True)
     for name, p in module.names_root.named_parameters():
         assert torch.equal(dict(reopened.named_parameters())[name], p.detach().cpu()), name
     with pytest.raises(ValueError, match="is the model to unlearn itself"):
@@ -394,8 +395,8 @@ def test_unlearn_cli_takes_an_own_lightning_module_checkpoint_and_data_module(tm
     written = json.loads((folder / "report.json").read_text())
     assert written["model"] == "TinyClassifier" and written["selection"]["layers"] == ["net.2"]
     assert written["poison_effect"]["metric"] == "test/acc_attacked"
-    reopened = TinyClassifier.load_from_checkpoint(folder / "unlearned.ckpt", weights_only=False)
-    before = TinyClassifier.load_from_checkpoint(tmp_path / "poisoned.ckpt", weights_only=False)
+    reopened = TinyClassifier.load_from_checkpoint(folder / "unlearned.ckpt", weights_only=True)
+    before = TinyClassifier.load_from_checkpoint(tmp_path / "poisoned.ckpt", weights_only=True)
     assert torch.equal(reopened.net[0].weight, before.net[0].weight)  # hard-frozen
     assert not torch.equal(reopened.net[2].weight, before.net[2].weight)  # unlearned
 

@@ -291,7 +291,7 @@ def test_every_checkpoint_carries_the_profiles_path(tmp_path):
     saved = sorted((tmp_path / "ckpt").glob("*.ckpt"))
     assert len(saved) == 2  # after each epoch, i.e. before on_train_end writes the profile
     for path in saved:
-        state = torch.load(path, weights_only=False)["callbacks"][profiler.state_key]
+        state = torch.load(path, weights_only=True)["callbacks"][profiler.state_key]
         assert state["path"] == str(profiler.path)
     assert SharpnessProfile.load(state["path"]).num_samples == 24
     resumed = SharpnessProfiler()

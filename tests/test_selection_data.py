@@ -294,6 +294,6 @@ def test_ssd_config_runs_from_the_cli_on_a_users_checkpoint(tmp_path):
     written = json.loads((Path(report["output_dir"]) / "report.json").read_text())
     assert written["selection"]["strategy"] == "fisher_ratio" and written["selection"]["alpha"] == 2.0
     assert written["method"]["method"] == "ssd" and written["method"]["dampened"] > 0
-    after = TinyClassifier.load_from_checkpoint(Path(report["output_dir"]) / "unlearned.ckpt", weights_only=False)
+    after = TinyClassifier.load_from_checkpoint(Path(report["output_dir"]) / "unlearned.ckpt", weights_only=True)
     moved = sum(int((a != b).sum()) for a, b in zip(after.parameters(), model.parameters(), strict=True))
     assert moved == written["method"]["dampened"]

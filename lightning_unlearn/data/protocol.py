@@ -243,6 +243,13 @@ class UnlearnData:
             return Indexed(self._train, "train")
         return ConcatDataset([Indexed(self._retain, "retain"), Indexed(self._forget, "forget")])
 
+    def overlap_notes(self) -> list[str]:
+        """Forget samples that also occur in the validation or retain split (by index or content; see
+        :func:`~lightning_unlearn.data.identity.split_overlaps`), in words; ``[]`` when they are disjoint."""
+        from lightning_unlearn.data.identity import split_overlaps
+
+        return split_overlaps(self._forget, {"validation": self._val, "retain": self._retain})
+
     def _require_corrected(self) -> torch.Tensor:
         require_corrected_labels(self, "This")
         return self.corrected  # type: ignore[return-value]

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.batches import flatten_loaders
-from lightning_unlearn.curvature import SharpnessProfile, weights_fingerprint
+from lightning_unlearn.curvature import SharpnessProfile, plausibility, weights_fingerprint
 from lightning_unlearn.data.protocol import UnlearnData, require_corrected_labels
 from lightning_unlearn.distributed import all_reduce_flat, all_reduce_tensor
 from lightning_unlearn.evaluation.cost import FitMeter, main_process_device
@@ -42,6 +42,10 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "enable_model_summary": False,
     "num_sanity_val_steps": 0,
 }
+
+
+class SplitOverlapWarning(UserWarning):
+    """The forget set shares samples with the validation or retain split (own data)."""
 
 
 def unlearn_trainer(**kwargs: Any) -> Trainer:
@@ -106,12 +110,18 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         model: Your own model (``nn.Module``, ``LightningModule``, or a ``LightningModule`` checkpoint path).
         data: With ``model``: the forget / retain / validation data (see above).
         model_class: With a checkpoint path as ``model``: its ``LightningModule`` class (or ``"pkg.module.Class"``).
+            The checkpoint is read as data only (weights-only: nothing in it runs) and rebuilt in this class; without
+            it, only a checkpoint recording the library's own class (or one in ``trusted_classes``) loads, since
+            nothing a file names is imported (:mod:`lightning_unlearn.checkpoints`).
         output_transform: With ``model``: maps its forward output to logits, for models that return more (e.g.
             ``lambda out: out[0]`` for ``(logits, features)``).
         reference: A model retrained without the forget set (``nn.Module``) or its metrics: the report then compares
             with it (ToW, % restored, the poison's harm and fit).
         evaluate: Evaluate before and after the update (accuracies; global rank zero) and log ``before/``,
             ``after/``, ``reference/``, ``comparison/`` and ``poison/`` scalars to the Trainer's loggers.
+        trusted_classes: With a checkpoint path as ``model``: import paths of the classes its hyper-parameters may
+            name as ``LightningCLI`` writes nested objects (``{"class_path": …, "init_args": …}``, e.g. an encoder
+            or ``torch.optim.Adam`` for an optimizer argument); any other class path in the file is refused.
     """
 
     def __init__(
@@ -135,9 +145,13 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         output_transform: Callable[[Any], torch.Tensor] | None = None,
         reference: nn.Module | dict[str, float] | None = None,
         evaluate: bool = True,
+        trusted_classes: list[str] | None = None,
     ) -> None:
         super().__init__()
-        objects = ["method", "selection", "optimizer", "model", "data", "model_class", "output_transform", "reference"]
+        objects = [
+            "method", "selection", "optimizer", "model", "data", "model_class", "output_transform", "reference",
+            "trusted_classes",
+        ]  # fmt: skip
         self.save_hyperparameters(ignore=objects + ([] if isinstance(profile, (str, type(None))) else ["profile"]))
         self.automatic_optimization = False
         self.method = method if method is not None else FirstOrder()
@@ -146,7 +160,9 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
             raise TypeError(f"`method` must be an UnlearnMethod, got {type(self.method).__name__}.")
         if not isinstance(self.selection, SelectionStrategy):
             raise TypeError(f"`selection` must be a SelectionStrategy, got {type(self.selection).__name__}.")
-        source = resolve_source(run, model, data, model_class, output_transform, eval_batch_size, num_workers)
+        source = resolve_source(
+            run, model, data, model_class, output_transform, eval_batch_size, num_workers, trusted_classes
+        )
         self.source = source
         self.training_run = source.training_run
         self.net: nn.Module = source.net
@@ -177,6 +193,8 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         self.lr_search: dict[str, Any] = {}
         self._lr_searcher: LearningRateSearch | None = None
         self._fit_meter = FitMeter()
+        #: The request's place in its checkpoint's unlearning chain (the pipeline sets it; see ledger.py).
+        self.ledger: dict[str, Any] | None = None
 
     # ----------------------------------------------------------------------------------------------- preparation
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +229,12 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         self.datamodule.setup("fit")
         if self.method.needs_corrected_labels:
             require_corrected_labels(self.datamodule, f"The method {self.method.name!r}")
+        for note in getattr(self.datamodule, "overlap_notes", lambda: [])():  # own data: the library's are disjoint
+            rank_zero_warn(
+                f"{note} Every choice scored on validation then sees what is being removed, and a retain set that "
+                "holds forget samples trains them back in: check the splits.",
+                category=SplitOverlapWarning,
+            )
         self.require_profile(device)
         start = time.perf_counter()
         if isinstance(self.selection, Validated) and not self.method.one_step:
@@ -259,7 +283,7 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         if self.profile is not None:
             return self.profile
         run = self.training_run
-        path = self.profile_path or (run.profile_path if run is not None else None)
+        path = self.profile_path or (run.profile_path if run is not None and run.stores_profile else None)
         start = time.perf_counter()
         if self._given_profile is not None:
             profile, source = self._given_profile, "given"
@@ -287,6 +311,12 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
                 f"The profile {named} was computed for other weights than {model} (weights fingerprints "
                 f"{profile.weights} vs {weights}). Recompute it, or pass `allow_stale_profile=True`."
             )
+        if not source.startswith("computed"):  # read from a file or handed over: are its values plausible?
+            probe = DataLoader(self.datamodule.train_dataset(), batch_size=plausibility.SAMPLES)
+            target = torch.device(device) if device is not None else self.device
+            plausibility.check_plausible(
+                profile, self.names_root, probe, self.source.output_transform, f"The profile {named}", target
+            )
         self.timings["profile_seconds"] = time.perf_counter() - start
         self.timings["profile_source"] = source
         self.profile = profile
@@ -297,7 +327,8 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         """Whether a profile is given or saved in the run directory (else :meth:`require_profile` computes one)."""
         if self._given_profile is not None or self.profile_path is not None:
             return True
-        return self.training_run is not None and self.training_run.profile_path.is_file()
+        run = self.training_run
+        return run is not None and run.stores_profile and run.profile_path.is_file()
 
     @property
     def _distributed(self) -> bool:

@@ -7,17 +7,16 @@ parameter names profiles, masks and reports use (``names_root``: the model the u
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from lightning_unlearn.checkpoints import load_lightning_module, read_checkpoint
 from lightning_unlearn.curvature import SharpnessProfile, profile_model
 from lightning_unlearn.data.protocol import as_unlearn_data
 from lightning_unlearn.run import TrainingRun
@@ -68,6 +67,8 @@ class ModelSource:
     checkpoint: Path | None = None
     model_class: type | str | None = None
     output_transform: OutputTransform | None = None
+    #: Classes the user trusts a checkpoint's hyper-parameters to name (a reference is read with the same list).
+    trusted_classes: list[type | str] = field(default_factory=list)
 
 
 def from_run(run: str | Path, eval_batch_size: int, num_workers: int) -> ModelSource:
@@ -93,6 +94,7 @@ def resolve_source(
     output_transform: OutputTransform | None,
     eval_batch_size: int,
     num_workers: int,
+    trusted_classes: list[type | str] | None = None,
 ) -> ModelSource:
     """``UnlearnModule``'s source: exactly one of a ``run`` and a ``model`` (with ``data``)."""
     if (run is None) == (model is None):
@@ -101,48 +103,35 @@ def resolve_source(
             "(your own nn.Module or LightningModule, or its checkpoint, with `data`)."
         )
     if run is None:
-        return from_model(model, data, model_class, output_transform)  # type: ignore[arg-type]
+        return from_model(model, data, model_class, output_transform, trusted_classes)  # type: ignore[arg-type]
     if not isinstance(run, (str, Path)):
         raise TypeError(
             f"`run` is the path of a training run of this library, got a {type(run).__name__}: pass your own model as "
             "`model=` (with `data=`)."
         )
-    if data is not None or model_class is not None or output_transform is not None:
-        raise ValueError("`data`, `model_class` and `output_transform` go with `model`; a `run` has its own.")
+    if data is not None or model_class is not None or output_transform is not None or trusted_classes:
+        raise ValueError(
+            "`data`, `model_class`, `trusted_classes` and `output_transform` go with `model`; a `run` has its own."
+        )
     return from_run(run, eval_batch_size, num_workers)
 
 
-def _import(path: str, argument: str) -> type:
-    module_name, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ValueError(f"`{argument}`: cannot import {path!r} ({err}); give 'package.module.ClassName'.") from None
-
-
-def load_model(checkpoint: str | Path, model_class: type | str | None = None) -> nn.Module:
-    """A LightningModule from its checkpoint: ``model_class.load_from_checkpoint`` (a class or its import path), or
-    without one the class the checkpoint records (checkpoints written by ``LightningCLI``).
+def load_model(
+    checkpoint: str | Path,
+    model_class: type | str | None = None,
+    trusted_classes: list[type | str] | None = None,
+    argument: str = "model",
+) -> nn.Module:
+    """A LightningModule from its checkpoint, read as data (weights-only) into ``model_class`` (the class or its
+    import path), or without one into the class the checkpoint records if that is the library's or in
+    ``trusted_classes`` (see :func:`~lightning_unlearn.checkpoints.load_lightning_module`: nothing in the file runs
+    or picks an import).
 
     Raises:
-        ValueError: If the file is missing, or no class is given and the checkpoint records none.
+        ValueError: If the file is missing or holds pickled objects, or no class is given and the checkpoint records
+            none that is trusted.
     """
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise ValueError(f"`model`: no checkpoint file at {str(path)!r}.")
-    if isinstance(model_class, str):
-        model_class = _import(model_class, "model_class")
-    if model_class is None:
-        try:
-            return LightningModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-        except (NotImplementedError, TypeError, KeyError) as err:
-            raise ValueError(
-                f"`model`: the checkpoint {str(path)!r} does not record its LightningModule's class (only LightningCLI "
-                "runs do); pass `model_class` (the class, or 'package.module.ClassName')."
-            ) from err
-    if not (isinstance(model_class, type) and issubclass(model_class, LightningModule)):
-        raise ValueError(f"`model_class` must be a LightningModule subclass, got {model_class!r}.")
-    return model_class.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    return load_lightning_module(checkpoint, model_class, trusted_classes, argument)
 
 
 def from_model(
@@ -150,14 +139,19 @@ def from_model(
     data: Any,
     model_class: type | str | None = None,
     output_transform: OutputTransform | None = None,
+    trusted_classes: list[type | str] | None = None,
 ) -> ModelSource:
     """A user's model (an ``nn.Module``, a ``LightningModule`` or the path of its checkpoint) and data."""
     checkpoint = None
     if isinstance(model, (str, Path)):
         checkpoint = Path(model)
-        model = load_model(model, model_class)
-    elif model_class is not None:
-        raise ValueError("`model_class` applies to a checkpoint path given as `model`; `model` is already an object.")
+        model = load_model(model, model_class, trusted_classes)
+        model_class = type(model)  # a reference checkpoint is read into the same class
+    elif model_class is not None or trusted_classes:
+        raise ValueError(
+            "`model_class` applies (as `trusted_classes` does) to a checkpoint path given as `model`; `model` is "
+            "already an object."
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"`model` must be an nn.Module, a LightningModule or the path of a LightningModule checkpoint, got "
@@ -179,6 +173,7 @@ def from_model(
         checkpoint=checkpoint,
         model_class=model_class,
         output_transform=output_transform,
+        trusted_classes=list(trusted_classes or []),
     )
 
 
@@ -240,7 +235,7 @@ def own_unlearned_checkpoint(module: Any) -> dict[str, Any]:
     with the same ``load_from_checkpoint``) and without the optimizer and scheduler states of the old weights; for a
     model given as an object, its ``state_dict``. Both with ``unlearned_from``."""
     given = module.source.checkpoint
-    state = torch.load(given, map_location="cpu", weights_only=False) if given is not None else {}
+    state = read_checkpoint(given, "Lightning checkpoint", "model") if given is not None else {}
     for key in ("optimizer_states", "lr_schedulers"):
         state.pop(key, None)
     state["state_dict"] = {k: v.detach().cpu() for k, v in module.names_root.state_dict().items()}
