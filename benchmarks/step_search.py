@@ -47,8 +47,8 @@ from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.selection import LastLayer, SmallestLayer, Validated  # noqa: E402
 from lightning_unlearn.unlearn import FirstOrder, UnlearnModule  # noqa: E402
+from lightning_unlearn.unlearn.methods.one_step import forget_gradient  # noqa: E402
 from lightning_unlearn.unlearn.module import unlearn_trainer  # noqa: E402
-from lightning_unlearn.unlearn.one_step import forget_gradient  # noqa: E402
 from lightning_unlearn.utils import atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"

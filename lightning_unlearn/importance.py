@@ -1,10 +1,10 @@
 """Diagonal importances of a split of an unlearning request's data, by SSD's definition or a per-sample estimator.
 
 Read by the :class:`~lightning_unlearn.selection.FisherRatio` selection and the
-:class:`~lightning_unlearn.unlearn.ssd.SSD` method from the request's context (the
-:class:`~lightning_unlearn.unlearn.UnlearnModule`, see :mod:`lightning_unlearn.unlearn.splits`), which computes each
-at the trained weights (sharded and all-reduced under DDP) and keeps it, so the method reuses the selection's
-importances instead of computing them again.
+:class:`~lightning_unlearn.unlearn.methods.ssd.SSD` method from the request's context (the
+:class:`~lightning_unlearn.unlearn.UnlearnModule`, see :mod:`~lightning_unlearn.unlearn.request.splits`), which
+computes each at the trained weights (sharded and all-reduced under DDP) and keeps it, so the method reuses the
+selection's importances instead of computing them again.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ def importance_of(
 
     * ``"batch"``: SSD's own definition (``src/ssd.py``, ``calc_importance``): the squared gradient of each batch's mean
       cross-entropy (``batch_size`` consecutive samples), averaged over the batches
-      (:meth:`~lightning_unlearn.unlearn.splits.SplitStatistics.batch_importance`);
+      (:meth:`~lightning_unlearn.unlearn.request.splits.SplitStatistics.batch_importance`);
     * ``"fisher"``, ``"exact"``, ``"mc"``: the mean over the split's samples of the per-sample diagonal of the
-      project's estimator (:meth:`~lightning_unlearn.unlearn.splits.SplitStatistics.split_profile`): ``fisher`` the
-      empirical Fisher (squared per-sample gradients at the trained-on labels), ``exact`` the GGN diagonal, ``mc`` its
-      Monte-Carlo estimate. Per-sample squares do not depend on a batch size, and they are not SSD's numbers: a batch
-      gradient's square also holds the cross terms between the batch's samples.
+      project's estimator (:meth:`~lightning_unlearn.unlearn.request.splits.SplitStatistics.split_profile`):
+      ``fisher`` the empirical Fisher (squared per-sample gradients at the trained-on labels), ``exact`` the GGN
+      diagonal, ``mc`` its Monte-Carlo estimate. Per-sample squares do not depend on a batch size, and they are not
+      SSD's numbers: a batch gradient's square also holds the cross terms between the batch's samples.
     """
     if importance == "batch":
         return context.batch_importance(split, batch_size)

@@ -36,11 +36,11 @@ from lightning_unlearn.run import (
     InterruptedTrainingWarning,
     check_profile,
 )
-from lightning_unlearn.unlearn.results import finite, lr_search_record, poison_kind, request_scalars
-from lightning_unlearn.unlearn.source import (
+from lightning_unlearn.unlearn.adapters.source import (
     own_unlearned_checkpoint,
     profile_training_set,
 )
+from lightning_unlearn.unlearn.request.results import finite, lr_search_record, poison_kind, request_scalars
 from lightning_unlearn.utils import TEMP_PATTERN, atomic_write, atomic_write_text, disk_full
 
 REPORT_FILENAME = "report.json"
@@ -416,7 +416,7 @@ def save_unlearned(module: Any, path: Path, exclusive: bool = False, report: dic
     checkpoint does (``unlearn.py --model.run``, ``lightning-unlearn profile``, ``sweep``, :class:`TrainingRun`):
     the classifier's and the data module's own hyper-parameters, the poison record (in the data module's state, as
     Lightning stores it) and where it came from (``unlearned_from``). An own model's: its own checkpoint's layout
-    (:func:`~lightning_unlearn.unlearn.source.own_unlearned_checkpoint`). Both carry the chain's audit ledger
+    (:func:`~lightning_unlearn.unlearn.adapters.source.own_unlearned_checkpoint`). Both carry the chain's audit ledger
     with this request appended (``unlearning_history``, :mod:`lightning_unlearn.ledger`; ``report`` gives its key
     metrics)."""
     if module.training_run is None:

@@ -22,7 +22,7 @@ from lightning_unlearn.data.datamodule import PoisonedDataModule
 from lightning_unlearn.evaluation.suite import EvaluationOptions, calibrated_options, evaluate_model
 from lightning_unlearn.ledger import chain_weights, history_of
 from lightning_unlearn.run import TrainingRun
-from lightning_unlearn.unlearn.source import LogitsOf, ModelSource, load_model
+from lightning_unlearn.unlearn.adapters.source import LogitsOf, ModelSource, load_model
 
 __all__ = ["check_reference", "reference_metrics", "evaluate_reference", "reference_net"]
 
@@ -135,9 +135,9 @@ def evaluate_reference(
 
 def reference_net(reference_run: str | Path, poisoned: TrainingRun | Any | None) -> torch.nn.Module:
     """The reference's logits network: a training run's classifier, or with ``poisoned`` an own-model module (a
-    :class:`~lightning_unlearn.unlearn.source.ModelSource`) a checkpoint of the same class, read weights-only. An
-    own model's reference is refused when it is the model itself (file or weights), an unlearned checkpoint, or one
-    of the models of its unlearning chain (:mod:`lightning_unlearn.ledger`)."""
+    :class:`~lightning_unlearn.unlearn.adapters.source.ModelSource`) a checkpoint of the same class, read
+    weights-only. An own model's reference is refused when it is the model itself (file or weights), an unlearned
+    checkpoint, or one of the models of its unlearning chain (:mod:`lightning_unlearn.ledger`)."""
     if isinstance(poisoned, ModelSource):
         if Path(reference_run).resolve() == (poisoned.checkpoint or Path()).resolve():
             raise ValueError(f"`reference` {str(reference_run)!r} is the model to unlearn itself.")

@@ -370,8 +370,8 @@ class Saliency(_DataAware):
     the gradients of each batch's *mean* loss over a shuffled forget loader (``save_gradient_ratio``; versions before
     b874ee9 also took an SGD step between batches and kept the smallest entries); here it is the gradient of the mean
     loss over the whole forget set at the trained weights
-    (:meth:`~lightning_unlearn.unlearn.splits.SplitStatistics.split_gradient`), which is theirs divided by the number
-    of batches when all batches have the same size (the order, hence the mask, is the same). As there,
+    (:meth:`~lightning_unlearn.unlearn.request.splits.SplitStatistics.split_gradient`), which is theirs divided by
+    the number of batches when all batches have the same size (the order, hence the mask, is the same). As there,
     ``int(fraction × total)`` entries are chosen (at least one); ties are broken by position (deterministically, like
     :class:`~lightning_unlearn.selection.TopKParameters`).
 

@@ -107,7 +107,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_import_graph_is_read_correctly():
     graph = _graph()
-    assert "lightning_unlearn.unlearn.base" in graph["lightning_unlearn.unlearn.one_step"]
+    assert "lightning_unlearn.unlearn.base" in graph["lightning_unlearn.unlearn.methods.one_step"]
     assert "lightning_unlearn.cli" in graph["lightning_unlearn.__main__"]
     # a planted cycle is found
     planted = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}

@@ -296,7 +296,7 @@ def test_non_finite_weights_in_the_checkpoint_are_refused(poisoned_run: Path, tm
 
 
 def test_non_finite_forget_gradient_leaves_the_model_unchanged(poisoned_run: Path, monkeypatch: Any) -> None:
-    from lightning_unlearn.unlearn import one_step
+    from lightning_unlearn.unlearn.methods import one_step
 
     exact = one_step.forget_gradient
     monkeypatch.setattr(

@@ -30,11 +30,11 @@ from lightning_unlearn.curvature.hutchinson import HutchinsonDiagonal
 from lightning_unlearn.evaluation import cost
 from lightning_unlearn.selection import LastLayer, ParameterMask, TopKParameters
 from lightning_unlearn.unlearn import FirstOrder, NegGradPlus, SamForget, SharpMinMax, UnlearnModule
-from lightning_unlearn.unlearn import one_step as one_step_module
-from lightning_unlearn.unlearn.freeze import FreezeGuard
+from lightning_unlearn.unlearn.methods import one_step as one_step_module
+from lightning_unlearn.unlearn.methods.one_step import forget_gradient
+from lightning_unlearn.unlearn.methods.sam import Perturbation, synced_gradient
 from lightning_unlearn.unlearn.module import TRAINER_DEFAULTS, unlearn_trainer
-from lightning_unlearn.unlearn.one_step import forget_gradient
-from lightning_unlearn.unlearn.sam import Perturbation, synced_gradient
+from lightning_unlearn.unlearn.request.freeze import FreezeGuard
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

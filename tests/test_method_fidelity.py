@@ -22,8 +22,8 @@ from torch.func import functional_call, grad
 
 from lightning_unlearn.selection import AllLayers, ParameterMask, SmallestLayer, TopKParameters
 from lightning_unlearn.unlearn import NegGradPlus, SamForget, SharpMinMax, UnlearnModule
-from lightning_unlearn.unlearn.freeze import FreezeGuard
 from lightning_unlearn.unlearn.module import unlearn_trainer
+from lightning_unlearn.unlearn.request.freeze import FreezeGuard
 
 Params = dict[str, torch.Tensor]
 

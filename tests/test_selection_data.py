@@ -28,8 +28,8 @@ from lightning_unlearn import (
     unlearn_model,
 )
 from lightning_unlearn.selection import EmptySelectionError
+from lightning_unlearn.unlearn.methods.ssd import dampening_factor
 from lightning_unlearn.unlearn.module import unlearn_trainer
-from lightning_unlearn.unlearn.ssd import dampening_factor
 
 DIM, CLASSES = 4, 3
 

@@ -21,7 +21,7 @@ def _build(spec: dict):
 def test_every_lab_method_is_what_its_config_builds():
     """The lab's flags (one-step, needs corrected labels) are those of the method class its config names, and the
     methods said to search a step are the library's searched one-step updates."""
-    from lightning_unlearn.unlearn.one_step import OneStepMethod
+    from lightning_unlearn.unlearn.methods.one_step import OneStepMethod
 
     for name, method in lab.METHODS.items():
         built = _build_lab(name)  # an unknown argument or value of a lab variant raises here

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from lightning_unlearn.unlearn.step_search import search_step
+from lightning_unlearn.unlearn.request.step_search import search_step
 
 HALF_DECADES = [10 ** (e / 2) for e in range(-12, -3)]  # 1e-6 ... 1e-2, the first-order default grid
 

@@ -38,8 +38,8 @@ from lightning_unlearn.reference import evaluate_reference
 from lightning_unlearn.run import TrainingRun
 from lightning_unlearn.selection import LastLayer, SmallestLayer
 from lightning_unlearn.unlearn import FirstOrder, UnlearnModule
+from lightning_unlearn.unlearn.adapters.source import own_unlearned_checkpoint
 from lightning_unlearn.unlearn.module import SplitOverlapWarning, unlearn_trainer
-from lightning_unlearn.unlearn.source import own_unlearned_checkpoint
 
 FIXED = FirstOrder(steps=[1e-2], criterion="fixed")
 

@@ -28,9 +28,9 @@ from lightning_unlearn.unlearn import (
     UnlearnModule,
     get_method,
 )
-from lightning_unlearn.unlearn.inverse_hvp import conjugate_gradient, lissa
-from lightning_unlearn.unlearn.one_step import forget_gradient
-from lightning_unlearn.unlearn.sam import Perturbation
+from lightning_unlearn.unlearn.methods.inverse_hvp import conjugate_gradient, lissa
+from lightning_unlearn.unlearn.methods.one_step import forget_gradient
+from lightning_unlearn.unlearn.methods.sam import Perturbation
 
 
 def make_trainer(**kwargs) -> Trainer:

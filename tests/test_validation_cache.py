@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightning_unlearn.models import build_model
-from lightning_unlearn.unlearn.validation import FrozenActivationCache
+from lightning_unlearn.unlearn.request.validation import FrozenActivationCache
 
 
 def _loader(n=96, batch=32, shape=(1, 28, 28), classes=10, seed=0):

@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 from lightning_unlearn import FirstOrder, FirstOrderRemoval, SecondOrder, TopKParameters, UnlearnData, UnlearnModule
 from lightning_unlearn.unlearn.module import unlearn_trainer
-from lightning_unlearn.unlearn.validation import accuracy_and_loss
+from lightning_unlearn.unlearn.request.validation import accuracy_and_loss
 
 #: Retain: 6 samples of class 0, 2 of class 1, none of class 2 (the class to forget); validation: 4, 2, 2.
 RETAIN_COUNTS, VAL_COUNTS = (6, 2, 0), (4, 2, 2)

@@ -1,14 +1,14 @@
 """Unlearning: the module, the hard freeze and the methods (one small object each, looked up by name)."""
 
+from lightning_unlearn.unlearn.adapters.functional import unlearn_model
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod
-from lightning_unlearn.unlearn.baselines import SCRUB, L1Sparse, RandomLabel
-from lightning_unlearn.unlearn.freeze import FreezeGuard
-from lightning_unlearn.unlearn.functional import unlearn_model
-from lightning_unlearn.unlearn.iterative import Finetune, NegGradPlus
+from lightning_unlearn.unlearn.methods.baselines import SCRUB, L1Sparse, RandomLabel
+from lightning_unlearn.unlearn.methods.iterative import Finetune, NegGradPlus
+from lightning_unlearn.unlearn.methods.one_step import FirstOrder, FirstOrderRemoval, SecondOrder
+from lightning_unlearn.unlearn.methods.sam import SamForget, SharpMinMax
+from lightning_unlearn.unlearn.methods.ssd import SSD
 from lightning_unlearn.unlearn.module import UnlearnModule
-from lightning_unlearn.unlearn.one_step import FirstOrder, FirstOrderRemoval, SecondOrder
-from lightning_unlearn.unlearn.sam import SamForget, SharpMinMax
-from lightning_unlearn.unlearn.ssd import SSD
+from lightning_unlearn.unlearn.request.freeze import FreezeGuard
 
 METHODS: dict[str, type[UnlearnMethod]] = {
     cls.name: cls

@@ -102,8 +102,8 @@ class UnlearnContext(Protocol):
 
     #: The network being unlearned (its parameter names are those of masks, profiles and reports).
     net: nn.Module
-    #: The hard freeze (:class:`~lightning_unlearn.unlearn.freeze.FreezeGuard`): ``trainable`` parameters by name,
-    #: ``mask_update``, ``zero_frozen_grads``, ``restore``.
+    #: The hard freeze (:class:`~lightning_unlearn.unlearn.request.freeze.FreezeGuard`): ``trainable`` parameters by
+    #: name, ``mask_update``, ``zero_frozen_grads``, ``restore``.
     guard: Any
     #: The selection's :class:`~lightning_unlearn.selection.ParameterMask` (a method may replace it with the one it
     #: chose, e.g. under a ``Validated`` selection), the names of its trainable parameters, the strategy.
@@ -138,8 +138,8 @@ class UnlearnContext(Protocol):
 
     def require_profile(self, device: torch.device | str | None = None) -> Any: ...
 
-    # statistics of a split ("forget", "retain", "train"; see lightning_unlearn.unlearn.splits), computed once each,
-    # sharded and all-reduced under DDP: data-aware selections (select_for) and SSD read them
+    # statistics of a split ("forget", "retain", "train"; see lightning_unlearn.unlearn.request.splits), computed
+    # once each, sharded and all-reduced under DDP: data-aware selections (select_for) and SSD read them
     def net_named_parameters(self) -> list[tuple[str, nn.Parameter]]: ...
 
     def split_dataset(self, split: str) -> Dataset: ...

@@ -21,15 +21,15 @@ from lightning_unlearn.data.protocol import UnlearnData, require_corrected_label
 from lightning_unlearn.distributed import all_reduce_flat, all_reduce_tensor
 from lightning_unlearn.evaluation.cost import FitMeter, main_process_device
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer, Validated
+from lightning_unlearn.unlearn.adapters.source import resolve_source
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted, check_trainer
-from lightning_unlearn.unlearn.freeze import FreezeGuard
-from lightning_unlearn.unlearn.inverse_hvp import dataset_hvp
-from lightning_unlearn.unlearn.lr_search import LearningRateSearch
-from lightning_unlearn.unlearn.one_step import FirstOrder
-from lightning_unlearn.unlearn.results import RequestEvaluation
-from lightning_unlearn.unlearn.source import resolve_source
-from lightning_unlearn.unlearn.splits import SplitStatistics
-from lightning_unlearn.unlearn.validation import ValidationSplits
+from lightning_unlearn.unlearn.methods.inverse_hvp import dataset_hvp
+from lightning_unlearn.unlearn.methods.one_step import FirstOrder
+from lightning_unlearn.unlearn.request.freeze import FreezeGuard
+from lightning_unlearn.unlearn.request.lr_search import LearningRateSearch
+from lightning_unlearn.unlearn.request.results import RequestEvaluation
+from lightning_unlearn.unlearn.request.splits import SplitStatistics
+from lightning_unlearn.unlearn.request.validation import ValidationSplits
 
 #: Trainer settings every unlearning run needs: ``UnlearnModule`` shards its data exactly itself (no distributed
 #: sampler), the unlearned checkpoint is written atomically by the pipeline (no checkpointing), no sanity validation;
@@ -87,7 +87,7 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
             ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``RandomEntries``, ``Validated``; from
             the model and the data: ``Saliency``, ``FisherRatio``). ``prepare`` calls its ``select_for(self)``;
             statistics of any split (``split_profile("forget")``, ``split_gradient``, ``batch_importance``, see
-            :mod:`~lightning_unlearn.unlearn.splits`) are computed once and kept in :attr:`split_cache`.
+            :mod:`~lightning_unlearn.unlearn.request.splits`) are computed once and kept in :attr:`split_cache`.
         profile: A :class:`SharpnessProfile` or the path of a saved one; default: a run's own (computed and saved if
             missing), or for ``model`` computed on the data's training set (``profile_dataloader()``, default retain
             then forget set) and kept in memory (:attr:`profile`).
@@ -100,8 +100,8 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         seed: Seed of shuffling (iterative methods).
         validation_cache_mb: Memory for the activations a step-size search caches (the part of the network before
             the selected parameters is evaluated once on the validation split, see
-            :class:`~lightning_unlearn.unlearn.validation.FrozenActivationCache`); 0 disables the cache. Results are
-            identical either way.
+            :class:`~lightning_unlearn.unlearn.request.validation.FrozenActivationCache`); 0 disables the cache.
+            Results are identical either way.
         lr_grid: Iterative methods only: learning rates searched on the validation split. The method runs its whole
             budget (``epochs``) once per rate, each time from the original weights with a fresh optimizer state; the
             weights with the lowest validation loss are kept, "no change" (the original weights) included, so the

@@ -1,8 +1,8 @@
 """Iterative baselines: fine-tuning on the retain set and NegGrad+ (and the loaders the SAM-style methods share).
 
 Both run under manual optimization; every step zeroes the gradient of frozen entries before ``optimizer.step()`` and
-restores them after it (:class:`~lightning_unlearn.unlearn.freeze.FreezeGuard`), so the hard freeze holds with any
-optimizer, weight decay and momentum included. The network stays in ``eval()`` mode (BatchNorm statistics and
+restores them after it (:class:`~lightning_unlearn.unlearn.request.freeze.FreezeGuard`), so the hard freeze holds
+with any optimizer, weight decay and momentum included. The network stays in ``eval()`` mode (BatchNorm statistics and
 dropout frozen) so that frozen layers really do not change.
 """
 

@@ -2,7 +2,7 @@
 
 :class:`SplitStatistics` is mixed into :class:`~lightning_unlearn.unlearn.UnlearnModule`. Data-aware selections
 (:class:`~lightning_unlearn.selection.Saliency`, :class:`~lightning_unlearn.selection.FisherRatio`) and the
-:class:`~lightning_unlearn.unlearn.ssd.SSD` method read what they need through it. The splits are
+:class:`~lightning_unlearn.unlearn.methods.ssd.SSD` method read what they need through it. The splits are
 
 * ``"forget"``: the samples to forget with the labels the model was trained on (``forget_dataloader()``'s dataset);
 * ``"retain"``: the training samples to keep;
@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_unlearn.curvature import SharpnessProfile
 from lightning_unlearn.curvature.compute import eval_mode
 from lightning_unlearn.curvature.precision import no_autocast
-from lightning_unlearn.unlearn.source import profile_split
+from lightning_unlearn.unlearn.adapters.source import profile_split
 
 __all__ = ["SPLITS", "SplitStatistics"]
 

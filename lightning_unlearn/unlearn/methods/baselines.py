@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from lightning_unlearn.unlearn.base import UnlearnContext, weighted_mean
-from lightning_unlearn.unlearn.iterative import IterativeMethod, cross_entropy, optimizer_step, rank_count
+from lightning_unlearn.unlearn.methods.iterative import IterativeMethod, cross_entropy, optimizer_step, rank_count
 
 __all__ = ["EpochPhases", "L1Sparse", "RandomLabel", "SCRUB", "distill_kl"]
 

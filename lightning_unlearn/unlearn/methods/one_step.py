@@ -12,8 +12,8 @@ all ranks), the update is ``θ_S ← θ_S − τ · d`` with
 
 The step size ``τ`` is chosen on the clean validation split (optionally weighted to the retain set's classes,
 ``validation_weights="retain"``, and joined by the corrected forget set, ``forget_weight``) by
-:func:`~lightning_unlearn.unlearn.step_search.search_step`: ``steps`` is a coarse log grid that brackets the minimum
-of the validation loss, and a golden-section search on ``log τ`` refines it (``criterion="loss"``, the default);
+:func:`~lightning_unlearn.unlearn.request.step_search.search_step`: ``steps`` is a coarse log grid that brackets the
+minimum of the validation loss, and a golden-section search on ``log τ`` refines it (``criterion="loss"``, the default);
 ``τ = 0``, "no change", is always a candidate, so the model is never left worse on validation than before. The
 second-order update searches its damping λ the same way (every λ of ``damping`` gets its own step search; the pair
 with the lowest validation loss wins). Each candidate costs one forward pass over the validation split, most of it
@@ -35,8 +35,8 @@ from lightning_unlearn.evaluation.cost import device_clock
 from lightning_unlearn.evaluation.figures import log_figure, step_search_figure
 from lightning_unlearn.selection import ParameterMask, Validated
 from lightning_unlearn.unlearn.base import UnlearnContext, UnlearnMethod
-from lightning_unlearn.unlearn.inverse_hvp import conjugate_gradient, lissa
-from lightning_unlearn.unlearn.step_search import DEFAULT_TOL, search_step
+from lightning_unlearn.unlearn.methods.inverse_hvp import conjugate_gradient, lissa
+from lightning_unlearn.unlearn.request.step_search import DEFAULT_TOL, search_step
 
 CRITERIA = ("acc", "loss", "fixed")
 VALIDATION_WEIGHTS = ("uniform", "retain")

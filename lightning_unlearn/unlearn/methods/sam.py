@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from lightning_unlearn.unlearn.base import UnlearnContext
-from lightning_unlearn.unlearn.iterative import PairedMethod, cross_entropy, rank_counts
+from lightning_unlearn.unlearn.methods.iterative import PairedMethod, cross_entropy, rank_counts
 
 
 def loss_scaler(module: UnlearnContext) -> Any:
@@ -129,7 +129,8 @@ class SharpnessAware(PairedMethod):
         batch_size: Batch size of the forget and retain loaders.
         rho: Radius ρ of the perturbation.
         adaptive: ASAM: scale the perturbation element-wise by ``|θ|`` (``ε = ρ θ² ⊙ g / ‖|θ| ⊙ g‖``).
-        epoch_over: ``"forget"`` or ``"retain"``, see :class:`~lightning_unlearn.unlearn.iterative.PairedMethod`.
+        epoch_over: ``"forget"`` or ``"retain"``, see
+            :class:`~lightning_unlearn.unlearn.methods.iterative.PairedMethod`.
     """
 
     def __init__(
