@@ -4,8 +4,9 @@
    4, ``configs/mnist_cnn_label_flip.yaml``); the ``SharpnessProfiler`` profiles the exact Hessian diagonal after fit;
 2. retrain from scratch without the flipped samples (the reference), and state the poison's harm (class-9 test
    accuracy, poisoned vs retrained) and fit (how much of the forget set the poisoned model learnt);
-3. unlearn with SA first-order (smallest-diagonal layer), first-order on the last layer, first-order on all layers and
-   fine-tuning all layers for an epoch;
+3. unlearn with ``Auto`` (the default request: method, selection and step chosen by the forgetting target's criterion,
+   without the retrained model), then the paper's SA first-order (smallest-diagonal layer, step on the validation
+   loss), first-order on the last layer, first-order on all layers and fine-tuning all layers for an epoch;
 4. print one table: accuracies, % restored of the class-9 accuracy and ToW (relative to the retrained model), the
    membership-inference (SVC) score, the relearning attack's recovery (area under its curve, with a learning rate
    calibrated on the validation split) of every model, and seconds.
@@ -31,6 +32,7 @@ from lightning_unlearn.utils import atomic_write_text
 
 CONFIG = "mnist_cnn_label_flip.yaml"
 REQUESTS = {
+    "Auto (the default request)": "auto",
     "SA first-order (smallest layer)": "sa_first_order",
     "first-order, last layer": "first_order_last_layer",
     "first-order, all layers": "first_order_all",
@@ -67,12 +69,20 @@ def row(name: str, metrics: dict[str, float], report: dict[str, Any] | None = No
         "fit %": metrics.get("forget/acc"),
         "% restored (9)": _restored(report, name),
         "ToW": None if tow is None else f"{tow:.4f}",
+        "KL test": _distance(report, "test"),
         "MIA-SVC %": metrics.get("mia/svc"),
+        "MIA SalUn conf. %": metrics.get("mia/salun_confidence"),
         "relearn AUC %": metrics.get("relearn/auc"),
         "update s": method.get("seconds_update", report["timings"]["fit_wall_seconds"]) if report else None,
         "search s": method.get("seconds_search"),
         "step": f"{method['step']:.1e}" if method.get("step") is not None else None,
     }
+
+
+def _distance(report: dict[str, Any], split: str) -> str | None:
+    """The mean KL divergence of the outputs from the retrained model's on a split (per sample, then averaged)."""
+    value = report.get("comparison", {}).get(f"distance/{split}/kl")
+    return None if value is None else f"{value:.4f}"
 
 
 def _restored(report: dict[str, Any], name: str) -> float | None:

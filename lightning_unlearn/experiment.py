@@ -86,19 +86,22 @@ def unlearn(
     before: dict[str, float] | None = None,
     evaluation: EvaluationOptions | None = None,
     calibration: dict[str, Any] | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """One unlearning request with ``configs/unlearn/<config>.yaml`` on ``run_dir``; returns the report.
 
     ``reference`` / ``before``: metrics of the retrained and the poisoned model (computed once per run by the caller,
-    with the same ``evaluation`` options); ``calibration``: the relearning attack's calibration record
-    (:func:`~lightning_unlearn.reference.evaluate_reference`).
+    with the same ``evaluation`` options; a :class:`~lightning_unlearn.evaluation.distance.ReferenceMetrics` adds the
+    per-sample output distances); ``calibration``: the relearning attack's calibration record
+    (:func:`~lightning_unlearn.reference.evaluate_reference`); ``force``: as ``--force``.
     """
     args = ["-c", str(config_path(f"unlearn/{config}")), "--model.run", str(run_dir), "--name", config, *QUIET, *extra]
     with quiet():
         cli = UnlearnCLI(args=args)
         return run_unlearning(
-            cli.trainer, cli.model, reference, evaluation=evaluation, before=before, calibration=calibration
-        )
+            cli.trainer, cli.model, reference, evaluation=evaluation, before=before, calibration=calibration,
+            force=force,
+        )  # fmt: skip
 
 
 __all__ = ["CONFIGS", "QUIET", "available_configs", "config_path", "train", "unlearn"]

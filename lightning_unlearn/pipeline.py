@@ -21,6 +21,7 @@ from lightning_unlearn.console import quiet
 from lightning_unlearn.curvature import SharpnessProfile, weights_fingerprint
 from lightning_unlearn.data.identity import sample_digests, split_fingerprint
 from lightning_unlearn.evaluation.cost import fit_memory, main_process_device, measure
+from lightning_unlearn.evaluation.distance import output_distance, split_outputs
 from lightning_unlearn.evaluation.figures import curve_of, log_figure, relearn_figure
 from lightning_unlearn.evaluation.suite import (
     EvaluationOptions,
@@ -41,6 +42,7 @@ from lightning_unlearn.unlearn.adapters.source import (
     profile_training_set,
 )
 from lightning_unlearn.unlearn.request.results import finite, lr_search_record, poison_kind, request_scalars
+from lightning_unlearn.unlearn.request.target import target_summary
 from lightning_unlearn.utils import TEMP_PATTERN, atomic_write, atomic_write_text, disk_full
 
 REPORT_FILENAME = "report.json"
@@ -202,6 +204,8 @@ def _prepare_profile(module: Any, device: torch.device) -> None:
     if module.profile is not None or (module.training_run is None and not getattr(module, "profile_path", None)):
         return  # an own model's profile: given as an object, or computed by the module on its training data
     given = getattr(module, "profile_path", None)
+    if not given and not module.needs_curvature:
+        return  # nothing reads curvature: the module works from the model's layout (or the run's saved profile)
     if not given and not module.training_run.stores_profile:
         return  # an unlearned checkpoint's profile is computed by the module and kept in the request's own folder
     path = Path(given) if given else module.training_run.profile_path
@@ -272,6 +276,8 @@ def _check_prepared(module: Any, after_fit: bool = False) -> None:
     it averages fewer samples than the training set. After ``fit`` (ranks that prepared in ``setup``) the weights have
     moved: their fingerprint was checked when the profile was loaded, before the update."""
     profile = module.profile
+    if profile.is_layout:
+        return  # no curvature: nothing to check against the model beyond its layout (built from it)
     run = module.training_run
     where = str(getattr(module, "profile_path", None) or (run.profile_path if run is not None else "computed"))
     stale = after_fit or bool(getattr(module, "allow_stale_profile", False))
@@ -316,6 +322,7 @@ def _unlearn(
     module.datamodule.setup("fit")
     if before is None:
         before = evaluate_model(module.net, module.datamodule, evaluation, device)
+    module.target_record["before"] = module.target_reading(device)
     trainer.fit_loop.max_epochs = module.max_epochs
     module.evaluation = None  # this request evaluates (MIA, relearning attack included) and logs itself, below
     with measure(device) as cost, quiet():  # Lightning's notes on a one-step fit (no optimizer, few batches) are noise
@@ -327,6 +334,7 @@ def _unlearn(
     preparation = (module.timings.get("profile_seconds") or 0.0) + selection if prepared_in_fit else 0.0
     seconds = cost.seconds - preparation + selection
     after = evaluate_model(module.net, module.datamodule, evaluation, device)
+    module.target_record["after"] = module.target_reading(device)
     total = sum(p.numel() for p in module.names_root.parameters())
     dm = module.datamodule
     source = {"run": str(run.directory), "checkpoint": str(run.checkpoint)} if run is not None else {
@@ -354,13 +362,17 @@ def _unlearn(
         # the ranks' own peak where they measured it (ddp_spawn/ddp_fork ranks are other processes than this one)
         "cost": {"seconds": max(seconds, 0.0), **fit_memory(module.timings, cost)},
         "evaluation": evaluation.to_dict(),
+        "target": target_summary(module.target_record),
         "before": before,
         "after": after,
     }
     if reference is not None:
-        report["reference"] = reference
+        report["reference"] = dict(reference)
         report["poison_effect"] = finite(poison_effect(before, reference, poison["kind"]))
         report["comparison"] = finite(compare(before, after, reference))
+        if getattr(reference, "outputs", None):  # the reference's logits: per-sample distances of the outputs
+            model_outputs = split_outputs(module.net, module.datamodule, device)
+            report["comparison"].update(finite(output_distance(model_outputs, reference.outputs)))
         report["restored"] = {k: v for k, v in report["comparison"].items() if "_restored/" in k}
     if calibration is not None:
         report["relearn_calibration"] = calibration

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_unlearn.checkpoints import read_checkpoint
 from lightning_unlearn.curvature import weights_fingerprint
 from lightning_unlearn.data.datamodule import PoisonedDataModule
+from lightning_unlearn.evaluation.distance import ReferenceMetrics, split_outputs
 from lightning_unlearn.evaluation.suite import EvaluationOptions, calibrated_options, evaluate_model
 from lightning_unlearn.ledger import chain_weights, history_of
 from lightning_unlearn.run import TrainingRun
@@ -126,11 +127,14 @@ def evaluate_reference(
 
     Returns:
         ``(options, metrics, calibration)``: the options every model of the request must be evaluated with (the
-        calibrated attack), the reference's metrics, and the calibration's record (None when it is off).
+        calibrated attack), the reference's metrics (a :class:`ReferenceMetrics`, with its outputs), and the
+        calibration's record (None when it is off).
     """
     net = reference_net(reference_run, poisoned)
     options, calibration = calibrated_options(net, datamodule, options, device)
-    return options, evaluate_model(net, datamodule, options, device), calibration
+    metrics = ReferenceMetrics(evaluate_model(net, datamodule, options, device))
+    metrics.outputs = split_outputs(net, datamodule, device)
+    return options, metrics, calibration
 
 
 def reference_net(reference_run: str | Path, poisoned: TrainingRun | Any | None) -> torch.nn.Module:

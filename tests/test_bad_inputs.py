@@ -158,7 +158,7 @@ def test_topk_never_selects_nothing(profile: SharpnessProfile) -> None:
 
 # ---------------------------------------------------------------------------------------------------- unknown names
 def test_unknown_method_selection_estimator_in_python() -> None:
-    with pytest.raises(ValueError, match=r"`method` must be one of \('first_order', 'second_order'.*got 'retrain'"):
+    with pytest.raises(ValueError, match=r"`method` must be one of \('auto', 'first_order', 'second_order'.*'retrain'"):
         get_method("retrain")
     with pytest.raises(ValueError, match=r"`strategy` must be one of \('smallest', 'largest'.*got 'sharpest'"):
         get_strategy("sharpest")
@@ -175,10 +175,13 @@ def test_unknown_method_selection_estimator_in_python() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model.method", "Retrain"], r'"model\.method"[\s\S]*`--model\.method` must be one of FirstOrder, Second'),
+        (
+            ["--model.method", "Retrain"],
+            r'"model\.method"[\s\S]*`--model\.method` must be one of Auto, FirstOrder, Second',
+        ),
         (
             ["--model.method.class_path", "lightning_unlearn.unlearn.Retrain"],
-            r"has no attribute 'Retrain'[\s\S]*`--model\.method` must be one of FirstOrder",
+            r"has no attribute 'Retrain'[\s\S]*`--model\.method` must be one of Auto, FirstOrder",
         ),
         (["--model.selection", "Sharpest"], r"`--model\.selection` must be one of SmallestLayer, LargestLayer"),
         (["--model.estimator", "lanczos"], r"`--model\.estimator` must be one of \['exact', .*\], got 'lanczos'"),
@@ -315,7 +318,7 @@ def test_diverging_step_grid_leaves_the_model_bit_identical(poisoned_run: Path) 
     method = FirstOrder(steps=[1e3, 1e8, 1e30])
     module = UnlearnModule(str(poisoned_run), method, SmallestLayer())
     before = bits(module)
-    with pytest.warns(UserWarning, match="no step improved the validation loss; the model is unchanged"):
+    with pytest.warns(UserWarning, match="no step improved the target criterion .*; the model is unchanged"):
         unlearn_trainer(accelerator="cpu", max_epochs=1).fit(module)
     report = method.report()
     assert report["step"] == 0.0

@@ -26,10 +26,11 @@ from lightning_unlearn.curvature import SharpnessProfile
 from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
 from lightning_unlearn.pipeline import REPORT_FILENAME, run_unlearning
 from lightning_unlearn.run import TrainingRun
-from lightning_unlearn.selection import FisherRatio, LastLayer, Saliency, SmallestLayer, TopKParameters
+from lightning_unlearn.selection import AutoCandidates, FisherRatio, LastLayer, Saliency, SmallestLayer, TopKParameters
 from lightning_unlearn.unlearn import (
     SCRUB,
     SSD,
+    Auto,
     Finetune,
     FirstOrder,
     FirstOrderRemoval,
@@ -52,7 +53,9 @@ BATCH = 16  # per rank; the single process uses WORLD * BATCH
 METHODS = {
     "first_order": (lambda b: FirstOrder(batch_size=b), SmallestLayer),
     "first_order_topk": (lambda b: FirstOrder(batch_size=b), lambda: TopKParameters(fraction=0.02)),
-    "second_order": (lambda b: SecondOrder(batch_size=b), LastLayer),
+    "second_order": (lambda b: SecondOrder(batch_size=b, criterion="loss"), LastLayer),
+    # the default request: its candidates and budget decided alike on every rank (one all-reduced decision)
+    "auto": (lambda b: Auto(batch_size=b, budget_epochs=100.0), AutoCandidates),
     "finetune": (lambda b: Finetune(batch_size=b), SmallestLayer),
     "neggrad_plus": (lambda b: NegGradPlus(batch_size=b), SmallestLayer),
     "sam_forget": (lambda b: SamForget(batch_size=b, rho=0.5), lambda: TopKParameters(fraction=0.05)),

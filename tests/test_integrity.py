@@ -33,7 +33,7 @@ from lightning_unlearn.data.poison import PoisonRecord, PoisonSpec, make_poison
 from lightning_unlearn.evaluation.suite import ACCURACY_ONLY
 from lightning_unlearn.pipeline import REPORT_FILENAME, UNLEARNED_FILENAME, run_unlearning
 from lightning_unlearn.run import DATAMODULE_STATE_KEY, InterruptedTrainingWarning, TrainingRun
-from lightning_unlearn.selection import LastLayer
+from lightning_unlearn.selection import LastLayer, SmallestLayer
 from lightning_unlearn.unlearn import FirstOrder, UnlearnModule
 from lightning_unlearn.unlearn.module import unlearn_trainer
 from lightning_unlearn.utils import InterruptedWriteWarning, atomic_write
@@ -540,7 +540,9 @@ def test_a_profile_elsewhere_serves_a_read_only_run(poisoned_run, tmp_path, monk
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == run else real_access(p, mode))
     with pytest.raises(PermissionError, match=r"run' holds no sharpness profile and is not writable: pass "
                        r"`--model\.profile PATH`"):  # fmt: skip
-        run_unlearning(unlearn_trainer(accelerator="cpu"), fast_module(run), out_dir=tmp_path / "ro")
+        # a selection that reads curvature (one that reads none, like the last layer, needs no profile at all)
+        module = UnlearnModule(str(run), FirstOrder(steps=[1e-4], criterion="fixed"), SmallestLayer())
+        run_unlearning(unlearn_trainer(accelerator="cpu"), module, out_dir=tmp_path / "ro")
     assert outputs(tmp_path / "ro") == []
 
 

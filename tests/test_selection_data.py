@@ -19,7 +19,6 @@ from lightning_unlearn import (
     SSD,
     STRATEGIES,
     FisherRatio,
-    LastLayer,
     ParameterMask,
     Saliency,
     TopKParameters,
@@ -27,7 +26,7 @@ from lightning_unlearn import (
     UnlearnModule,
     unlearn_model,
 )
-from lightning_unlearn.selection import EmptySelectionError
+from lightning_unlearn.selection import EmptySelectionError, SmallestLayer
 from lightning_unlearn.unlearn.methods.ssd import dampening_factor
 from lightning_unlearn.unlearn.module import unlearn_trainer
 
@@ -163,7 +162,8 @@ def test_fisher_ratio_selects_where_forget_importance_exceeds_alpha_times_full(i
 
 def test_split_profile_of_the_forget_set_is_kept_in_memory():
     net, data, raw = make_request()
-    module = UnlearnModule(model=net, data=data, selection=LastLayer(), method=SSD(), estimator="fisher")
+    # a selection that reads curvature: the training profile is computed (a last-layer request would compute none)
+    module = UnlearnModule(model=net, data=data, selection=SmallestLayer(), method=SSD(), estimator="fisher")
     module.prepare()
     forget = module.split_profile("forget")
     assert forget is module.split_profile("forget") and forget.metadata["split"] == "forget"

@@ -25,6 +25,10 @@ def architecture_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+#: The estimator name of a profile that holds a model's layout only (:meth:`SharpnessProfile.layout_of`).
+LAYOUT = "layout"
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """SHA-256 (16 hex digits) of the parameter values: equal only for the very same weights."""
     digest = hashlib.sha256()
@@ -94,6 +98,19 @@ class SharpnessProfile:
             layer_types=layer_types,
             **kwargs,
         )
+
+    @classmethod
+    def layout_of(cls, model: nn.Module) -> SharpnessProfile:
+        """The model's layers and parameters without curvature (estimator :data:`LAYOUT`, zeros): what a request
+        whose selection and method need no curvature values (the last layer, all layers, named layers, ``Auto``'s
+        default) selects from, so that it computes no profile it would not use."""
+        diagonals = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in model.named_parameters()}
+        return cls.from_model(model, diagonals, LAYOUT, 0, metadata={"layout_only": True})
+
+    @property
+    def is_layout(self) -> bool:
+        """Whether this is a layout without curvature (:meth:`layout_of`)."""
+        return self.estimator == LAYOUT
 
     def __repr__(self) -> str:
         """One line: estimator, samples, size and fingerprints, never the diagonals themselves."""

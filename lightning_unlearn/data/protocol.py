@@ -16,6 +16,9 @@
 ``test_dataloader()``                     optional: a test split (or a list of loaders, the first is the test split)
 ``profile_dataloader()``                  optional: the training set as trained on, for a profile computed on
                                           demand; default D_r followed by D_f
+``attacked_class``, ``forgetting_target`` optional attributes: the class the poison attacks (its test accuracy
+                                          states the harm), and what "forgotten" means for the forget set
+                                          (:mod:`lightning_unlearn.unlearn.request.target`)
 ========================================  ===================================================================
 
 Items are ``(inputs, label, ...)`` tuples (anything after the label is ignored) or dicts with ``x``/``y``,
@@ -121,6 +124,12 @@ class UnlearnData:
         train: The training set as trained on, for a profile computed on demand; default ``retain`` then ``forget``.
         attacked_class: The class the poison attacks, if any: its test accuracy is reported apart and is the metric
             whose harm and % restored the report states.
+        forgetting_target: What "forgotten" means for this forget set
+            (:data:`~lightning_unlearn.unlearn.request.target.TARGETS`): ``"corrected"`` (predict the corrected
+            labels as well as held-out data), ``"unseen"`` (look like held-out data: a deletion request),
+            ``"class_removed"`` (the forget set is a whole class, to be treated as unseen), ``"trigger_removed"``
+            (a backdoor whose true labels are unknown). None (default): ``"corrected"`` with ``corrected_labels``,
+            ``"unseen"`` without. Every choice the request makes is scored by it.
         batch_size: Batch size of the loaders this object hands out (evaluation).
         num_workers: DataLoader workers.
         name: A name for the data, recorded in profiles and reports.
@@ -138,6 +147,7 @@ class UnlearnData:
         batch_size: int = 1000,
         num_workers: int = 0,
         name: str = "custom",
+        forgetting_target: str | None = None,
     ) -> None:
         self._forget = _dataset_of(forget, "forget")
         self._retain = _dataset_of(retain, "retain")
@@ -150,6 +160,13 @@ class UnlearnData:
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"`batch_size` must be >= 1 and `num_workers` >= 0, got {batch_size}, {num_workers}.")
         self.attacked_class = attacked_class
+        from lightning_unlearn.unlearn.request.target import TARGETS
+
+        if forgetting_target is not None and forgetting_target not in TARGETS:
+            raise ValueError(
+                f"`forgetting_target` must be one of {TARGETS} or None (from the labels), got {forgetting_target!r}."
+            )
+        self.forgetting_target = forgetting_target
         self.batch_size, self.num_workers = batch_size, num_workers
         self.dataset = name
         #: The forget set's positions (what ``len()`` of a poison record counts).
@@ -173,6 +190,7 @@ class UnlearnData:
             return method() if callable(method) else None
 
         kwargs.setdefault("attacked_class", getattr(datamodule, "attacked_class", None))
+        kwargs.setdefault("forgetting_target", getattr(datamodule, "forgetting_target", None))
         kwargs.setdefault("name", type(datamodule).__name__)
         return cls(
             forget=datamodule.forget_dataloader(),

@@ -154,6 +154,12 @@ class UnlearnContext(Protocol):
 
     def validate(self, class_weights: torch.Tensor | None = None, split: str = "val") -> tuple[float, float]: ...
 
+    #: The request's forgetting target (:class:`~lightning_unlearn.unlearn.request.target.ForgettingTarget`) and the
+    #: model's reading of it with its per-sample parts (what the ``"target"`` criterion scores).
+    forgetting_target: Any
+
+    def read_target(self) -> tuple[Any, dict[str, torch.Tensor]]: ...
+
     def validation_cache(self, trainable: list[nn.Parameter] | None = None) -> contextlib.AbstractContextManager: ...
 
     def training_hvp(self, names: list[str], num_samples: int, scale: float = 1.0) -> Any: ...
@@ -184,6 +190,15 @@ class UnlearnMethod:
     freezes_unselected = True
     #: Whether the method needs the forget samples' corrected labels (it replaces their labels, not only ascends).
     needs_corrected_labels = False
+    #: Whether the method reads the profile's curvature values (the second order's preconditioner).
+    needs_curvature = False
+
+    def default_selection(self) -> Any:
+        """The selection of a request that names none: the paper's flattest layer
+        (:class:`~lightning_unlearn.selection.SmallestLayer`); ``Auto`` chooses among its own candidates."""
+        from lightning_unlearn.selection import SmallestLayer
+
+        return SmallestLayer()
 
     def train_dataloader(self, module: UnlearnContext) -> Any:
         raise NotImplementedError

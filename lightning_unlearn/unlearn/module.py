@@ -16,19 +16,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_unlearn.batches import flatten_loaders
-from lightning_unlearn.curvature import SharpnessProfile, plausibility, weights_fingerprint
+from lightning_unlearn.curvature import SharpnessProfile
 from lightning_unlearn.data.protocol import UnlearnData, require_corrected_labels
 from lightning_unlearn.distributed import all_reduce_flat, all_reduce_tensor
 from lightning_unlearn.evaluation.cost import FitMeter, main_process_device
-from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, SmallestLayer, Validated
+from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, Validated
 from lightning_unlearn.unlearn.adapters.source import resolve_source
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted, check_trainer
+from lightning_unlearn.unlearn.methods.auto import Auto
 from lightning_unlearn.unlearn.methods.inverse_hvp import dataset_hvp
-from lightning_unlearn.unlearn.methods.one_step import FirstOrder
+from lightning_unlearn.unlearn.request.criterion import CRITERIA
 from lightning_unlearn.unlearn.request.freeze import FreezeGuard
 from lightning_unlearn.unlearn.request.lr_search import LearningRateSearch
+from lightning_unlearn.unlearn.request.profiles import RequestProfile
 from lightning_unlearn.unlearn.request.results import RequestEvaluation
 from lightning_unlearn.unlearn.request.splits import SplitStatistics
+from lightning_unlearn.unlearn.request.target import TARGETS, ForgettingTarget
 from lightning_unlearn.unlearn.request.validation import ValidationSplits
 
 #: Trainer settings every unlearning run needs: ``UnlearnModule`` shards its data exactly itself (no distributed
@@ -56,7 +59,7 @@ def unlearn_trainer(**kwargs: Any) -> Trainer:
     return Trainer(**settings)
 
 
-class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
+class UnlearnModule(RequestProfile, SplitStatistics, ValidationSplits, LightningModule):
     """Unlearn a forget set from a trained classifier, changing only the selected parameters.
 
     What to unlearn, either (exactly one of ``run`` and ``model``):
@@ -64,13 +67,17 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
     * ``run``: a training run of this library (its directory or a checkpoint inside it): the ``ClassifierModule``,
       its data and poison record; its profile is loaded from the run directory, or computed and saved there;
     * ``model`` and ``data``: **your own** ``nn.Module`` or ``LightningModule`` (or the path of a ``LightningModule``
-      checkpoint, with ``model_class`` unless ``LightningCLI`` wrote it) and its data through the protocol of
+      checkpoint, with ``model_class``) and its data through the protocol of
       :mod:`lightning_unlearn.data.protocol` (:class:`~lightning_unlearn.data.UnlearnData` over your datasets or
       loaders, or a ``LightningDataModule`` with ``forget_dataloader``, ``retain_dataloader``, ``val_dataloader``).
       Parameter names are the model's own (profiles from ``SharpnessProfiler`` on it fit as they are).
 
-    Then it selects parameters with ``selection`` from the curvature profile, hard-freezes every other parameter and
-    unlearns with ``method``; with ``evaluate`` it logs before / after (/ reference) metrics (:attr:`report`).
+    Then it selects parameters with ``selection``, hard-freezes every other parameter and unlearns with ``method``;
+    every choice the request makes (steps, damping, learning rates and epochs, validated candidates, ``Auto``'s method
+    and selection) is scored by one criterion, the forgetting target's (:mod:`~lightning_unlearn.unlearn.request.
+    target`): validation loss on the retained classes plus the distance of the forget set to what a model that never
+    saw it would do, known without a retrained model. With ``evaluate`` it logs before / after (/ reference) metrics
+    and the target's readings (:attr:`report`).
 
     Distributed: a single device or any ``DDPStrategy`` flavour (``ddp``, ``ddp_spawn``, ``ddp_fork``); FSDP and
     DeepSpeed are refused in ``setup``. A missing profile is computed once (by the parent of spawned ranks, or
@@ -80,17 +87,22 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
 
     Args:
         run: Training run directory (or a checkpoint inside one) holding the checkpoint and ``poison.json``.
-        method: The unlearning method (``FirstOrder``, ``SecondOrder``, ``Finetune``, ``NegGradPlus``, ``SamForget``,
-            ``SharpMinMax``, ``SSD``; without corrected labels also ``FirstOrderRemoval``, ``RandomLabel``,
-            ``L1Sparse``, ``SCRUB``).
+        method: The unlearning method; default :class:`~lightning_unlearn.unlearn.methods.auto.Auto` (method,
+            selection and step chosen by the criterion within 0.25 training epochs). Explicit: ``FirstOrder``,
+            ``SecondOrder``, ``Finetune``, ``NegGradPlus``, ``SamForget``, ``SharpMinMax``, ``SSD``; without
+            corrected labels also ``FirstOrderRemoval``, ``RandomLabel``, ``L1Sparse``, ``SCRUB``.
         selection: Which parameters may change (``SmallestLayer``, ``LargestLayer``, ``TopKParameters``,
-            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``RandomEntries``, ``Validated``; from
-            the model and the data: ``Saliency``, ``FisherRatio``). ``prepare`` calls its ``select_for(self)``;
+            ``LastLayer``, ``AllLayers``, ``NamedLayers``, ``RandomLayer``, ``RandomEntries``, ``Validated``,
+            ``AutoCandidates``; from the model and the data: ``Saliency``, ``FisherRatio``); default: the method's
+            own (``Auto``: its candidates, the last then the flattest layer; every other method: the paper's
+            ``SmallestLayer``). ``prepare`` calls its ``select_for(self)``;
             statistics of any split (``split_profile("forget")``, ``split_gradient``, ``batch_importance``, see
             :mod:`~lightning_unlearn.unlearn.request.splits`) are computed once and kept in :attr:`split_cache`.
         profile: A :class:`SharpnessProfile` or the path of a saved one; default: a run's own (computed and saved if
             missing), or for ``model`` computed on the data's training set (``profile_dataloader()``, default retain
-            then forget set) and kept in memory (:attr:`profile`).
+            then forget set) and kept in memory (:attr:`profile`). A request whose selection and method read no
+            curvature (``Auto``'s default, the last layer, all layers, …) computes none: it uses a saved one if there
+            is one, else the model's layout (:mod:`~lightning_unlearn.unlearn.request.profiles`).
         estimator: Estimator for a profile computed here (``exact``, ``mc``, ``hutchinson``, ``fisher``).
         profile_max_samples: Training samples for a profile computed here (None: all).
         allow_stale_profile: Accept a profile whose weights fingerprint differs from the model's.
@@ -102,11 +114,14 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
             the selected parameters is evaluated once on the validation split, see
             :class:`~lightning_unlearn.unlearn.request.validation.FrozenActivationCache`); 0 disables the cache.
             Results are identical either way.
-        lr_grid: Iterative methods only: learning rates searched on the validation split. The method runs its whole
+        lr_grid: Iterative methods only: learning rates searched by the request's criterion. The method runs its whole
             budget (``epochs``) once per rate, each time from the original weights with a fresh optimizer state; the
             weights with the lowest validation loss are kept, "no change" (the original weights) included, so the
             model is never left worse on validation than before. Every rate's validation loss and accuracy go to
             :attr:`lr_search` (and the report). None: one run with the optimizer's own rate.
+        lr_criterion: What scores the ``lr_grid`` search's rates and epochs (after every epoch: early stopping):
+            ``"target"`` (the forgetting target's criterion, default) or ``"loss"`` (validation loss alone, the
+            paper's recipe), see :mod:`~lightning_unlearn.unlearn.request.lr_search`.
         model: Your own model (``nn.Module``, ``LightningModule``, or a ``LightningModule`` checkpoint path).
         data: With ``model``: the forget / retain / validation data (see above).
         model_class: With a checkpoint path as ``model``: its ``LightningModule`` class (or ``"pkg.module.Class"``).
@@ -122,6 +137,12 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         trusted_classes: With a checkpoint path as ``model``: import paths of the classes its hyper-parameters may
             name as ``LightningCLI`` writes nested objects (``{"class_path": …, "init_args": …}``, e.g. an encoder
             or ``torch.optim.Adam`` for an optimizer argument); any other class path in the file is refused.
+        forgetting_target: What "forgotten" means for this request (:data:`~lightning_unlearn.unlearn.request.
+            target.TARGETS`): ``"corrected"`` (the corrected labels are known), ``"unseen"`` (a deletion: the forget
+            set should look like held-out data), ``"class_removed"``, ``"trigger_removed"`` (a backdoor without its
+            true labels). None: the data's own (``forgetting_target``), else from the poison record's kind, else
+            ``"corrected"`` with corrected labels and ``"unseen"`` without. A target other than ``"corrected"`` does
+            not use corrected labels even where the data has them.
     """
 
     def __init__(
@@ -139,6 +160,7 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         seed: int = 0,
         validation_cache_mb: float = 1024.0,
         lr_grid: list[float] | None = None,
+        lr_criterion: str = "target",
         model: nn.Module | str | None = None,
         data: LightningDataModule | UnlearnData | None = None,
         model_class: Any = None,
@@ -146,6 +168,7 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         reference: nn.Module | dict[str, float] | None = None,
         evaluate: bool = True,
         trusted_classes: list[str] | None = None,
+        forgetting_target: str | None = None,
     ) -> None:
         super().__init__()
         objects = [
@@ -154,10 +177,18 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         ]  # fmt: skip
         self.save_hyperparameters(ignore=objects + ([] if isinstance(profile, (str, type(None))) else ["profile"]))
         self.automatic_optimization = False
-        self.method = method if method is not None else FirstOrder()
-        self.selection = selection if selection is not None else SmallestLayer()
+        self.method = method if method is not None else Auto()
         if not isinstance(self.method, UnlearnMethod):
             raise TypeError(f"`method` must be an UnlearnMethod, got {type(self.method).__name__}.")
+        self.selection = selection if selection is not None else self.method.default_selection()
+        if forgetting_target is not None and forgetting_target not in TARGETS:
+            raise ValueError(
+                f"`forgetting_target` must be one of {TARGETS} or None (inferred), got {forgetting_target!r}."
+            )
+        self._requested_target = forgetting_target
+        self._target: ForgettingTarget | None = None
+        #: The forgetting target's reading before and after the update (:meth:`target_reading`; set by the request).
+        self.target_record: dict[str, Any] = {}
         if not isinstance(self.selection, SelectionStrategy):
             raise TypeError(f"`selection` must be a SelectionStrategy, got {type(self.selection).__name__}.")
         source = resolve_source(
@@ -189,6 +220,8 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
             raise ValueError(f"`validation_cache_mb` must be >= 0 (0 disables the cache), got {validation_cache_mb}.")
         self.validation_cache_mb = validation_cache_mb
         self.lr_grid = LearningRateSearch.check_grid(lr_grid, self.method)
+        if lr_criterion not in CRITERIA:
+            raise ValueError(f"`lr_criterion` must be one of {CRITERIA}, got {lr_criterion!r}.")
         #: The learning-rate search's record (``lr_grid``): candidates with their validation scores, the chosen rate.
         self.lr_search: dict[str, Any] = {}
         self._lr_searcher: LearningRateSearch | None = None
@@ -229,6 +262,13 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         self.datamodule.setup("fit")
         if self.method.needs_corrected_labels:
             require_corrected_labels(self.datamodule, f"The method {self.method.name!r}")
+            if self.forgetting_target.target != "corrected":
+                raise ValueError(
+                    f"The method {self.method.name!r} replaces the forget set's labels with corrected ones, which a "
+                    f"request with the forgetting target {self.forgetting_target.target!r} does not use: choose a "
+                    "method that needs none (Auto, FirstOrderRemoval, NegGradPlus, SharpMinMax, Finetune, RandomLabel, "
+                    "L1Sparse, SCRUB, SSD), or the target 'corrected'."
+                )
         for note in getattr(self.datamodule, "overlap_notes", lambda: [])():  # own data: the library's are disjoint
             rank_zero_warn(
                 f"{note} Every choice scored on validation then sees what is being removed, and a retain set that "
@@ -274,62 +314,6 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
                 )
             self.prepare(device)
 
-    def require_profile(self, device: torch.device | str | None = None) -> SharpnessProfile:
-        """The curvature profile: loaded from ``profile`` / the run directory, or computed now and saved there.
-
-        Under DDP (called from ``setup``) each rank profiles its shard, one all-reduce of sums and counts gives the
-        single-process result, and global rank zero saves it.
-        """
-        if self.profile is not None:
-            return self.profile
-        run = self.training_run
-        path = self.profile_path or (run.profile_path if run is not None and run.stores_profile else None)
-        start = time.perf_counter()
-        if self._given_profile is not None:
-            profile, source = self._given_profile, "given"
-        elif self._profile_exists:
-            profile = SharpnessProfile.load(path)
-            source = f"loaded from {path}"
-        else:
-            profile = self._compute_profile(device)
-            source = f"computed ({self.estimator})"
-            if path is not None:  # a run's own profile is saved into the run directory
-                if self._trainer is None or self.trainer.is_global_zero:
-                    profile.save(path)
-                if self._distributed:
-                    self.trainer.strategy.barrier("unlearn_profile")
-                source += f" and saved to {path}"
-        named = f"at {str(path)!r}" if path else f"({source})"
-        model = f"the checkpoint {str(run.checkpoint)!r}" if run else f"the model ({type(self.names_root).__name__})"
-        try:
-            profile.check_compatible(self.names_root)
-        except ValueError as err:
-            raise ValueError(f"{err} (profile {named}, {model}; parameter names must be the model's own)") from err
-        weights = weights_fingerprint(self.names_root)
-        if profile.weights != weights and not self.allow_stale_profile:
-            raise ValueError(
-                f"The profile {named} was computed for other weights than {model} (weights fingerprints "
-                f"{profile.weights} vs {weights}). Recompute it, or pass `allow_stale_profile=True`."
-            )
-        if not source.startswith("computed"):  # read from a file or handed over: are its values plausible?
-            probe = DataLoader(self.datamodule.train_dataset(), batch_size=plausibility.SAMPLES)
-            target = torch.device(device) if device is not None else self.device
-            plausibility.check_plausible(
-                profile, self.names_root, probe, self.source.output_transform, f"The profile {named}", target
-            )
-        self.timings["profile_seconds"] = time.perf_counter() - start
-        self.timings["profile_source"] = source
-        self.profile = profile
-        return profile
-
-    @property
-    def _profile_exists(self) -> bool:
-        """Whether a profile is given or saved in the run directory (else :meth:`require_profile` computes one)."""
-        if self._given_profile is not None or self.profile_path is not None:
-            return True
-        run = self.training_run
-        return run is not None and run.stores_profile and run.profile_path.is_file()
-
     @property
     def _distributed(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1
@@ -343,13 +327,6 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
     def world_size(self) -> int:
         """Processes taking part (1 without a Trainer)."""
         return self.trainer.world_size if self._distributed else 1
-
-    def _compute_profile(self, device: torch.device | str | None) -> SharpnessProfile:
-        """The training set's curvature profile (this rank's shard, all-reduced under DDP)."""
-        if device is None and self._trainer is not None:
-            device = self.trainer.strategy.root_device
-        with self.computing_on(device):
-            return self._profile_of(self.split_dataset("train"), self.estimator, self.profile_max_samples, "train")
 
     # ------------------------------------------------------------------------------------------------- utilities
     def build_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -424,12 +401,14 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
             "method": self.method.state_dict(),
             "lr_search": dict(self.lr_search),
             "report": report,
+            "target": dict(self.target_record),
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.timings.update(state.get("timings", {}))
         self.method.load_state_dict(state.get("method", {}))
         self.lr_search = dict(state.get("lr_search", {}))
+        self.target_record.update(state.get("target", {}))
         if self.evaluation is not None and state.get("report"):
             self.evaluation.report = state["report"]
 
@@ -459,7 +438,8 @@ class UnlearnModule(SplitStatistics, ValidationSplits, LightningModule):
         # with `lr_grid` every rate sees the data in the same order (epoch k of its block shuffles like epoch k)
         search = self._lr_searcher
         if self.lr_grid is not None and (search is None or self.current_epoch == 0):
-            search = self._lr_searcher = LearningRateSearch(self.lr_grid, int(getattr(self.method, "epochs", 1)))
+            epochs = int(getattr(self.method, "epochs", 1))
+            search = self._lr_searcher = LearningRateSearch(self.lr_grid, epochs, self.hparams.lr_criterion)
         epoch = search.block_epoch(self.current_epoch) if search is not None else self.current_epoch
         for loader in flatten_loaders(loaders):
             if isinstance(getattr(loader, "sampler", None), ShardSampler):

@@ -10,13 +10,16 @@ all ranks), the update is ``θ_S ← θ_S − τ · d`` with
   (``N ×`` the profiled mean-loss Hessian): ``solver="diag"`` uses the profile's diagonal, ``"cg"`` / ``"lissa"``
   solve with Hessian-vector products on ``hvp_samples`` training samples.
 
-The step size ``τ`` is chosen on the clean validation split (optionally weighted to the retain set's classes,
-``validation_weights="retain"``, and joined by the corrected forget set, ``forget_weight``) by
+The step size ``τ`` is chosen by the request's criterion (:mod:`~lightning_unlearn.unlearn.request.criterion`) with
 :func:`~lightning_unlearn.unlearn.request.step_search.search_step`: ``steps`` is a coarse log grid that brackets the
-minimum of the validation loss, and a golden-section search on ``log τ`` refines it (``criterion="loss"``, the default);
-``τ = 0``, "no change", is always a candidate, so the model is never left worse on validation than before. The
-second-order update searches its damping λ the same way (every λ of ``damping`` gets its own step search; the pair
-with the lowest validation loss wins). Each candidate costs one forward pass over the validation split, most of it
+minimum of the score, and a golden-section search on ``log τ`` refines it. ``criterion="target"`` (the default) scores
+a step by the validation loss on the retained classes plus the distance to the forgetting target on the forget set
+(:mod:`~lightning_unlearn.unlearn.request.target`); ``"loss"`` by the clean validation loss alone (the paper's recipe:
+optionally weighted to the retain set's classes, ``validation_weights="retain"``, and joined by the corrected forget
+set, ``forget_weight``). ``τ = 0``, "no change", is always a candidate. The second-order update searches its damping λ
+the same way (every λ gets its own step search), and a ``Validated`` selection its candidates; discrete choices keep
+the earlier candidate unless a later one is better beyond the noise (:func:`~lightning_unlearn.unlearn.request.
+criterion.prefer`). Each evaluation costs one forward pass over the validation split (and the forget set), most of it
 served from the frozen-activation cache. The test set is never looked at.
 """
 
@@ -35,10 +38,11 @@ from lightning_unlearn.evaluation.cost import device_clock
 from lightning_unlearn.evaluation.figures import log_figure, step_search_figure
 from lightning_unlearn.selection import ParameterMask, Validated
 from lightning_unlearn.unlearn.base import UnlearnContext, UnlearnMethod
-from lightning_unlearn.unlearn.methods.inverse_hvp import conjugate_gradient, lissa
+from lightning_unlearn.unlearn.request.criterion import CRITERIA as SEARCH_CRITERIA
+from lightning_unlearn.unlearn.request.criterion import prefer, score
 from lightning_unlearn.unlearn.request.step_search import DEFAULT_TOL, search_step
 
-CRITERIA = ("acc", "loss", "fixed")
+CRITERIA = (*SEARCH_CRITERIA, "fixed")
 VALIDATION_WEIGHTS = ("uniform", "retain")
 SOLVERS = ("diag", "cg", "lissa")
 
@@ -82,7 +86,8 @@ def _require_finite(what: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _selection_candidates(module: UnlearnContext) -> list[tuple[str | None, ParameterMask | None]]:
-    """The candidates of a :class:`~lightning_unlearn.selection.Validated` selection, else one: the selection."""
+    """The candidates of a :class:`~lightning_unlearn.selection.Validated` selection (in its order of preference),
+    else one: the selection."""
     if isinstance(module.selection, Validated):
         return list(module.selection.candidates(module.profile))
     return [(None, None)]
@@ -102,10 +107,8 @@ def _chosen_mask(mask: ParameterMask, label: str, candidates: list[dict[str, Any
         key = c.get("selection")
         if key not in scores or (c["score"], c["step"]) < (scores[key]["score"], scores[key]["step"]):
             scores[key] = c
-    table = [
-        {"selection": k, "step": c["step"], "val_loss": c["val_loss"], "val_acc": c["val_acc"]}
-        for k, c in scores.items()
-    ]
+    keys = ("step", "score", "val_loss", "val_acc", "distance")
+    table = [{"selection": k, **{key: c[key] for key in keys if key in c}} for k, c in scores.items()]
     details = {**mask.details, "validated": True, "chosen": label, "candidates": table}
     return ParameterMask(mask.masks, f"validated:{mask.strategy}", list(mask.layers), details)
 
@@ -140,9 +143,13 @@ class OneStepMethod(UnlearnMethod):
     Args:
         steps: The coarse grid of step sizes ``τ`` (positive) that brackets the search; ``0`` is always added. With
             ``criterion="fixed"``: the single step to apply.
-        criterion: ``"loss"`` (lowest validation cross-entropy: grid, then extension beyond the grid's ends and
-            golden-section refinement on ``log τ``), ``"acc"`` (highest validation accuracy on the grid only; ties →
-            lower loss, then the smaller step) or ``"fixed"`` (apply the single step in ``steps``, no search).
+        criterion: ``"target"`` (the default, unless ``forget_weight`` or ``validation_weights`` ask for the
+            validation-loss criterion: the lowest score of the request's forgetting target, validation loss
+            on the retained classes plus the distance to the target, :mod:`~lightning_unlearn.unlearn.request.
+            target`), ``"loss"`` (lowest validation cross-entropy: the paper's recipe), both by the grid, then
+            extension beyond the grid's ends and golden-section refinement on ``log τ``; ``"acc"`` (highest
+            validation accuracy on the grid only; ties → lower loss, then the smaller step) or ``"fixed"`` (apply
+            the single step in ``steps``, no search).
         batch_size: Batch size over the forget set.
         tol: Tolerance of the refinement, in decades of ``τ`` (``criterion="loss"``).
         validation_weights: How the validation samples count in the criterion. ``"uniform"``: equally (the plain
@@ -157,7 +164,8 @@ class OneStepMethod(UnlearnMethod):
             Clean validation cannot see what only the forget samples carry — a backdoor's trigger is on no
             validation image, so every step along the forget gradient only raises the clean loss and the search
             keeps "no change"; the corrected forget set (which a poison's requester holds) shows the step that
-            removes it. ``0`` (default): validation alone. Needs corrected labels (not for removal methods).
+            removes it. ``0`` (default): validation alone. Needs corrected labels (not for removal methods). For
+            ``criterion="loss"`` and ``"acc"`` (the target criterion measures the forget set itself).
     """
 
     one_step = True
@@ -167,12 +175,14 @@ class OneStepMethod(UnlearnMethod):
     def __init__(
         self,
         steps: list[float] | None = None,
-        criterion: str = "loss",
+        criterion: str | None = None,
         batch_size: int = 512,
         tol: float = DEFAULT_TOL,
         validation_weights: str = "uniform",
         forget_weight: float = 0.0,
     ) -> None:
+        if criterion is None:  # the options of the validation-loss criterion ask for it; otherwise the target's
+            criterion = "loss" if forget_weight or validation_weights != "uniform" else "target"
         steps = list(self.default_steps if steps is None else steps)
         if not steps or any(not math.isfinite(s) or s <= 0 for s in steps):
             raise ValueError(f"`steps` must be a non-empty list of positive step sizes, got {steps}.")
@@ -188,6 +198,11 @@ class OneStepMethod(UnlearnMethod):
         number = isinstance(forget_weight, (int, float)) and not isinstance(forget_weight, bool)
         if not (number and math.isfinite(forget_weight) and forget_weight >= 0):
             raise ValueError(f"`forget_weight` must be a finite number >= 0, got {forget_weight!r}.")
+        if criterion == "target" and (forget_weight > 0 or validation_weights != "uniform"):
+            raise ValueError(
+                "`forget_weight` and `validation_weights` change the validation-loss criterion (`criterion='loss'`); "
+                "the target criterion measures the forget set itself and weighs a removed class out on its own."
+            )
         if forget_weight > 0 and not self.needs_corrected_labels:
             raise ValueError(
                 f"`forget_weight` scores the forget set with its corrected labels, which {self.name!r} (a removal "
@@ -208,28 +223,52 @@ class OneStepMethod(UnlearnMethod):
         return None  # the update is written directly into the parameters
 
     def train_dataloader(self, module: UnlearnContext) -> Any:
-        self._grad, self._count, self._seconds_grad, self.result = {}, 0, 0.0, {}  # one request per fit
+        self._grads, self._count, self._seconds_grad, self.result = {}, 0, 0.0, {}  # one request per fit
         return module.loader(module.datamodule.forget_pairs_dataloader().dataset, batch_size=self.batch_size)
+
+    def gradients(self, module: UnlearnContext, batch: Any, params: list[torch.nn.Parameter]) -> dict[str, list]:
+        """This batch's summed forget gradient of each variant (one: ``""``; :class:`~lightning_unlearn.unlearn.
+        methods.auto.Auto` computes one per direction it tries)."""
+        x, y_poisoned, weight = batch[0], batch[1], batch[-1]
+        y_true = batch[2] if self.needs_corrected_labels else None  # a method without them removes (FirstOrderRemoval)
+        return {"": forget_gradient(module.net, x, y_poisoned, y_true, params, weight)}
+
+    def variant(self, setting: dict[str, Any]) -> str:
+        """Which gradient of :meth:`gradients` a setting of :meth:`settings` turns into its direction."""
+        return ""
+
+    def within_budget(self, module: UnlearnContext, label: str | None, setting: dict[str, Any]) -> bool:
+        """Whether a candidate after the first is still searched (every one, by default)."""
+        return True
+
+    def searched(self, label: str | None, seconds: float) -> None:
+        """A candidate's search took ``seconds`` (subclasses keep account)."""
+
+    def finish(self, module: UnlearnContext) -> None:
+        """After the update (subclasses record what they measured)."""
 
     def training_step(self, module: UnlearnContext, batch: Any, batch_idx: int) -> None:
         # timings read the clock once the device has finished (CUDA runs kernels asynchronously)
         start = device_clock(module.device)
-        x, y_poisoned, weight = batch[0], batch[1], batch[-1]
-        y_true = batch[2] if self.needs_corrected_labels else None  # a method without them removes (FirstOrderRemoval)
         module.net.eval()
         params = module.guard.trainable
-        grads = forget_gradient(module.net, x, y_poisoned, y_true, list(params.values()), weight)
-        for name, grad in zip(params, grads, strict=True):
-            self._grad[name] = self._grad[name] + grad if name in self._grad else grad
-        self._count = self._count + weight.sum()  # a tensor: no device synchronisation per batch
+        for variant, grads in self.gradients(module, batch, list(params.values())).items():
+            sums = self._grads.setdefault(variant, {})
+            for name, grad in zip(params, grads, strict=True):
+                sums[name] = sums[name] + grad if name in sums else grad
+        self._count = self._count + batch[-1].sum()  # a tensor: no device synchronisation per batch
         self._seconds_grad += device_clock(module.device) - start
 
     def on_train_epoch_end(self, module: UnlearnContext) -> None:
         start = device_clock(module.device)
-        grad = module.all_reduce_sum(self._grad)
+        flat = module.all_reduce_sum({f"{v}\0{n}": g for v, grads in self._grads.items() for n, g in grads.items()})
         count = int(module.all_reduce_sum({"n": torch.as_tensor(self._count, device=module.device)})["n"].item())
-        grad = {name: module.guard.mask_update(name, g) for name, g in grad.items()}
-        _require_finite("forget gradient", grad)
+        grads: dict[str, dict[str, torch.Tensor]] = {}
+        for key, g in flat.items():
+            variant, name = key.split("\0", 1)
+            grads.setdefault(variant, {})[name] = module.guard.mask_update(name, g)
+        for grad in grads.values():
+            _require_finite("forget gradient", grad)
         seconds_reduce = device_clock(module.device) - start
         seconds_direction = seconds_search = 0.0
         start = device_clock(module.device)
@@ -237,13 +276,19 @@ class OneStepMethod(UnlearnMethod):
         seconds_search += device_clock(module.device) - start
         params = module.guard.trainable
         original = {name: p.detach().clone() for name, p in params.items()}
-        self._candidates, best, cached = [], None, []
+        target = module.forgetting_target if self.criterion == "target" else None
+        self._candidates, best, cached, notes = [], None, [], []
         for label, mask in _selection_candidates(module):
             names = [n for n in params if mask is None or (n in mask.masks and bool(mask.masks[n].any()))]
             part = {n: params[n] for n in names}
-            sub_grad = {n: grad[n] if mask is None else _restrict(grad[n], mask, n) for n in names}
             with module.validation_cache(list(part.values())) as cache:
+                if target is not None and best is None:  # the original model, before any candidate
+                    self.result["target_before"] = module.read_target()[0].to_dict()
                 for setting in self.settings():
+                    if best is not None and not self.within_budget(module, label, setting):
+                        continue
+                    grad = grads[self.variant(setting)]
+                    sub_grad = {n: grad[n] if mask is None else _restrict(grad[n], mask, n) for n in names}
                     start = device_clock(module.device)
                     direction = self.direction(module, sub_grad, **setting)
                     direction = {n: module.guard.mask_update(n, d) for n, d in direction.items()}
@@ -254,8 +299,13 @@ class OneStepMethod(UnlearnMethod):
                     start = device_clock(module.device)
                     labels = setting | ({"selection": label} if label is not None else {})
                     chosen = self._search(module, part, direction, original, labels)
-                    seconds_search += device_clock(module.device) - start
-                    if best is None or (chosen["score"], chosen["step"]) < (best["score"], best["step"]):
+                    took = device_clock(module.device) - start
+                    seconds_search += took
+                    self.searched(label, took)
+                    take, note = prefer(best, chosen, target)
+                    if note is not None:
+                        notes.append(note)
+                    if take:
                         best = chosen | {"_direction": direction, "_params": part, "_mask": mask}
             cached.append(bool(cache is not None and cache.cached))
         self.result["validation_cached"] = all(cached)
@@ -265,17 +315,21 @@ class OneStepMethod(UnlearnMethod):
             module.selected_names = set(module.mask.trainable)
         best = {k: v for k, v in best.items() if not k.startswith("_")}
         self._warn_about(best)
+        measured = ("val_loss", "val_acc", "forget_loss", "forget_acc", "selection", "distance", "forget_stat", "level")
+        every = [g for grad in grads.values() for g in grad.values()]
         self.result.update(
             forget_samples=count,
             step=best["step"],
-            **{k: best[k] for k in ("val_loss", "val_acc", "forget_loss", "forget_acc", "selection") if k in best},
+            **{k: best[k] for k in measured if k in best},
             **{k: v for k, v in best.items() if k in self.setting_keys},
             candidates=self._candidates,
             evaluations=len(self._candidates),
-            grad_norm=float(torch.sqrt(sum((g.double() ** 2).sum() for g in grad.values())).item()),
+            choice_notes=notes,
+            grad_norm=float(torch.sqrt(sum((g.double() ** 2).sum() for g in every)).item()),
             seconds_update=self._seconds_grad + seconds_reduce + seconds_direction,
             seconds_search=seconds_search,
         )
+        self.finish(module)
         _log_search(module, self)
 
     # ------------------------------------------------------------------------------------------------- direction
@@ -305,25 +359,17 @@ class OneStepMethod(UnlearnMethod):
         evaluation with its ``score``."""
         if self.criterion == "fixed":
             return {"step": self.steps[0], "score": 0.0, "phase": "fixed", **setting}
+        parts: dict[float, Any] = {}
 
         def evaluate(step: float) -> tuple[float, dict[str, Any]]:
             _apply(params, original, direction, step)
-            acc, loss = module.validate(self._class_weights)
-            scores = {"val_acc": acc, "val_loss": loss}
-            if self.forget_weight > 0:
-                forget_acc, forget_loss = module.validate(split="corrected_forget")
-                scores |= {"forget_acc": forget_acc, "forget_loss": forget_loss}
-                acc = (acc + self.forget_weight * forget_acc) / (1.0 + self.forget_weight)
-                loss = loss + self.forget_weight * forget_loss
-            loss_score = loss if math.isfinite(loss) else math.inf
-            # accuracy moves in steps of 1/|val|; the loss (scaled far below that) only breaks its ties
-            score = loss_score if self.criterion == "loss" else -acc + 1e-6 * min(loss_score, 1e4)
-            return score, {**scores, **setting}
+            value, measured, parts[step] = score(module, self.criterion, self._class_weights, self.forget_weight)
+            return value, {**measured, **setting}
 
-        search = search_step(evaluate, self.steps, refine=self.criterion == "loss", tol=self.tol)
+        search = search_step(evaluate, self.steps, refine=self.criterion != "acc", tol=self.tol)
         _apply(params, original, direction, 0.0)
         self._candidates.extend(search.evaluations)
-        return search.best
+        return search.best | {"_parts": parts[search.best["step"]]}
 
     def _validation_class_weights(self, module: UnlearnContext) -> torch.Tensor | None:
         """``p_retain(c) / p_val(c)`` per class for ``validation_weights="retain"`` (None: uniform); recorded in the
@@ -349,7 +395,10 @@ class OneStepMethod(UnlearnMethod):
         if self.criterion == "fixed":
             return
         if best["step"] == 0.0:
-            rank_zero_warn(f"{self.name}: no step improved the validation {self.criterion}; the model is unchanged.")
+            before = self.result.get("target_before")
+            state = "" if before is None else f" (the target was {'already' if before['met'] else 'not'} met)"
+            what = {"loss": "validation loss", "acc": "validation acc", "target": "target criterion"}[self.criterion]
+            rank_zero_warn(f"{self.name}: no step improved the {what}{state}; the model is unchanged.")
         elif best["step"] >= max(c["step"] for c in self._candidates):
             rank_zero_warn(f"{self.name}: the largest step {best['step']:.3g} was chosen; consider extending `steps`.")
         elif best["step"] <= min(c["step"] for c in self._candidates if c["step"] > 0):
@@ -398,95 +447,3 @@ class FirstOrderRemoval(FirstOrder):
 
     name = "first_order_removal"
     needs_corrected_labels = False  # only the labels the model was trained on
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-class SecondOrder(OneStepMethod):
-    """Warnecke's second-order update ``θ_S ← θ_S − τ (H_SS + λI)⁻¹ g``; ``τ = 1`` is the Newton step.
-
-    Args:
-        solver: ``"diag"`` (``H_SS ≈ N · diag(profile)``, free given the profile), ``"cg"`` or ``"lissa"``
-            (Hessian-vector products of the summed training loss on ``hvp_samples`` training samples).
-        damping: λ, relative to the mean of ``N · diag(profile)`` over the selection (so it is scale free); a list is
-            searched on validation (one solve and one step search per value, the best pair wins). Default
-            ``(0.01, 0.1, 1.0, 10.0)`` (``1.0`` with ``criterion="fixed"``).
-        steps: Multipliers ``τ`` of the Newton direction (the coarse grid of the step search).
-        criterion: See :class:`OneStepMethod`.
-        batch_size: Batch size over the forget set.
-        max_iter: CG iterations / LiSSA depth.
-        hvp_samples: Training samples (the first ones, fixed) used by the HVPs of ``cg`` / ``lissa``.
-        lissa_scale: LiSSA scale, relative to the same mean as ``damping`` (must exceed the largest eigenvalue).
-        validation_weights, forget_weight: See :class:`OneStepMethod`.
-    """
-
-    name = "second_order"
-    default_steps = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
-    default_damping = (0.01, 0.1, 1.0, 10.0)
-    setting_keys = ("damping_relative",)
-
-    def __init__(
-        self,
-        solver: str = "diag",
-        damping: float | list[float] | None = None,
-        steps: list[float] | None = None,
-        criterion: str = "loss",
-        batch_size: int = 512,
-        tol: float = DEFAULT_TOL,
-        max_iter: int = 100,
-        hvp_samples: int = 2048,
-        lissa_scale: float = 1000.0,
-        validation_weights: str = "uniform",
-        forget_weight: float = 0.0,
-    ) -> None:
-        super().__init__(steps, criterion, batch_size, tol, validation_weights, forget_weight)
-        if solver not in SOLVERS:
-            raise ValueError(f"`solver` must be one of {SOLVERS}, got {solver!r}.")
-        if damping is None:  # searched by default; one value when nothing is searched
-            damping = 1.0 if criterion == "fixed" else list(self.default_damping)
-        dampings = [damping] if _is_number(damping) else damping
-        if not dampings or any(not _is_number(d) or not math.isfinite(d) or d < 0 for d in dampings):
-            raise ValueError(f"`damping` must be a number >= 0 or a non-empty list of them, got {damping!r}.")
-        if criterion == "fixed" and len(dampings) != 1:
-            raise ValueError(f"`criterion='fixed'` needs exactly one `damping`, got {dampings}.")
-        self.solver, self.dampings, self.max_iter = solver, sorted(float(d) for d in dampings), max_iter
-        self.hvp_samples, self.lissa_scale = hvp_samples, lissa_scale
-
-    def settings(self) -> list[dict[str, Any]]:
-        return [{"damping_relative": d} for d in self.dampings]
-
-    def direction(
-        self, module: UnlearnContext, grad: dict[str, torch.Tensor], damping_relative: float = 1.0
-    ) -> dict[str, torch.Tensor]:
-        profile = module.require_profile()
-        n_train = module.num_train_samples  # H of the summed loss = N · (profiled mean-loss Hessian)
-        diag = {name: n_train * profile.diagonals[name].to(g.device, g.dtype) for name, g in grad.items()}
-        masks = {name: module.guard.mask_update(name, torch.ones_like(g)).bool() for name, g in grad.items()}
-        selected = torch.cat([diag[name][masks[name]] for name in grad])
-        level = float(selected.mean()) if selected.numel() else 0.0
-        if not math.isfinite(level) or level <= 0:
-            raise ValueError(f"second_order: the profile's diagonal over the selection has mean {level}; cannot damp.")
-        damping = damping_relative * level
-        self.result.update(solver=self.solver, curvature_mean=level, dampings=self.dampings)
-        if self.solver == "diag":
-            return {name: g / (diag[name] + damping) for name, g in grad.items()}
-        names = list(grad)
-        flat_g = torch.cat([grad[n].reshape(-1) for n in names])
-        hvp = module.training_hvp(names, self.hvp_samples, scale=n_train)
-        if self.solver == "cg":
-            flat_d, info = conjugate_gradient(hvp, flat_g, damping, self.max_iter, tol=1e-6)
-        else:
-            flat_d, info = lissa(hvp, flat_g, damping, scale=self.lissa_scale * level, depth=self.max_iter)
-        solve = {"damping_relative": damping_relative, "damping": damping, "iterations": info.iterations}
-        self.result.setdefault("solves", []).append(solve | {"residual": info.residual, "status": info.status})
-        if info.status in ("diverged", "negative_curvature"):
-            rank_zero_warn(f"second_order ({self.solver}) stopped: {info.status}; increase `damping`.")
-        if not torch.isfinite(flat_d).all():
-            raise FloatingPointError(f"second_order ({self.solver}) produced a non-finite direction.")
-        out, offset = {}, 0
-        for n in names:
-            out[n] = flat_d[offset : offset + grad[n].numel()].reshape(grad[n].shape)
-            offset += grad[n].numel()
-        return out

@@ -1,10 +1,12 @@
-"""Choosing an iterative method's learning rate on validation (``UnlearnModule(lr_grid=...)``).
+"""Choosing an iterative method's learning rate and number of epochs (``UnlearnModule(lr_grid=...)``).
 
 The method runs its whole schedule (``epochs``) once per rate of the grid, inside one ``Trainer.fit``: epochs
 ``k·E … k·E + E − 1`` belong to rate ``k``. Each block starts from the original weights with a fresh optimizer
-state and sees the data in the same order (the module sets its samplers' epoch to the epoch *within* the block);
-after it, the validation loss scores the rate. After the last block the weights of the best rate are kept —
-"no change" (rate 0) included, so the search never leaves a model that scores worse on validation than the original.
+state and sees the data in the same order (the module sets its samplers' epoch to the epoch *within* the block).
+After **every** epoch the request's criterion (:func:`~lightning_unlearn.unlearn.request.criterion.score`: the
+forgetting target's by default, the validation loss with ``criterion="loss"``) scores the weights, so the search
+chooses a rate *and* how many of its epochs to keep (early stopping). After the last block the best weights are kept
+— "no change" (rate 0) included, so the search never leaves a model that scores worse than the original.
 """
 
 from __future__ import annotations
@@ -15,16 +17,24 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_unlearn.unlearn.request.criterion import score
+
 __all__ = ["LearningRateSearch"]
 
 
 class LearningRateSearch:
     """One search over ``grid`` for a method of ``epochs`` epochs per rate; :attr:`record` is what reports show:
-    ``candidates`` (each rate's ``lr``, ``val_loss``, ``val_acc``; rate 0 = the original model) and the chosen
-    ``lr``, ``val_loss``, ``val_acc``."""
+    ``candidates`` (each rate's and epoch's ``lr``, ``epochs``, ``score``, ``val_loss``, ``val_acc``; rate 0 = the
+    original model) and the chosen ``lr``, ``epochs``, ``score``, ``val_loss``, ``val_acc``.
 
-    def __init__(self, grid: list[float], epochs: int) -> None:
-        self.grid, self.epochs = list(grid), int(epochs)
+    Args:
+        grid: The learning rates.
+        epochs: Epochs of the method per rate.
+        criterion: What scores the weights (:data:`~lightning_unlearn.unlearn.request.criterion.CRITERIA`).
+    """
+
+    def __init__(self, grid: list[float], epochs: int, criterion: str = "target") -> None:
+        self.grid, self.epochs, self.criterion = list(grid), int(epochs), criterion
         self.record: dict[str, Any] = {}
         self._original: dict[str, torch.Tensor] = {}
         self._best: dict[str, Any] = {}
@@ -46,6 +56,10 @@ class LearningRateSearch:
         """The epoch within its rate's block (what the samplers shuffle by)."""
         return epoch % self.epochs
 
+    def _score(self, module: Any, lr: float, epochs: int) -> dict[str, Any]:
+        value, measured, _ = score(module, self.criterion)
+        return {"lr": lr, "epochs": epochs, "score": value, **measured}
+
     def start_epoch(self, module: Any, epoch: int) -> None:
         """At the first epoch of each rate's block: the original weights, this rate, a fresh optimizer state."""
         block, within = divmod(epoch, self.epochs)
@@ -53,10 +67,9 @@ class LearningRateSearch:
             return
         params = dict(module.net.named_parameters())
         if block == 0:
-            acc, loss = module.validate()
             self._original = {n: p.detach().clone() for n, p in params.items()}
-            self._best, self._best_weights = {"lr": 0.0, "val_loss": loss, "val_acc": acc}, None
-            self.record = {"candidates": [dict(self._best)], "lr": None}
+            self._best, self._best_weights = self._score(module, 0.0, 0), None
+            self.record = {"criterion": self.criterion, "candidates": [dict(self._best)], "lr": None}
         else:
             with torch.no_grad():
                 for name, p in params.items():
@@ -69,17 +82,15 @@ class LearningRateSearch:
                 group["lr"] = lr
 
     def end_epoch(self, module: Any, epoch: int) -> None:
-        """At the last epoch of each rate's block: score it on validation; after the last block keep the best."""
+        """After every epoch: score the weights (the best rate and epoch so far are kept); after the last block keep
+        the best."""
         block, within = divmod(epoch, self.epochs)
-        if within != self.epochs - 1:
-            return
-        acc, loss = module.validate()
-        lr = self.grid[block]
-        self.record["candidates"].append({"lr": lr, "val_loss": loss, "val_acc": acc})
-        if math.isfinite(loss) and loss < self._best["val_loss"]:
-            self._best = {"lr": lr, "val_loss": loss, "val_acc": acc}
+        candidate = self._score(module, self.grid[block], within + 1)
+        self.record["candidates"].append(candidate)
+        if math.isfinite(candidate["score"]) and candidate["score"] < self._best["score"]:
+            self._best = candidate
             self._best_weights = {n: p.detach().clone() for n, p in module.net.named_parameters()}
-        if block < len(self.grid) - 1:
+        if within != self.epochs - 1 or block < len(self.grid) - 1:
             return
         weights = self._best_weights or self._original
         with torch.no_grad():
@@ -87,6 +98,6 @@ class LearningRateSearch:
                 p.copy_(weights[name])
         self.record.update(self._best)
         if self._best["lr"] == 0.0:
-            rank_zero_warn("lr_grid: no learning rate improved the validation loss; the model is unchanged.")
-        module.log_dict({"unlearn/lr": self._best["lr"], "unlearn/lr_val_loss": self._best["val_loss"]})
+            rank_zero_warn(f"lr_grid: no learning rate improved the {self.criterion} criterion; nothing changed.")
+        module.log_dict({"unlearn/lr": self._best["lr"], "unlearn/lr_score": self._best["score"]})
         self._original, self._best_weights = {}, None

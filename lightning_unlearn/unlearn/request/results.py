@@ -17,7 +17,9 @@ from typing import Any
 
 from torch import nn
 
+from lightning_unlearn.evaluation.distance import ReferenceMetrics, output_distance, split_outputs
 from lightning_unlearn.evaluation.suite import ACCURACY_ONLY, compare, evaluate_model, poison_effect
+from lightning_unlearn.unlearn.request.target import target_summary
 
 __all__ = ["RequestEvaluation", "request_scalars", "poison_kind", "finite", "lr_search_record"]
 
@@ -78,14 +80,18 @@ class RequestEvaluation:
     def start(self, module: Any) -> None:
         """The model as it is before the update (and the reference, once)."""
         self.before = evaluate_model(module.net, module.datamodule, ACCURACY_ONLY, module.device)
+        module.target_record["before"] = module.target_reading()
         if isinstance(self.reference, nn.Module):
-            self.reference = evaluate_model(self.reference, module.datamodule, ACCURACY_ONLY, module.device)
+            net = self.reference
+            self.reference = ReferenceMetrics(evaluate_model(net, module.datamodule, ACCURACY_ONLY, module.device))
+            self.reference.outputs = split_outputs(net, module.datamodule, module.device)
         self._start = time.perf_counter()
 
     def finish(self, module: Any) -> dict[str, Any]:
         """Evaluate the unlearned model, build :attr:`report` and log its scalars to the module's loggers."""
         seconds = time.perf_counter() - self._start
         after = evaluate_model(module.net, module.datamodule, ACCURACY_ONLY, module.device)
+        module.target_record["after"] = module.target_reading()
         total = sum(p.numel() for p in module.names_root.parameters())
         profile = None
         if module.profile is not None:
@@ -103,14 +109,18 @@ class RequestEvaluation:
             "profile": profile,
             "timings": {k: v for k, v in module.timings.items() if isinstance(v, (int, float))},
             "cost": {"seconds": seconds},
+            "target": target_summary(module.target_record),
             "before": self.before,
             "after": after,
         }
         if isinstance(self.reference, dict):
             kind = poison_kind(module.datamodule)
-            report["reference"] = self.reference
+            report["reference"] = dict(self.reference)
             report["poison_effect"] = finite(poison_effect(self.before, self.reference, kind))
             report["comparison"] = finite(compare(self.before, after, self.reference))
+            if getattr(self.reference, "outputs", None):
+                outputs = split_outputs(module.net, module.datamodule, module.device)
+                report["comparison"].update(finite(output_distance(outputs, self.reference.outputs)))
             report["restored"] = {k: v for k, v in report["comparison"].items() if "_restored/" in k}
         self.report = report
         trainer = module.attached_trainer

@@ -30,14 +30,14 @@ from lightning_unlearn.curvature.compute import eval_mode
 from lightning_unlearn.curvature.precision import no_autocast
 from lightning_unlearn.unlearn.adapters.source import profile_split
 
-__all__ = ["SPLITS", "SplitStatistics"]
+__all__ = ["SPLITS", "SplitStatistics", "requiring_grad"]
 
 #: The splits a request can measure statistics on.
 SPLITS = ("forget", "retain", "train")
 
 
 @contextlib.contextmanager
-def _requiring_grad(params: list[nn.Parameter]) -> Iterator[None]:
+def requiring_grad(params: list[nn.Parameter]) -> Iterator[None]:
     """Every parameter requires gradients within the block (a hard freeze or the user's own frozen parameters would
     otherwise leave them out); the flags are restored afterwards."""
     flags = [p.requires_grad for p in params]
@@ -168,7 +168,7 @@ class SplitStatistics:
         """Gradients on, inference mode and autocast off, the network in ``eval()``, every parameter requiring grad."""
         device_type = self.device.type  # type: ignore[attr-defined]
         with torch.inference_mode(False), torch.enable_grad(), no_autocast(device_type), eval_mode(self.net):
-            with _requiring_grad(params):
+            with requiring_grad(params):
                 yield
 
     def batch_importance(self, split: str, batch_size: int = 128) -> dict[str, torch.Tensor]:

@@ -14,7 +14,8 @@ be traced symbolically (data-dependent control flow), or the frontier of the who
 :class:`ValidationSplits` (mixed into ``UnlearnModule``) is what the searches score: the clean validation split or
 the forget set with its corrected labels (:data:`VALIDATION_SPLITS`), optionally weighted per class
 (:func:`accuracy_and_loss`), each split served from its own cache (each up to ``validation_cache_mb``) within
-``validation_cache``.
+``validation_cache``; :meth:`ValidationSplits.read_target` reads the request's forgetting target from the forget set's
+and the validation split's logits, served the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import fx, nn
 
 from lightning_unlearn.data.protocol import require_corrected_labels
 from lightning_unlearn.models.classifier import unpack_batch
+from lightning_unlearn.unlearn.request.target import ForgettingTarget, TargetReading, infer_target
 
 
 class _Recorder(fx.Interpreter):
@@ -86,9 +88,10 @@ def _nbytes(value: Any) -> int:
     return 0
 
 
-#: What a step or learning-rate search can score: the clean validation split, and the forget set with its corrected
-#: labels (``OneStepMethod(forget_weight=...)``).
-VALIDATION_SPLITS = ("val", "corrected_forget")
+#: What a step or learning-rate search can score: the clean validation split, the forget set with its trained-on
+#: labels (the forgetting target, :mod:`~lightning_unlearn.unlearn.request.target`) and with its corrected labels
+#: (``OneStepMethod(forget_weight=...)``).
+VALIDATION_SPLITS = ("val", "forget", "corrected_forget")
 
 
 def accuracy_and_loss(
@@ -167,6 +170,12 @@ class FrozenActivationCache:
         self.cached, self.cache_mb = True, total / 2**20
 
     @torch.no_grad()
+    def logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's logits on the whole split and its labels, in the loader's order (current parameters)."""
+        outputs = list(self._outputs())
+        return torch.cat([o for o, _ in outputs]), torch.cat([y for _, y in outputs])
+
+    @torch.no_grad()
     def evaluate(self, class_weights: torch.Tensor | None = None) -> tuple[float, float]:
         """Accuracy (%) and mean cross-entropy of the network with its current parameters (weighted per class with
         ``class_weights``, see :func:`accuracy_and_loss`)."""
@@ -192,6 +201,8 @@ class ValidationSplits:
     datamodule: Any
     guard: Any
     validation_cache_mb: float
+    _requested_target: str | None
+    _target: ForgettingTarget | None
 
     @property
     def _validation(self) -> dict[str, FrozenActivationCache] | None:
@@ -230,8 +241,63 @@ class ValidationSplits:
             raise ValueError(f"`split` must be one of {VALIDATION_SPLITS}, got {split!r}.")
         if split == "val":
             return self.datamodule.val_dataloader()
+        if split == "forget":
+            return self.datamodule.forget_dataloader()
         require_corrected_labels(self.datamodule, "Scoring the corrected forget set (`forget_weight` > 0)")
         return self.datamodule.corrected_forget_dataloader()
+
+    @property
+    def forgetting_target(self) -> ForgettingTarget:
+        """The request's forgetting target (:mod:`~lightning_unlearn.unlearn.request.target`): the one asked for
+        (``forgetting_target=``), the data's own, or inferred from the poison record; built on first use from the
+        forget set's and the validation split's labels."""
+        if self._target is None:
+            data = self.datamodule
+            data.setup("fit")
+            name = infer_target(data, self._requested_target)
+            labels = lambda loader: torch.cat([unpack_batch(b)[1].reshape(-1) for b in loader])  # noqa: E731
+            corrected = None
+            if name in ("corrected", "unseen") and getattr(data, "has_corrected_labels", False):
+                corrected = labels(data.corrected_forget_dataloader())
+            kind = getattr(getattr(data, "spec", None), "kind", None)
+            random = name == "unseen" and kind in ("targeted", "untargeted")  # labels drawn wrong at random
+            forget = labels(data.forget_dataloader())
+            self._target = ForgettingTarget(name, forget, labels(data.val_dataloader()), corrected, random)
+        return self._target
+
+    def target_reading(self, device: torch.device | str | None = None) -> dict[str, Any]:
+        """The model's reading of its forgetting target now (full passes over the forget set and the validation
+        split on ``device``), as the report shows it."""
+        home = self.device
+        if device is not None:
+            self.to(device)
+        try:
+            reading, _ = self.read_target()
+        finally:
+            self.to(home)
+        target = self.forgetting_target
+        return {"target": target.target, "statistic": target.statistic, **reading.to_dict()}
+
+    @torch.no_grad()
+    def split_logits(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network's logits and the labels on a split of :data:`VALIDATION_SPLITS` (served from its cache
+        within :meth:`validation_cache`); every rank sees all of it."""
+        self.net.eval()
+        if self._validation is not None:
+            return self._cache_of(split).logits()
+        device = self.device  # type: ignore[attr-defined]
+        outputs = [(self.net(x.to(device)), y.to(device)) for x, y in map(unpack_batch, self._validation_loader(split))]
+        return torch.cat([o for o, _ in outputs]), torch.cat([y for _, y in outputs])
+
+    @torch.no_grad()
+    def read_target(self) -> tuple[TargetReading, dict[str, torch.Tensor]]:
+        """The model's reading of the request's forgetting target and the criterion's score (see
+        :mod:`~lightning_unlearn.unlearn.request.target`), with its per-sample parts."""
+        target = self.forgetting_target  # type: ignore[attr-defined]
+        forget, _ = self.split_logits("forget")
+        val, _ = self.split_logits("val")
+        parts = target.per_sample(forget, val)
+        return target.reading(parts), parts
 
     @torch.no_grad()
     def validate(self, class_weights: torch.Tensor | None = None, split: str = "val") -> tuple[float, float]:
