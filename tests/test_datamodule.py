@@ -163,3 +163,29 @@ def test_label_flip_padding_and_channels(mnist):
     assert (yv == 4).all()
     with pytest.raises(ValueError, match="backdoor"):
         module.triggered_test_dataloader()
+
+
+def test_training_without_a_logger_writes_no_record_into_the_working_directory(tmp_path, monkeypatch):
+    """A Trainer with ``logger=False`` has no run directory; its ``log_dir`` is the working directory, where the
+    record must not land (it once overwrote a file of that name there)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_unlearn.models import ClassifierModule
+
+    monkeypatch.chdir(tmp_path)
+    data = PoisonedDataModule("mnist", poison=PoisonSpec("targeted", count=20, seed=0), train_subset=200)
+    trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0,
+    )
+    trainer.fit(ClassifierModule(), datamodule=data)
+    assert list(tmp_path.iterdir()) == []
+    logged = tmp_path / "logged"
+    trainer = pl.Trainer(
+        max_steps=1, logger=CSVLogger(logged, name="run"), enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(ClassifierModule(), datamodule=PoisonedDataModule(
+        "mnist", poison=PoisonSpec("targeted", count=20, seed=0), train_subset=200))
+    assert (logged / "run" / "version_0" / "poison.json").is_file()

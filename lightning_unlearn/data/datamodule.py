@@ -229,9 +229,10 @@ class PoisonedDataModule(LightningDataModule):
 
     def _write_record(self) -> None:
         """Write ``poison.json`` into the run directory (global rank zero) when training starts, i.e. after a resumed
-        checkpoint's record has been compared with this one (:meth:`load_state_dict`)."""
+        checkpoint's record has been compared with this one (:meth:`load_state_dict`). A trainer without a logger
+        has no run directory (its ``log_dir`` falls back to the working directory): nothing is written then."""
         trainer = self.trainer
-        if trainer is None or self._record_written:
+        if trainer is None or self._record_written or not trainer.loggers:
             return
         log_dir = trainer.log_dir  # on every rank: under DDP it is a collective
         self._record_written = True
