@@ -460,9 +460,10 @@ def test_chunking_on_an_accelerator_takes_large_pieces():
     is at least 1 GiB and the product temporaries up to 256 MiB. CPU chunks are unchanged (bit-identical sums)."""
     net = _bn_cnn()
     x = torch.randn(256, 1, 8, 8)
-    from lightning_unlearn.curvature._engine.capture import param_layers
+    from lightning_unlearn.curvature._engine.capture import partition
 
-    plan = planner.measure(net, param_layers(net, "exact"), x, set(), lambda c: c - 1, Settings(), "exact")
+    layers, _ = partition(net, "exact", x)
+    plan = planner.measure(net, layers, x, set(), lambda c: c - 1, Settings(), "exact")
     tight = Settings(min_auto_budget=2**16)
     cpu = planner.chunking(256, plan, net, None, tight, torch.device("cpu"))
     assert cpu == planner.chunking(256, plan, net, None, tight)  # the CPU default, as before

@@ -242,10 +242,11 @@ class SharpnessProfiler(Callback):
             loader = trainer.train_dataloader
             if loader is None:
                 raise MisconfigurationException("SharpnessProfiler found no training data: pass `dataloader=`.")
-            rank_zero_warn(
-                "SharpnessProfiler profiles the dataset of the training loader in order; any random augmentation "
-                "inside that dataset still applies. Pass `dataloader=` for full control."
-            )
+            if _may_augment(loader.dataset):
+                rank_zero_warn(
+                    "SharpnessProfiler profiles the dataset of the training loader in order; the random augmentation "
+                    "inside that dataset (its `transform`) still applies. Pass `dataloader=` for full control."
+                )
             return loader.dataset
         return getattr(datamodule, f"{self.split}_dataloader")().dataset
 
@@ -380,3 +381,13 @@ def layer_figure(profile: SharpnessProfile) -> Any:
     ax.set_title(f"{profile.estimator} Hessian diagonal, {profile.num_samples} samples")
     fig.tight_layout()
     return fig
+
+
+def _may_augment(dataset: Any) -> bool:
+    """Whether a dataset (or one it wraps: ``Subset``, ``ConcatDataset``) carries a transform that may be random
+    (torchvision's ``transform`` / ``transforms``, an ``augment`` flag); a plain ``TensorDataset`` or list does not."""
+    if any(getattr(dataset, name, None) for name in ("transform", "transforms", "augment")):
+        return True
+    inner = getattr(dataset, "dataset", None)
+    parts = getattr(dataset, "datasets", None) or ([inner] if inner is not None else [])
+    return any(_may_augment(part) for part in parts)

@@ -90,8 +90,8 @@ def _problems(model: nn.Module) -> list[tuple[str, bool]]:
             reason = rule.inexact(module)
             if reason is not None:
                 problems.append((f"{display(name)} ({kind}) {reason}", _computable_in_eval(rule, name, module)))
-        elif has_own_params:
-            problems.append((f"{display(name)} ({kind}) holds parameters but is not one of {supported_names()}", False))
+        elif has_own_params:  # computed by the engine's generic path; GGN and Hessian diagonals may differ
+            problems.append((f"{display(name)} ({kind}) holds parameters but is not one of {supported_names()}", True))
         elif is_leaf and not isinstance(module, (*PIECEWISE_LINEAR_MODULES, *_CONTAINERS)):
             problems.append((f"{display(name)} ({kind}) is not known to be piecewise linear", True))
         elif isinstance(module, _DROPOUTS) and module.training:
@@ -126,11 +126,10 @@ def check_exact(model: nn.Module, *, strict: bool = True) -> list[str]:
     cannot be detected by walking modules: a model that uses them passes this check although its GGN diagonal is not
     its Hessian diagonal. Use the ``hutchinson`` estimator for such models.
 
-    What ``strict=False`` allows: the ``exact`` estimator backpropagates through any parameter-free differentiable
-    operation, so on a network with GELU, tanh, softmax, ... between its supported layers it computes the GGN diagonal
-    (which is then not the Hessian's). It cannot compute anything for a parameter-holding layer other than
-    :data:`SUPPORTED_LAYERS` (LayerNorm, Embedding, ...) or a BatchNorm without running statistics: such models are
-    refused whatever ``strict`` (``mc`` and ``fisher`` share the engine and refuse them too; ``hutchinson`` works).
+    What ``strict=False`` allows: the ``exact`` estimator computes the GGN diagonal of any differentiable network —
+    GELU, tanh, softmax between its supported layers, and parameters of any other module (LayerNorm, attention,
+    embeddings, free parameters: the engine's generic ``torch.func`` path) — which is then not the Hessian's. Only a
+    BatchNorm without running statistics is refused whatever ``strict`` (its samples are coupled by the batch).
 
     Args:
         model: The network (in the mode it will be evaluated in; the profiling loop puts it in eval mode first).
@@ -150,15 +149,16 @@ def check_exact(model: nn.Module, *, strict: bool = True) -> list[str]:
     if uncomputable:
         raise ValueError(
             f"The 'exact' estimator cannot profile this {type(model).__name__}, whatever `strict`: "
-            f"{'; '.join(uncomputable)}. Use estimator='hutchinson', which works for any differentiable network."
+            f"{'; '.join(uncomputable)}. Put the layer in eval mode with running statistics, or use "
+            "estimator='hutchinson'."
         )
     if problems:
         listing = "; ".join(problems)
         if strict:
             raise ValueError(
-                f"diag(Hessian) = diag(GGN) does not hold for this {type(model).__name__}: {listing}. Use "
-                "estimator='hutchinson' for the true Hessian diagonal, or the exact estimator with strict=False for "
-                "the GGN diagonal."
+                f"diag(Hessian) = diag(GGN) does not hold for this {type(model).__name__}: {listing}. Use the exact "
+                "estimator with strict=False for the exact GGN diagonal (any architecture), or estimator='hutchinson' "
+                "for an estimate of the Hessian diagonal."
             )
         warnings.warn(
             f"{type(model).__name__} is not piecewise linear ({listing}): the 'exact' estimator computes the GGN "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -11,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_unlearn.batches import unpack_batch
-from lightning_unlearn.curvature._engine.capture import param_layers
+from lightning_unlearn.curvature._engine.generic import math_attention
+from lightning_unlearn.curvature._engine.registry import rule_for
 from lightning_unlearn.curvature._support import init_sums, make_generator, reduce_diagonal_sums
 from lightning_unlearn.curvature.base import CurvatureEstimator
-from lightning_unlearn.curvature.checks import check_exact
+from lightning_unlearn.curvature.checks import check_exact, find_inexact_modules
 from lightning_unlearn.curvature.exact import ExactDiagonal
 from lightning_unlearn.curvature.precision import float32_inputs, full_precision
 from lightning_unlearn.curvature.profile import SharpnessProfile
@@ -146,6 +148,7 @@ def accumulate_diagonal(
             torch.enable_grad(),
             full_precision(model, device) as promoted,
             selected_output(model, output_transform),
+            math_attention(),  # the fused attention kernels have no double backward and no batching rule
         ):
             for batch in batches:
                 x, y = transform(batch)
@@ -214,7 +217,20 @@ def profile_model(
     }
     if split is not None:
         metadata["split"] = split
+    metadata["diagonal"] = diagonal_kind(model, estimator if isinstance(estimator, str) else estimator.name)
     return SharpnessProfile.from_model(model, diagonals, estimator, count, dataset=dataset, metadata=metadata)
+
+
+def diagonal_kind(model: nn.Module, estimator: str) -> str:
+    """Which diagonal a profile of ``model`` holds: ``"hessian"`` (``exact``/``mc`` on a network whose GGN and Hessian
+    diagonals coincide, :func:`~lightning_unlearn.curvature.checks.find_inexact_modules`; ``hutchinson``: an
+    estimate), ``"ggn"`` (``exact``/``mc`` on any other network: attention, LayerNorm, GELU, …) or
+    ``"empirical_fisher"`` (``fisher``)."""
+    if estimator == "fisher":
+        return "empirical_fisher"
+    if estimator == "hutchinson":
+        return "hessian"
+    return "ggn" if find_inexact_modules(model) else "hessian"
 
 
 # ------------------------------------------------------------------------------------------- checks before profiling
@@ -223,8 +239,9 @@ def check_model(model: nn.Module, estimator: str | CurvatureEstimator = "exact",
     find out on its first batch.
 
     Runs on the model in ``eval()`` mode, as the loop does (the modes are restored). ``exact``, ``mc`` and ``fisher``
-    need every parameter-holding module to be a layer kind their engine computes per-sample gradients of (else: use
-    ``hutchinson``); ``exact`` with ``strict=True`` also needs ``diag(GGN) = diag(H)``
+    compute any differentiable parameter (the per-layer rules where they apply, the generic ``torch.func`` path for
+    the rest), but refuse a layer whose rule does (a BatchNorm without running statistics couples the samples of a
+    batch); ``exact`` with ``strict=True`` also needs ``diag(GGN) = diag(H)``
     (:func:`~lightning_unlearn.curvature.checks.check_exact`; with ``strict=False`` it warns instead).
 
     Args:
@@ -237,10 +254,13 @@ def check_model(model: nn.Module, estimator: str | CurvatureEstimator = "exact",
     """
     est = _build_estimator(estimator, 1, strict, None)
     with eval_mode(model):
-        if isinstance(est, SquaredGradientEstimator):
-            param_layers(model, est.name)
-        if isinstance(est, ExactDiagonal):
-            check_exact(model, strict=est.strict)
+        if isinstance(est, SquaredGradientEstimator):  # a layer its rule refuses (BatchNorm without statistics)
+            for name, module in model.named_modules():
+                rule = rule_for(module)
+                if rule is not None:
+                    rule.check(name, module, est.name)
+        if isinstance(est, ExactDiagonal) and est.strict:  # strict=False asks for the GGN diagonal: nothing to check
+            check_exact(model, strict=True)
 
 
 def describe(value: Any) -> str:
@@ -266,7 +286,9 @@ def check_batch(
     device: torch.device | str | None = None,
 ) -> int:
     """One forward pass on one batch, as the profiling loop runs it, to refuse what it would fail on: inputs that are
-    not one tensor, an output that is not ``(batch, classes)`` logits, targets or a loss the estimator cannot use.
+    not one tensor, an output that is not ``(batch, classes)`` logits, targets or a loss the estimator cannot use;
+    then one real curvature product on two of its samples (an operation without the derivative the estimator needs,
+    such as a fused attention kernel's missing double backward, fails there rather than after training).
 
     The model runs in ``eval()`` mode (modes restored) without gradients, in the loop's precision; it is not modified.
     Random draws of the model's ``forward`` (if any) are the caller's to preserve.
@@ -317,6 +339,21 @@ def check_batch(
     num_classes = int(output.shape[1]) if output.dim() > 1 else 1
     if loss == "classes":
         _check_targets(y, n, num_classes, name)
+    # one real curvature product on two samples, as the loop computes it: what only the backward passes would find
+    # (an operation without the derivative an estimator needs) fails here, before any training
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the strictness warnings belong to check_model
+            accumulate_diagonal(
+                model, [(x[:2], y[:2])], estimator if isinstance(estimator, CurvatureEstimator) else name,
+                strict=False, output_transform=output_transform, loss_fn=loss_fn, device=device,
+            )  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - any failure of the product is what this check is for
+        raise ValueError(
+            f"the '{name}' estimator fails on a profiling batch ({type(err).__name__}: {str(err).splitlines()[0]}); "
+            "this would only show after training. Choose another estimator (exact and mc compute any differentiable "
+            "network), or fix the model's operation."
+        ) from err
     return num_classes
 
 

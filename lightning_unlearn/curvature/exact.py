@@ -42,7 +42,6 @@ class ExactDiagonal(SquaredGradientEstimator):
     def __init__(self, *, strict: bool = True, **options: Any) -> None:
         super().__init__(**options)
         self.strict = bool(strict)
-        self._warned = False
 
     @classmethod
     def options_for(cls, *, num_draws: int = 1, strict: bool = True, loss_fn: Any = None) -> dict[str, Any]:
@@ -57,9 +56,8 @@ class ExactDiagonal(SquaredGradientEstimator):
     def _check_model(self, model: nn.Module) -> None:
         if self.strict:
             check_exact(model, strict=True)
-        elif not self._warned and find_inexact_modules(model):
-            self._warned = True
-            check_exact(model, strict=False)
+        # strict=False asks for the GGN diagonal whatever the network: the profile records which diagonal it holds
+        # (``metadata["diagonal"]``), so nothing is warned about
 
     def _num_columns(self, num_classes: int) -> int:
         return num_classes - 1

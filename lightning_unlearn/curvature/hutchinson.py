@@ -10,6 +10,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_unlearn.curvature._engine.generic import math_attention
 from lightning_unlearn.curvature._support import init_sums, make_generator
 from lightning_unlearn.curvature.base import CurvatureEstimator
 
@@ -38,6 +39,7 @@ class HutchinsonDiagonal(CurvatureEstimator):
             raise ValueError(f"`num_probes` must be >= 1, got {num_probes}.")
         self.num_probes = int(num_probes)
         self.loss_fn = F.cross_entropy if loss_fn is None else loss_fn
+        self.default_loss = loss_fn is None
 
     @classmethod
     def options_for(cls, *, num_draws: int = 1, strict: bool = True, loss_fn: Any = None) -> dict[str, Any]:
@@ -56,6 +58,17 @@ class HutchinsonDiagonal(CurvatureEstimator):
         *,
         generator: torch.Generator | None = None,
     ) -> int:
+        with math_attention():  # the fused attention kernels have no double backward
+            return self._accumulate(model, inputs, targets, sums, generator)
+
+    def _accumulate(
+        self,
+        model: nn.Module,
+        inputs: Tensor,
+        targets: Tensor,
+        sums: dict[str, Tensor],
+        generator: torch.Generator | None,
+    ) -> int:
         init_sums(model, sums)
         n = int(inputs.shape[0])
         if n == 0:
@@ -70,6 +83,15 @@ class HutchinsonDiagonal(CurvatureEstimator):
             raise ValueError("`loss_fn` must return a scalar (mean reduction)")
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        # under cross-entropy every gradient depends on the parameters (through the softmax): one that does not was
+        # cut off by an operation without a double backward, and its Hessian diagonal would silently read zero
+        cut = [names[i] for i, g in enumerate(grads) if g is not None and not g.requires_grad]
+        if cut and self.default_loss:
+            raise ValueError(
+                f"the gradient of {cut[:3]} cannot be differentiated a second time (an operation of the model has "
+                "no double backward: a fused kernel, a once-differentiable custom function); Hutchinson's "
+                "Hessian-vector products need it. Use estimator='exact' or 'mc' (first derivatives only)."
+            )
         if not live:
             return n
         weight = n / self.num_probes

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from lightning_unlearn.curvature._engine.backward import backpropagate
 from lightning_unlearn.curvature._engine.base import CONV_MODES, SEGMENT_MODES, Settings
 from lightning_unlearn.curvature._engine.buffers import Buffers
-from lightning_unlearn.curvature._engine.capture import capture_forward, param_layers
+from lightning_unlearn.curvature._engine.capture import capture_forward, partition
+from lightning_unlearn.curvature._engine.generic import generic_chunk, generic_squares
 from lightning_unlearn.curvature._engine.planner import Plan, chunking, measure, segments
 from lightning_unlearn.curvature._support import init_sums, make_generator
 from lightning_unlearn.curvature.base import CurvatureEstimator
@@ -103,15 +104,18 @@ class SquaredGradientEstimator(CurvatureEstimator):
             products=bool(products),
         )
         self._plans: dict[tuple, Plan] = {}
+        self._partitions: dict[tuple, tuple[list[tuple[str, nn.Module]], list[str]]] = {}
         self._buffers: Buffers | None = None
         self._clone_layers: dict[int, set[str]] = {}
         self.last_chunk_size = 0
         self.last_segments: list[list[list[str]]] = []
         self.last_pooled: set[str] = set()
+        self.last_generic: list[str] = []
 
     def release_buffers(self) -> None:
         """Free the scratch buffers kept between batches (they are reused to avoid re-allocating large arrays)."""
         self._plans.clear()
+        self._partitions.clear()
         self._buffers = None
         self._clone_layers.clear()
 
@@ -151,7 +155,6 @@ class SquaredGradientEstimator(CurvatureEstimator):
         *,
         generator: torch.Generator | None = None,
     ) -> int:
-        layers = param_layers(model, self.name)
         self._check_model(model)
         init_sums(model, sums)
         n = int(inputs.shape[0])
@@ -161,24 +164,47 @@ class SquaredGradientEstimator(CurvatureEstimator):
             raise ValueError(f"{n} inputs but {targets.shape[0]} targets")
         if generator is None:
             generator = make_generator(0)
-        plan = self._plan(model, layers, inputs)
-        if plan.num_classes < 2:
+        layers, generic = self._partition(model, inputs)
+        self.last_generic = list(generic)
+        plan = self._plan(model, layers, inputs) if layers else None
+        num_classes = plan.num_classes if plan is not None else self._num_classes(model, inputs)
+        if num_classes < 2:
             raise ValueError(
                 f"the '{self.name}' estimator needs logits of shape (batch, classes) with at least 2 classes "
                 "(cross-entropy); use estimator='hutchinson' with a custom loss_fn otherwise."
             )
-        step, chunk_elements = chunking(n, plan, model, self.max_memory_mb, self.settings, inputs.device)
+        if plan is not None:
+            step, chunk_elements = chunking(n, plan, model, self.max_memory_mb, self.settings, inputs.device)
+            if self._buffers is None or self._buffers.chunk_elements != chunk_elements:
+                self._buffers = Buffers(chunk_elements)
+        else:
+            step = n
+        budget = int((self.max_memory_mb or max(self.min_auto_budget_mb, 256.0)) * 2**20)
+        generic_chunk_size = generic_chunk(self._num_columns(num_classes), generic, model, budget)
         self.last_chunk_size = step
         self.last_segments = []
         self.last_pooled = set()
-        if self._buffers is None or self._buffers.chunk_elements != chunk_elements:
-            self._buffers = Buffers(chunk_elements)
         draws = self._draw(n, generator)
         for start in range(0, n, step):
             stop = min(n, start + step)
             chunk_draws = None if draws is None else draws[start:stop]
-            self._accumulate_chunk(model, layers, inputs[start:stop], targets[start:stop], chunk_draws, sums, plan)
+            args = (model, layers, inputs[start:stop], targets[start:stop], chunk_draws, sums, plan)
+            self._accumulate_chunk(*args, generic=generic, generic_chunk_size=generic_chunk_size)
         return n
+
+    def _partition(self, model: nn.Module, inputs: Tensor) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+        """Rule layers and generic parameters of ``model`` (:func:`~lightning_unlearn.curvature._engine.capture.
+        partition`), found once per model and input shape."""
+        key = (id(model), tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
+        if key not in self._partitions:
+            self._partitions[key] = partition(model, self.name, inputs[:1])
+        return self._partitions[key]
+
+    @staticmethod
+    def _num_classes(model: nn.Module, inputs: Tensor) -> int:
+        with torch.no_grad():
+            logits = model(inputs[:1])
+        return int(logits.shape[-1]) if isinstance(logits, Tensor) and logits.dim() == 2 else 0
 
     def _plan(self, model: nn.Module, layers: list[tuple[str, nn.Module]], inputs: Tensor) -> Plan:
         """The plan of ``model`` for inputs shaped like ``inputs`` (measured once, then cached)."""
@@ -196,13 +222,25 @@ class SquaredGradientEstimator(CurvatureEstimator):
         targets: Tensor,
         draws: Tensor | None,
         sums: dict[str, Tensor],
-        plan: Plan,
+        plan: Plan | None,
+        *,
+        generic: list[str] = (),  # type: ignore[assignment]
+        generic_chunk_size: int = 1,
     ) -> None:
         clone = self._clone_layers.setdefault(id(model), set())
-        order, logits = capture_forward(model, layers, inputs, [], clone, self.name)
+        if layers:
+            order, logits = capture_forward(model, layers, inputs, [], clone, self.name)
+        else:
+            order = []
+            with torch.no_grad():
+                logits = model(inputs)
         if not isinstance(logits, Tensor) or logits.dim() != 2:
             raise ValueError(f"the '{self.name}' estimator needs logits of shape (batch, classes)")
         columns = self._columns(logits.detach(), targets, draws).to(logits.dtype)  # (m, K, C)
+        if generic and self.settings.products:  # the parameters no layer rule covers: torch.func, same columns
+            generic_squares(model, inputs, columns, list(generic), sums, generic_chunk_size)
+        if not layers:
+            return
         k = columns.shape[1]
         live = [c for c in order if c.output_fn is not None]
         del order

@@ -93,14 +93,20 @@ def backward_segment(
     # A segment below a cut at a pooling output, holding only that pooling's first layer, needs no backward pass:
     # the gradient it asks for is the one handed down, ``grads_in`` (the MNIST CNN's conv1 segment).
     own = bottom is None and source.grad_fn is not None and bool(targets)
+    source_edge = get_gradient_edge(source) if own else None
     if own:
-        source_edge = get_gradient_edge(source)
         own = all(target == source_edge for target in targets)
+    # with no backward pass (``own``), the layers whose output is the source itself (a model whose only layer makes
+    # the logits) get the handed-down gradient directly: their output hooks never fire
+    direct = [i for i, c in enumerate(captures) if own and c.pool is None and c.output_edge == source_edge]
     try:
         for j in range(k):
             column[0] = j
             if own:
                 grads: tuple[Tensor | None, ...] = (grads_in[:, j],) * len(targets)
+                for i in direct:
+                    states[i].consume(j, grads_in[:, j])
+                    fired[i] = True
             else:
                 grads = torch.autograd.grad(
                     source, targets, grad_outputs=grads_in[:, j], retain_graph=j < k - 1, allow_unused=True

@@ -12,7 +12,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call
 
 from lightning_unlearn.curvature._engine.base import LayerRule
-from lightning_unlearn.curvature._engine.registry import rule_for, supported_names
+from lightning_unlearn.curvature._engine.registry import rule_for
 from lightning_unlearn.curvature._support import display
 
 
@@ -67,34 +67,47 @@ class Capture:
             self.sink(grad)
 
 
-def param_layers(model: nn.Module, estimator: str) -> list[tuple[str, nn.Module]]:
-    """The modules that own parameters, each with a registered rule; raises for anything the engine cannot handle."""
-    owners: dict[int, str] = {}
-    layers: list[tuple[str, nn.Module]] = []
+def partition(model: nn.Module, estimator: str, inputs: Any) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """Which parameters the per-layer rules compute and which the generic path does
+    (:mod:`~lightning_unlearn.curvature._engine.generic`): a layer goes to the rules when it has one, its rule accepts
+    it, it owns its parameters alone and one forward pass on ``inputs`` calls it exactly once (an attention module's
+    projections are applied as functions, a shared layer is called twice: those go to the generic path, as do
+    parameter-holding modules without a rule and free parameters).
+
+    Raises:
+        ValueError: For a layer whose rule refuses it (e.g. a BatchNorm without running statistics: per-sample
+            gradients are not defined where a sample's output depends on its batch).
+    """
+    owners: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        owners[id(param)] = owners.get(id(param), 0) + 1
+    candidates: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        own = list(module.named_parameters(recurse=False))
+        own = list(module.parameters(recurse=False))
         rule = rule_for(module)
         if rule is not None:
             rule.check(name, module, estimator)
-        if not own:
-            continue
-        if rule is None:
-            names = ", ".join(p for p, _ in own)
-            raise ValueError(
-                f"module {display(name)} of type {type(module).__name__} holds parameters ({names}), but the "
-                f"'{estimator}' estimator only computes per-sample gradients of {supported_names()} layers. Use "
-                "estimator='hutchinson', which works for any differentiable network."
-            )
-        for pname, param in own:
-            qual = f"{name}.{pname}" if name else pname
-            if id(param) in owners:
-                raise ValueError(
-                    f"parameter {qual!r} is shared with {owners[id(param)]!r}; the '{estimator}' estimator needs each "
-                    "parameter to belong to one layer. Use estimator='hutchinson'."
-                )
-            owners[id(param)] = qual
-        layers.append((name, module))
-    return layers
+        if own and rule is not None and all(owners[id(p)] == 1 for p in own):
+            candidates.append((name, module))
+    calls = {name: 0 for name, _ in candidates}
+
+    def count(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            calls[name] += 1
+
+        return hook
+
+    handles = [module.register_forward_hook(count(name)) for name, module in candidates]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = [(name, module) for name, module in candidates if calls[name] == 1]
+    covered = {id(p) for _, module in layers for p in module.parameters(recurse=False)}
+    generic = [name for name, p in model.named_parameters() if id(p) not in covered]
+    return layers, generic
 
 
 def forward(

@@ -245,7 +245,7 @@ def measure(
 
     Args:
         model: The network.
-        layers: Its parameter-holding layers (:func:`~lightning_unlearn.curvature._engine.capture.param_layers`).
+        layers: Its layers with a rule (:func:`~lightning_unlearn.curvature._engine.capture.partition`).
         inputs: A batch; only its first sample is used.
         clone: The model's set of layers whose outputs are handed on as copies (completed here).
         num_columns: Columns per sample for a number of classes.
