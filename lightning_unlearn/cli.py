@@ -20,6 +20,7 @@ The parsers of these commands and of ``sweep`` are named after their command (``
 from __future__ import annotations
 
 import inspect
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -126,6 +127,21 @@ class UnlearnCLI(LightningCLI):
         kwargs["trainer_defaults"] = {**defaults, **kwargs.get("trainer_defaults", {})}
         kwargs.setdefault("parser_class", UnlearnArgumentParser)
         super().__init__(UnlearnModule, None, args=args, run=False, **kwargs)
+
+    def _add_instantiators(self) -> None:
+        """LightningCLI's instantiator for the module, and a plain one for a user's data module (``--model.data``):
+        LightningCLI's own would hand the data module the top-level ``--data`` hyper-parameters, which a request has
+        not, so an idiomatic ``save_hyperparameters()`` came back empty (``self.hparams.batch_size`` failed). Built
+        plainly, it records its own arguments as it does in Python."""
+        from lightning.pytorch import LightningDataModule
+
+        super()._add_instantiators()
+        self.parser.add_instantiator(
+            lambda class_type, *args, **kwargs: class_type(*args, **kwargs),
+            LightningDataModule,
+            subclasses=True,
+            prepend=True,
+        )
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The trainer's and the module's arguments; no ``--data`` (LightningCLI adds one, which nothing would read)."""
@@ -265,6 +281,23 @@ class UnlearnCLI(LightningCLI):
         if self.output_claim is not None:  # the logger writes into the staging folder; config.yaml names the request's
             init, version = self._given_version
             init.version = version
+            _show_version(self.trainer, self.output_claim.final.name)
+
+
+def _show_version(trainer: Any, folder: str) -> None:
+    """Progress bars show the request folder's version (``v_num=0`` for ``version_0``), not the last four letters of
+    the staging folder the logger writes into until the request is put in place (``v_num=ging``)."""
+    from lightning.pytorch.callbacks.progress import ProgressBar
+
+    shown: int | str = int(folder[len("version_"):]) if re.fullmatch(r"version_\d+", folder) else folder
+    for bar in (c for c in trainer.callbacks if isinstance(c, ProgressBar)):
+        metrics = bar.get_metrics
+
+        def with_version(trainer: Any, module: Any, metrics: Any = metrics) -> dict[str, Any]:
+            items = metrics(trainer, module)
+            return items | {"v_num": shown} if "v_num" in items else items
+
+        bar.get_metrics = with_version
 
 
 def _default_name(model_config: Any) -> str:
@@ -272,7 +305,8 @@ def _default_name(model_config: Any) -> str:
         path = getattr(spec, "class_path", None) if spec is not None else None
         return path.rsplit(".", 1)[-1].lower() if path else fallback
 
-    return f"{short(model_config.method, 'firstorder')}_{short(model_config.selection, 'smallestlayer')}"
+    method = short(model_config.method, "auto")  # UnlearnModule's defaults: Auto, with its own candidates
+    return f"{method}_{short(model_config.selection, 'autocandidates' if method == 'auto' else 'smallestlayer')}"
 
 
 def unlearn_main(args: list[str] | None = None) -> dict[str, Any]:

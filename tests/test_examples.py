@@ -42,3 +42,20 @@ def test_example_unlearns_a_poison_that_bites(name):
     assert harm(output) >= 15  # the label flip costs class 3 tens of points
     assert restored(output) >= 50  # and unlearning gives most of them back
     assert set(ROOT.iterdir()) == before  # nothing left behind in the working directory
+
+
+def test_the_transformer_example_runs_without_workarounds_or_console_warnings():
+    """``examples/own_transformer.py``: a tiny ViT (attention, GELU, LayerNorm, positional embedding), dict items, the
+    profiler's exact GGN diagonal after fit and the default request — restored, with no warning on the console but
+    Lightning's own deprecation of torch's pytree API (raised inside Lightning, on any fit with this torch)."""
+    result = subprocess.run(
+        [sys.executable, "-W", "default", str(ROOT / "examples" / "own_transformer.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout
+    assert "the ggn diagonal of 1200 samples" in output
+    assert harm(output) >= 15 and restored(output) >= 50
+    warned = [line for line in result.stderr.splitlines() if re.search(r"[Ww]arn|: [A-Z]\w*Warning", line)]
+    lightning_internal = [line for line in warned if "lightning/pytorch/utilities/_pytree.py" in line]
+    assert warned == lightning_internal, warned

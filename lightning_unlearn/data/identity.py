@@ -10,7 +10,7 @@ matter), and a request warns when its forget set overlaps its validation or reta
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -92,11 +92,18 @@ def _base_indices(dataset: Any) -> tuple[int, list[int]] | None:
     return base, [mapping[i] for i in indices]
 
 
-def split_overlaps(forget: Any, others: dict[str, Any], forget_digests: list[str] | None = None) -> list[str]:
+def split_overlaps(
+    forget: Any,
+    others: dict[str, Any],
+    items: Callable[[Any], Any] | None = None,
+    forget_digests: list[str] | None = None,
+) -> list[str]:
     """Warnings for samples of the forget set that also occur in another split (``{"validation": dataset, …}``):
     by index where both are ``Subset`` views of one dataset, else by content (:func:`sample_digests`: the same input
-    with the same label). A validation split that holds forget samples scores every choice on what is being removed;
-    a retain set that holds them trains them back in."""
+    with the same label; ``items`` maps a dataset to one of ``(inputs, label, ...)`` items first). A validation split
+    that holds forget samples scores every choice on what is being removed; a retain set that holds them trains them
+    back in."""
+    items = items or (lambda dataset: dataset)
     notes = []
     forget_base = _base_indices(forget)
     digests = forget_digests
@@ -109,8 +116,8 @@ def split_overlaps(forget: Any, others: dict[str, Any], forget_digests: list[str
             how = "by index into the same dataset"
         else:
             if digests is None:
-                digests = sample_digests(DataLoader(forget, batch_size=256))
-            shared = overlap_count(digests, sample_digests(DataLoader(dataset, batch_size=256)))
+                digests = sample_digests(DataLoader(items(forget), batch_size=256))
+            shared = overlap_count(digests, sample_digests(DataLoader(items(dataset), batch_size=256)))
             how = "identical inputs and labels"
         if shared:
             total = len(forget)

@@ -31,7 +31,7 @@ the module batches, orders and shards them itself (exactly, across DDP ranks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -51,10 +51,10 @@ def _dataset_of(value: Any, argument: str) -> Dataset:
         value = value.dataset
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], DataLoader):
         value = value[0].dataset  # e.g. ``test_dataloader()`` returning a list: the first is the test split
-    if not isinstance(value, Dataset) or not hasattr(value, "__len__"):
+    if isinstance(value, (str, bytes)) or not (hasattr(value, "__len__") and hasattr(value, "__getitem__")):
         raise TypeError(
-            f"`{argument}` must be a map-style Dataset (with __len__ and __getitem__) or a DataLoader over one, got "
-            f"{type(value).__name__}."
+            f"`{argument}` must be a map-style Dataset (with __len__ and __getitem__; a list of items is one) or a "
+            f"DataLoader over one, got {type(value).__name__}."
         )
     if len(value) == 0:  # type: ignore[arg-type]
         raise ValueError(f"`{argument}` is empty.")
@@ -68,28 +68,44 @@ def _label(value: Any, argument: str) -> torch.Tensor:
     return label.reshape(()).long()
 
 
-class Indexed(Dataset):
-    """``dataset``'s items as ``(inputs, label, index)`` (the library's item layout)."""
+#: Maps one item of a user's dataset (or a batch of them) to ``(inputs, label)``.
+BatchTransform = Callable[[Any], tuple[Any, Any]]
 
-    def __init__(self, dataset: Dataset, argument: str) -> None:
-        self.dataset, self.argument = dataset, argument
+
+class Indexed(Dataset):
+    """``dataset``'s items as ``(inputs, label, index)`` (the library's item layout), through ``batch_transform``
+    when the items are not ``(inputs, label, ...)`` tuples or dicts with the library's keys."""
+
+    def __init__(self, dataset: Dataset, argument: str, batch_transform: BatchTransform | None = None) -> None:
+        self.dataset, self.argument, self.batch_transform = dataset, argument, batch_transform
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        item = self.dataset[index]
         try:
-            x, y = unpack_batch(self.dataset[index])
+            x, y = self.batch_transform(item) if self.batch_transform is not None else unpack_batch(item)
         except ValueError as err:
-            raise ValueError(f"`{self.argument}`, item {index}: {err}") from None
+            hint = "" if self.batch_transform is not None else BATCH_TRANSFORM_HINT
+            raise ValueError(f"`{self.argument}`, item {index}: {err}{hint}") from None
         return x, _label(y, self.argument), torch.tensor(index)
+
+
+BATCH_TRANSFORM_HINT = (
+    ". Pass `batch_transform=` (to UnlearnData, UnlearnModule or unlearn_model; `--model.batch_transform` on the "
+    "command line; or a `batch_transform` attribute of your data module): a callable mapping an item to "
+    "`(inputs, label)`, e.g. `lambda item: (item['pixels'], item['target'])`"
+)
 
 
 class Relabelled(Indexed):
     """``dataset``'s inputs with other labels: items ``(inputs, labels[i], i)``."""
 
-    def __init__(self, dataset: Dataset, labels: torch.Tensor, argument: str) -> None:
-        super().__init__(dataset, argument)
+    def __init__(
+        self, dataset: Dataset, labels: torch.Tensor, argument: str, batch_transform: BatchTransform | None = None
+    ) -> None:
+        super().__init__(dataset, argument, batch_transform)
         self.labels = labels
 
     def __getitem__(self, index: int) -> tuple[Any, torch.Tensor, torch.Tensor]:
@@ -100,8 +116,10 @@ class Relabelled(Indexed):
 class ForgetPairs(Indexed):
     """The forget set with both labels: items ``(inputs, trained-on label, corrected label, index)``."""
 
-    def __init__(self, dataset: Dataset, corrected: torch.Tensor, argument: str) -> None:
-        super().__init__(dataset, argument)
+    def __init__(
+        self, dataset: Dataset, corrected: torch.Tensor, argument: str, batch_transform: BatchTransform | None = None
+    ) -> None:
+        super().__init__(dataset, argument, batch_transform)
         self.corrected = corrected
 
     def __getitem__(self, index: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,6 +142,9 @@ class UnlearnData:
         train: The training set as trained on, for a profile computed on demand; default ``retain`` then ``forget``.
         attacked_class: The class the poison attacks, if any: its test accuracy is reported apart and is the metric
             whose harm and % restored the report states.
+        batch_transform: Maps one item of these datasets (a dict, an object) to ``(inputs, label)``, e.g.
+            ``lambda item: (item["pixels"], item["target"])``; default: items ``(inputs, label, ...)`` or dicts
+            with ``x``/``y``, ``image``/``label`` or ``input``/``target`` keys. Applied to every split.
         forgetting_target: What "forgotten" means for this forget set
             (:data:`~lightning_unlearn.unlearn.request.target.TARGETS`): ``"corrected"`` (predict the corrected
             labels as well as held-out data), ``"unseen"`` (look like held-out data: a deletion request),
@@ -148,7 +169,11 @@ class UnlearnData:
         num_workers: int = 0,
         name: str = "custom",
         forgetting_target: str | None = None,
+        batch_transform: BatchTransform | None = None,
     ) -> None:
+        if batch_transform is not None and not callable(batch_transform):
+            raise TypeError(f"`batch_transform` must be callable (item → (inputs, label)), got {batch_transform!r}.")
+        self.batch_transform = batch_transform
         self._forget = _dataset_of(forget, "forget")
         self._retain = _dataset_of(retain, "retain")
         self._val = _dataset_of(val, "val")
@@ -191,6 +216,7 @@ class UnlearnData:
 
         kwargs.setdefault("attacked_class", getattr(datamodule, "attacked_class", None))
         kwargs.setdefault("forgetting_target", getattr(datamodule, "forgetting_target", None))
+        kwargs.setdefault("batch_transform", getattr(datamodule, "batch_transform", None))
         kwargs.setdefault("name", type(datamodule).__name__)
         return cls(
             forget=datamodule.forget_dataloader(),
@@ -205,7 +231,8 @@ class UnlearnData:
     def _corrected(self, value: Any) -> torch.Tensor:
         if isinstance(value, (DataLoader, Dataset)):
             dataset = _dataset_of(value, "corrected_labels")
-            labels = torch.stack([Indexed(dataset, "corrected_labels")[i][1] for i in range(len(dataset))])
+            indexed = Indexed(dataset, "corrected_labels", self.batch_transform)
+            labels = torch.stack([indexed[i][1] for i in range(len(dataset))])
         else:
             labels = torch.as_tensor(value)
             if labels.is_floating_point() or labels.dim() != 1:
@@ -233,40 +260,45 @@ class UnlearnData:
 
     def forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
         """D_f with the trained-on labels: ``(x, y, index)``."""
-        return self._loader(Indexed(self._forget, "forget"), batch_size, shuffle)
+        return self._loader(Indexed(self._forget, "forget", self.batch_transform), batch_size, shuffle)
 
     def corrected_forget_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
         """D̃_f: the forget samples with their corrected labels (raises without ``corrected_labels``)."""
-        return self._loader(Relabelled(self._forget, self._require_corrected(), "forget"), batch_size, shuffle)
+        corrected = self._require_corrected()
+        return self._loader(Relabelled(self._forget, corrected, "forget", self.batch_transform), batch_size, shuffle)
 
     def forget_pairs_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
         """D_f with both labels: ``(x, trained-on label, corrected label, index)``; without ``corrected_labels`` the
         corrected label is -1 (an invalid class: a loss that used it would fail), for methods that ascend only."""
         corrected = self.corrected if self.corrected is not None else torch.full((len(self._forget),), -1)  # type: ignore[arg-type]
-        return self._loader(ForgetPairs(self._forget, corrected, "forget"), batch_size, shuffle)
+        return self._loader(ForgetPairs(self._forget, corrected, "forget", self.batch_transform), batch_size, shuffle)
 
     def retain_dataloader(self, batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
-        return self._loader(Indexed(self._retain, "retain"), batch_size, shuffle)
+        return self._loader(Indexed(self._retain, "retain", self.batch_transform), batch_size, shuffle)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(Indexed(self._val, "val"))
+        return self._loader(Indexed(self._val, "val", self.batch_transform))
 
     def test_dataloader(self) -> list[DataLoader]:
         """``[test loader]``, or ``[]`` without a test split."""
-        return [] if self._test is None else [self._loader(Indexed(self._test, "test"))]
+        return [] if self._test is None else [self._loader(Indexed(self._test, "test", self.batch_transform))]
 
     def train_dataset(self) -> Dataset:
         """The training set as trained on (``train``, or D_r followed by D_f with the trained-on labels)."""
         if self._train is not None:
-            return Indexed(self._train, "train")
-        return ConcatDataset([Indexed(self._retain, "retain"), Indexed(self._forget, "forget")])
+            return Indexed(self._train, "train", self.batch_transform)
+        transform = self.batch_transform
+        return ConcatDataset([Indexed(self._retain, "retain", transform), Indexed(self._forget, "forget", transform)])
 
     def overlap_notes(self) -> list[str]:
         """Forget samples that also occur in the validation or retain split (by index or content; see
         :func:`~lightning_unlearn.data.identity.split_overlaps`), in words; ``[]`` when they are disjoint."""
         from lightning_unlearn.data.identity import split_overlaps
 
-        return split_overlaps(self._forget, {"validation": self._val, "retain": self._retain})
+        def items(dataset: Dataset) -> Dataset:  # (inputs, label) as the request reads them
+            return Indexed(dataset, "data", self.batch_transform)
+
+        return split_overlaps(self._forget, {"validation": self._val, "retain": self._retain}, items)
 
     def _require_corrected(self) -> torch.Tensor:
         require_corrected_labels(self, "This")

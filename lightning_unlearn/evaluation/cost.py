@@ -95,7 +95,10 @@ class _RssSampler(threading.Thread):
         self.peak = _rss_bytes()
 
     def sample(self) -> None:
-        self.peak = max(self.peak, _rss_bytes())
+        try:
+            self.peak = max(self.peak, _rss_bytes())
+        except Exception:  # noqa: BLE001 - at interpreter exit a measurement never finished finalises here, when even
+            pass  # builtins may be gone ("name 'open' is not defined"): the peak measured so far stands
 
     def run(self) -> None:
         while not self.stop_event.wait(self.interval):

@@ -71,6 +71,12 @@ ATTACKED_METRICS: dict[str, tuple[str, int, str]] = {
     # the forgetting scenarios (clean labels): training on the forget set raises these, forgetting should lower them
     "classwise": ("test/acc_attacked", +1, "test accuracy of the forgotten class"),
     "random_sample": ("forget/acc", +1, "forget-set accuracy"),
+    # a user's data that names no attacked class: the harm is stated on what there is, and says so
+    "unspecified": (
+        "test/acc",
+        -1,
+        "overall test accuracy (no attacked class was given: set `attacked_class` to state the harm on it)",
+    ),
 }
 #: Kinds whose forget set is clean (a removal request, not a poison): their effect is stated as a gap to forget.
 REMOVAL = ("classwise", "random_sample")

@@ -21,7 +21,7 @@ from lightning_unlearn.data.protocol import UnlearnData, require_corrected_label
 from lightning_unlearn.distributed import all_reduce_flat, all_reduce_tensor
 from lightning_unlearn.evaluation.cost import FitMeter, main_process_device
 from lightning_unlearn.selection import AllLayers, ParameterMask, SelectionStrategy, Validated
-from lightning_unlearn.unlearn.adapters.source import resolve_source
+from lightning_unlearn.unlearn.adapters.source import check_own_request, resolve_source
 from lightning_unlearn.unlearn.base import ShardSampler, UnlearnMethod, Weighted, check_trainer
 from lightning_unlearn.unlearn.methods.auto import Auto
 from lightning_unlearn.unlearn.methods.inverse_hvp import dataset_hvp
@@ -44,6 +44,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     "enable_checkpointing": False,
     "enable_model_summary": False,
     "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,  # a request has few batches; its step losses are logged, not averaged away
 }
 
 
@@ -88,7 +89,7 @@ class UnlearnModule(RequestProfile, SplitStatistics, ValidationSplits, Lightning
     Args:
         run: Training run directory (or a checkpoint inside one) holding the checkpoint and ``poison.json``.
         method: The unlearning method; default :class:`~lightning_unlearn.unlearn.methods.auto.Auto` (method,
-            selection and step chosen by the criterion within 0.25 training epochs). Explicit: ``FirstOrder``,
+            selection and step chosen by the criterion within 0.5 training epochs). Explicit: ``FirstOrder``,
             ``SecondOrder``, ``Finetune``, ``NegGradPlus``, ``SamForget``, ``SharpMinMax``, ``SSD``; without
             corrected labels also ``FirstOrderRemoval``, ``RandomLabel``, ``L1Sparse``, ``SCRUB``.
         selection: Which parameters may change (``SmallestLayer``, ``LargestLayer``, ``TopKParameters``,
@@ -137,6 +138,9 @@ class UnlearnModule(RequestProfile, SplitStatistics, ValidationSplits, Lightning
         trusted_classes: With a checkpoint path as ``model``: import paths of the classes its hyper-parameters may
             name as ``LightningCLI`` writes nested objects (``{"class_path": …, "init_args": …}``, e.g. an encoder
             or ``torch.optim.Adam`` for an optimizer argument); any other class path in the file is refused.
+        batch_transform: With ``model``: maps an item of your datasets (a dict, an object) to ``(inputs, label)``,
+            e.g. ``lambda item: (item["pixels"], item["target"])`` (``--model.batch_transform pkg.function`` on the
+            command line); see :class:`~lightning_unlearn.data.UnlearnData`.
         forgetting_target: What "forgotten" means for this request (:data:`~lightning_unlearn.unlearn.request.
             target.TARGETS`): ``"corrected"`` (the corrected labels are known), ``"unseen"`` (a deletion: the forget
             set should look like held-out data), ``"class_removed"``, ``"trigger_removed"`` (a backdoor without its
@@ -169,11 +173,12 @@ class UnlearnModule(RequestProfile, SplitStatistics, ValidationSplits, Lightning
         evaluate: bool = True,
         trusted_classes: list[str] | None = None,
         forgetting_target: str | None = None,
+        batch_transform: Callable[[Any], tuple[Any, Any]] | None = None,
     ) -> None:
         super().__init__()
         objects = [
             "method", "selection", "optimizer", "model", "data", "model_class", "output_transform", "reference",
-            "trusted_classes",
+            "trusted_classes", "batch_transform",
         ]  # fmt: skip
         self.save_hyperparameters(ignore=objects + ([] if isinstance(profile, (str, type(None))) else ["profile"]))
         self.automatic_optimization = False
@@ -192,8 +197,9 @@ class UnlearnModule(RequestProfile, SplitStatistics, ValidationSplits, Lightning
         if not isinstance(self.selection, SelectionStrategy):
             raise TypeError(f"`selection` must be a SelectionStrategy, got {type(self.selection).__name__}.")
         source = resolve_source(
-            run, model, data, model_class, output_transform, eval_batch_size, num_workers, trusted_classes
-        )
+            run, model, data, model_class, output_transform, eval_batch_size, num_workers, trusted_classes,
+            batch_transform,
+        )  # fmt: skip
         self.source = source
         self.training_run = source.training_run
         self.net: nn.Module = source.net
@@ -260,6 +266,8 @@ class UnlearnModule(RequestProfile, SplitStatistics, ValidationSplits, Lightning
         if self.guard is not None:
             return
         self.datamodule.setup("fit")
+        if self.training_run is None:  # a user's model: logits out (or an output_transform to them)? trained on them?
+            check_own_request(self)
         if self.method.needs_corrected_labels:
             require_corrected_labels(self.datamodule, f"The method {self.method.name!r}")
             if self.forgetting_target.target != "corrected":
@@ -412,13 +420,19 @@ class UnlearnModule(RequestProfile, SplitStatistics, ValidationSplits, Lightning
         if self.evaluation is not None and state.get("report"):
             self.evaluation.report = state["report"]
 
+    def on_fit_start(self) -> None:
+        # Lightning warns about modules in eval mode at the start of a fit; every method puts the network in eval
+        # mode itself at each step (BatchNorm statistics and dropout frozen), so the modes before it do not matter
+        self.train()
+
     def train_dataloader(self) -> Any:
         self.prepare()
         return self.method.train_dataloader(self)
 
     def configure_optimizers(self) -> Any:
         self.prepare()
-        return self.method.configure_optimizers(self)
+        optimizers = self.method.configure_optimizers(self)
+        return [] if optimizers is None else optimizers  # a one-step method writes its update: no optimizer, no warning
 
     def on_train_start(self) -> None:
         if self.evaluation is not None and self.trainer.is_global_zero:

@@ -167,3 +167,43 @@ class ForgetData(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(synthetic(self.n // 2, self.in_channels, self.num_classes, 2), batch_size=32)
+
+
+class IdiomaticForgetData(LightningDataModule):
+    """A data module written the idiomatic Lightning way: ``save_hyperparameters()`` and ``self.hparams`` in the
+    loaders, dict batches ``{"pixels", "target"}`` (the library's default keys are not these), the flip of
+    :class:`ForgetData`, and an ``attacked_class`` attribute."""
+
+    def __init__(self, batch_size: int = 32, n: int = 192, flipped: int = 30):
+        super().__init__()
+        self.save_hyperparameters()
+        self.source = ForgetData(n=n, flipped=flipped)
+        self.attacked_class = self.source.attacked_class
+        self.num_classes, self.in_channels = self.source.num_classes, self.source.in_channels
+
+    def _loader(self, x: torch.Tensor, y: torch.Tensor) -> DataLoader:
+        items = [{"pixels": xi, "target": yi} for xi, yi in zip(x, y, strict=True)]
+        return DataLoader(items, batch_size=self.hparams.batch_size)
+
+    def forget_dataloader(self) -> DataLoader:
+        s = self.source
+        return self._loader(s.x[s.positions], s.poisoned[s.positions])
+
+    def corrected_forget_dataloader(self) -> DataLoader:
+        s = self.source
+        return self._loader(s.x[s.positions], s.y[s.positions])
+
+    def retain_dataloader(self) -> DataLoader:
+        s = self.source
+        return self._loader(s.x[s.keep], s.y[s.keep])
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(*synthetic(self.source.n // 2, self.in_channels, self.num_classes, 1).tensors)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(*synthetic(self.source.n // 2, self.in_channels, self.num_classes, 2).tensors)
+
+
+def pixels_and_target(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``batch_transform`` of :class:`IdiomaticForgetData`'s dict batches."""
+    return batch["pixels"], batch["target"]

@@ -31,6 +31,8 @@ __all__ = [
     "profile_training_set",
     "profile_split",
     "own_unlearned_checkpoint",
+    "check_own_request",
+    "ForgetSetWarning",
 ]
 
 #: Applied to a model's forward output to get the logits, e.g. ``lambda out: out[0]`` for ``(logits, features)``.
@@ -95,6 +97,7 @@ def resolve_source(
     eval_batch_size: int,
     num_workers: int,
     trusted_classes: list[type | str] | None = None,
+    batch_transform: Callable[[Any], tuple[Any, Any]] | None = None,
 ) -> ModelSource:
     """``UnlearnModule``'s source: exactly one of a ``run`` and a ``model`` (with ``data``)."""
     if (run is None) == (model is None):
@@ -103,15 +106,17 @@ def resolve_source(
             "(your own nn.Module or LightningModule, or its checkpoint, with `data`)."
         )
     if run is None:
-        return from_model(model, data, model_class, output_transform, trusted_classes)  # type: ignore[arg-type]
+        return from_model(model, data, model_class, output_transform, trusted_classes, batch_transform)  # type: ignore[arg-type]
     if not isinstance(run, (str, Path)):
         raise TypeError(
             f"`run` is the path of a training run of this library, got a {type(run).__name__}: pass your own model as "
             "`model=` (with `data=`)."
         )
-    if data is not None or model_class is not None or output_transform is not None or trusted_classes:
+    own = (data, model_class, output_transform, batch_transform)
+    if any(value is not None for value in own) or trusted_classes:
         raise ValueError(
-            "`data`, `model_class`, `trusted_classes` and `output_transform` go with `model`; a `run` has its own."
+            "`data`, `model_class`, `trusted_classes`, `output_transform` and `batch_transform` go with `model`; a "
+            "`run` has its own."
         )
     return from_run(run, eval_batch_size, num_workers)
 
@@ -140,8 +145,10 @@ def from_model(
     model_class: type | str | None = None,
     output_transform: OutputTransform | None = None,
     trusted_classes: list[type | str] | None = None,
+    batch_transform: Callable[[Any], tuple[Any, Any]] | None = None,
 ) -> ModelSource:
-    """A user's model (an ``nn.Module``, a ``LightningModule`` or the path of its checkpoint) and data."""
+    """A user's model (an ``nn.Module``, a ``LightningModule`` or the path of its checkpoint) and data
+    (``batch_transform`` maps its items to ``(inputs, label)``, see :class:`~lightning_unlearn.data.UnlearnData`)."""
     checkpoint = None
     if isinstance(model, (str, Path)):
         checkpoint = Path(model)
@@ -168,13 +175,84 @@ def from_model(
     return ModelSource(
         net=net,
         names_root=model,
-        datamodule=as_unlearn_data(data),
+        datamodule=_with_transform(as_unlearn_data(data, batch_transform=batch_transform), batch_transform),
         description=f"model {type(model).__name__}",
         checkpoint=checkpoint,
         model_class=model_class,
         output_transform=output_transform,
         trusted_classes=list(trusted_classes or []),
     )
+
+
+@torch.no_grad()
+def check_output(net: nn.Module, datamodule: Any, given: bool) -> None:
+    """One forward pass on the first forget batch (the model in eval mode, its modes restored): the request needs
+    ``(batch, classes)`` logits; anything else is refused naming ``output_transform``.
+
+    Raises:
+        ValueError: For a tuple, a dict or a tensor of another shape.
+    """
+    from lightning_unlearn.batches import unpack_batch
+    from lightning_unlearn.curvature.compute import describe, eval_mode
+
+    batch = next(iter(datamodule.forget_dataloader()), None)
+    if batch is None:
+        return
+    x, _ = unpack_batch(batch)
+    device = next(net.parameters()).device
+    with eval_mode(net):
+        output = net(x.to(device) if isinstance(x, torch.Tensor) else x)
+    if isinstance(output, torch.Tensor) and output.is_floating_point() and output.dim() == 2:
+        return
+    source = "`output_transform` returns" if given else "the model's forward returns"
+    raise ValueError(
+        f"{source} {describe(output)} on a batch of {len(batch[1]) if isinstance(batch, (list, tuple)) else 'its'} "
+        "inputs; unlearning needs logits, a floating tensor of shape (batch, classes). Pass `output_transform=` "
+        "(`--model.output_transform pkg.function`), a callable mapping the model's output to its logits, e.g. "
+        "`lambda out: out[0]` for a model returning `(logits, features)`."
+    )
+
+
+class ForgetSetWarning(UserWarning):
+    """The request's forgetting target is met before any update (own data): maybe not what the model was trained on."""
+
+
+def check_own_request(module: Any) -> None:
+    """Before a request on a user's model: its output must be logits (:func:`check_output`), and the forget set
+    should not already meet the request's forgetting target — samples the model was not trained on, other samples
+    than it was (an index into the wrong split), or a deletion held-out data cannot tell apart. A label flip the model
+    generalised to held-out data of the class (both read low) is no sign."""
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    check_output(module.net, module.datamodule, given=module.source.output_transform is not None)
+    reading, _ = module.read_target()
+    target = module.forgetting_target
+    if reading.met and (target.target != "corrected" or reading.forget >= 0.5):
+        rank_zero_warn(
+            f"Before any update the forget set already meets the request's target {target.target!r} "
+            f"({target.statistic}: {reading.forget:.3f}, held-out level {reading.level:.3f}, within the noise): the "
+            "model treats it like data it never saw. Were these samples trained on with these labels, and are they "
+            "the ones that were (indices into the right split)?",
+            category=ForgetSetWarning,
+        )
+
+
+def _with_transform(data: Any, batch_transform: Callable[[Any], tuple[Any, Any]] | None) -> Any:
+    """``data`` reading its items through ``batch_transform`` (an ``UnlearnData`` given as it is gets it too)."""
+    if batch_transform is None:
+        return data
+    if not callable(batch_transform):
+        raise TypeError(f"`batch_transform` must be callable (item → (inputs, label)), got {batch_transform!r}.")
+    given = getattr(data, "batch_transform", None)
+    if given is not None and given is not batch_transform:
+        raise ValueError("`batch_transform` is given twice (to the data and to the request): give it once.")
+    if not hasattr(data, "batch_transform"):
+        raise ValueError(
+            f"`batch_transform` applies to a user's data (UnlearnData or a data module); {type(data).__name__} "
+            "reads its own items."
+        )
+    data.batch_transform = batch_transform
+    return data
 
 
 def profile_training_set(

@@ -173,7 +173,7 @@ class RandomLabel(ScheduledMethod):
         y[is_forget] = labels[position[is_forget]]
         loss = cross_entropy(logits, y, weight, rank_count(module, weight))
         optimizer_step(module, loss)
-        module.log(f"unlearn/{phase}_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        module.log(f"unlearn/{phase}_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(weight))
         return loss
 
     def report(self) -> dict[str, Any]:
@@ -227,7 +227,7 @@ class L1Sparse(ScheduledMethod):
         loss = ce + alpha * l1
         optimizer_step(module, loss)
         logs = {"unlearn/retain_loss": ce.detach(), "unlearn/l1": torch.as_tensor(l1).detach(), "unlearn/alpha": alpha}
-        module.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True)
+        module.log_dict(logs, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(weight))
         return loss
 
     def report(self) -> dict[str, Any]:
@@ -330,7 +330,8 @@ class SCRUB(ScheduledMethod):
         else:
             loss = self.gamma * cross_entropy(logits, y, weight, count) + self.alpha * kl
         optimizer_step(module, loss)
-        module.log_dict({f"unlearn/{phase}_kl": kl.detach(), f"unlearn/{phase}_loss": loss.detach()}, on_epoch=True)
+        logs = {f"unlearn/{phase}_kl": kl.detach(), f"unlearn/{phase}_loss": loss.detach()}
+        module.log_dict(logs, on_epoch=True, batch_size=len(weight))
         return loss
 
     def report(self) -> dict[str, Any]:

@@ -122,7 +122,7 @@ class Finetune(IterativeMethod):
         x, y, weight = batch[0], batch[1], batch[-1]
         loss = cross_entropy(module.net(x), y, weight, rank_count(module, weight))
         optimizer_step(module, loss)
-        module.log("unlearn/retain_loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        module.log("unlearn/retain_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(weight))
         return loss
 
 
@@ -173,7 +173,7 @@ class NegGradPlus(PairedMethod):
         if self.corrected_weight:
             loss = loss + self.corrected_weight * cross_entropy(logits_f, yt, wf, nf)
         optimizer_step(module, loss)
-        module.log("unlearn/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        module.log("unlearn/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(wr))
         return loss
 
     def report(self) -> dict[str, Any]:

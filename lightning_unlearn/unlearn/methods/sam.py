@@ -206,7 +206,7 @@ class SamForget(SharpnessAware):
             lambda: cross_entropy(module.net(xr), yr, wr, nr),
         )
         losses = {"unlearn/forget_loss_sharp": sharp, "unlearn/retain_loss": retain}
-        module.log_dict(losses, prog_bar=True, on_step=True, on_epoch=True)
+        module.log_dict(losses, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(wr))
         return sharp + self.lam * retain
 
     def step(
@@ -396,7 +396,7 @@ class SharpMinMax(SharpnessAware):
         retain = self.branch_step(module, retain_opt, retain_branch, retain_loss, lam=self.lam_retain, sign=1.0)
         forget = self.branch_step(module, forget_opt, forget_branch, neggrad_loss, lam=self.lam, sign=-1.0)
         objectives = {"unlearn/retain_objective": retain, "unlearn/forget_objective": forget}
-        module.log_dict(objectives, prog_bar=True, on_step=True, on_epoch=True)
+        module.log_dict(objectives, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(wr))
         return retain + forget
 
     def branch_step(

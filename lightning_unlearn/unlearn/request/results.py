@@ -37,11 +37,12 @@ def lr_search_record(module: Any) -> dict[str, Any]:
 
 def poison_kind(datamodule: Any) -> str:
     """The poison kind whose attacked metric states the harm: the data module's poison, or for a user's data
-    ``targeted`` with an ``attacked_class`` and ``untargeted`` without."""
+    ``targeted`` with an ``attacked_class`` and ``unspecified`` without (overall test accuracy, said to be that and
+    not the attack's metric)."""
     spec = getattr(datamodule, "spec", None)
     if spec is not None:
         return spec.kind
-    return "targeted" if getattr(datamodule, "attacked_class", None) is not None else "untargeted"
+    return "targeted" if getattr(datamodule, "attacked_class", None) is not None else "unspecified"
 
 
 def request_scalars(report: dict[str, Any]) -> dict[str, float]:
