@@ -58,7 +58,7 @@ from lightning_unlearn.experiment import train, unlearn  # noqa: E402
 from lightning_unlearn.reporting import format_table  # noqa: E402
 from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.selection import AllLayers, EmptySelectionError, LastLayer  # noqa: E402
-from lightning_unlearn.unlearn import FirstOrder, UnlearnModule  # noqa: E402
+from lightning_unlearn.unlearn import FirstOrderRemoval, UnlearnModule  # noqa: E402
 from lightning_unlearn.unlearn.methods.auto import TARGET_DIRECTIONS, forget_gradients  # noqa: E402
 from lightning_unlearn.utils import atomic_write_text  # noqa: E402
 
@@ -189,9 +189,17 @@ def _summary(report: dict[str, Any], epoch: float, retrain: float | None) -> dic
 
 
 def run_requests(
-    name: str, scenario: Scenario, seed: int, runs: Path, rows: list[str], overlays: tuple[str, ...] = ()
+    name: str,
+    scenario: Scenario,
+    seed: int,
+    runs: Path,
+    rows: list[str],
+    overlays: tuple[str, ...] = (),
+    redo: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """One seed of one scenario: every requested row (resumable)."""
+    """One seed of one scenario: every requested row (resumable); the rows in ``redo`` are run again even where the
+    cache holds them (after a change of the method they measure), and the training epoch their cost is stated in is
+    measured again in the same process."""
     setting = replace(reproduce.SETTINGS[scenario.setting], evaluation=EVALUATION, sweep=False)
     folder = runs / scenario.setting / f"seed{seed}"
     cache_name = f"{CACHE[:-5]}_{name}.json" if scenario.target else CACHE
@@ -199,6 +207,11 @@ def run_requests(
     cache = folder / cache_name
     result = json.loads(cache.read_text())
     run_dir, retrain_dir = folder / "poisoned" / "version_0", folder / "retrained" / "version_0"
+    for key in redo:
+        result["rows"].pop(key, None)
+        result.get("empty", {}).pop(key, None)
+    if redo:  # the epoch is measured again in this process, side by side with the rows run again
+        result["epoch_seconds"] = None
     if result.get("epoch_seconds") is None:
         result["epoch_seconds"] = epoch_seconds(run_dir)
         atomic_write_text(cache, json.dumps(result, indent=1))
@@ -269,7 +282,9 @@ def oracle_row(
     # one-step: every applicable direction × the step grid, refined around the best step, scored by ToW
     selection = LastLayer() if key == "oracle_one_step_last" else AllLayers()
     target = next((a for a in target_args[1:]), None)
-    module = UnlearnModule(str(run_dir), FirstOrder(criterion="fixed", steps=[1.0]), selection, evaluate=False,
+    # the module only prepares the selection and the data here (nothing runs its method): the removal method needs no
+    # corrected labels, so every scenario prepares the same way
+    module = UnlearnModule(str(run_dir), FirstOrderRemoval(criterion="fixed", steps=[1.0]), selection, evaluate=False,
                            forgetting_target=target)  # fmt: skip
     module.prepare()
     dm = module.datamodule
@@ -434,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds (default 0–4)")
     parser.add_argument("--rows", nargs="+", default=None, help=f"rows to run (default all): {DEFAULT_ROWS}")
+    parser.add_argument(
+        "--redo", nargs="+", default=[], help="rows to run again although their results are cached (after a change)"
+    )
     parser.add_argument("--runs", default="runs/reproduce", help="folder of the trained models (the reproduction's)")
     parser.add_argument("--results", default=str(RESULTS), help="folder for the results files and tables")
     parser.add_argument("--tables", action="store_true", help="only rebuild the tables from the results files")
@@ -460,13 +478,15 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown scenario {item!r}; choose from {list(SCENARIOS)}, 'mnist', 'resnet' or 'klom'")
         names += group or [item]
     rows = args.rows or DEFAULT_ROWS
-    unknown = [r for r in rows if r not in DEFAULT_ROWS]
+    unknown = [r for r in [*rows, *args.redo] if r not in DEFAULT_ROWS]
     if unknown:
         parser.error(f"unknown row(s) {unknown}; choose from {DEFAULT_ROWS}")
     if not args.tables:
         for seed in args.seeds:
             for name in names:
-                result = run_requests(name, SCENARIOS[name], seed, Path(args.runs), rows, tuple(args.overlay))
+                result = run_requests(
+                    name, SCENARIOS[name], seed, Path(args.runs), rows, tuple(args.overlay), tuple(args.redo)
+                )
                 results = load(name, folder)
                 results[str(seed)] = copy.deepcopy(result)
                 atomic_write_text(folder / f"{name}.json", json.dumps(results, indent=1, default=float))

@@ -12,6 +12,7 @@ import torch
 from support.own_model import ForgetData, TinyClassifier
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_unlearn.curvature.compute import profile_model
 from lightning_unlearn.data import UnlearnData
 from lightning_unlearn.selection import AutoCandidates, LastLayer, SmallestLayer
 from lightning_unlearn.unlearn import Auto, Finetune, FirstOrder, UnlearnModule
@@ -50,7 +51,7 @@ def test_auto_is_the_default_request_and_restores_a_label_flip_on_the_last_layer
     assert module.profile.is_layout  # no curvature was computed: nothing read it
     assert module.timings["profile_source"].startswith("layout only")
     budget = report["method"]["budget"]
-    assert budget["epochs"] == 0.25 and budget["epoch_seconds"] > 0 and budget["spent_seconds"] > 0
+    assert budget["epochs"] == 0.5 and budget["epoch_seconds"] > 0 and budget["spent_seconds"] > 0
 
 
 def test_explicit_methods_keep_the_papers_default_selection():
@@ -115,6 +116,27 @@ def test_the_budget_stops_candidates_after_the_first_and_says_so(flipped):
     assert budget["skipped"] == ["last layer (net.2) / removal"]  # the first candidate always runs
     evaluated = {c.get("direction") for c in module.report["method"]["candidates"]}
     assert evaluated == {"corrected"}
+
+
+def test_the_targets_own_direction_is_tried_on_every_selection_before_the_fallback(flipped):
+    """With curvature in the profile Auto's candidates are the last and the flattest layer; the budget is spent on the
+    corrected direction of both before the removal direction of either (the order the skipped list keeps)."""
+    model, data = flipped
+    profile = profile_model(model, DataLoader(TensorDataset(data.x, data.poisoned), batch_size=64), "exact")
+    module = UnlearnModule(model=copy.deepcopy(model), data=data, method=Auto(budget_epochs=1e-9), profile=profile)
+    unlearn_trainer().fit(module)
+    if profile.rank_layers()[0] == "net.2":
+        pytest.skip("the fitted net's last layer is its flattest: a single candidate")
+    assert module.report["method"]["budget"]["skipped"] == [
+        "flattest layer (net.0) / corrected", "last layer (net.2) / removal", "flattest layer (net.0) / removal"
+    ]  # fmt: skip
+    unlimited = UnlearnModule(model=copy.deepcopy(model), data=data, method=Auto(budget_epochs=100.0), profile=profile)
+    unlearn_trainer().fit(unlimited)
+    order = [(c["selection"], c["direction"]) for c in unlimited.report["method"]["candidates"]]
+    assert list(dict.fromkeys(order)) == [
+        ("last layer (net.2)", "corrected"), ("flattest layer (net.0)", "corrected"),
+        ("last layer (net.2)", "removal"), ("flattest layer (net.0)", "removal"),
+    ]  # fmt: skip
 
 
 def test_iterative_methods_choose_rate_and_epochs_by_the_criterion(flipped):

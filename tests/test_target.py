@@ -12,7 +12,13 @@ from torch.utils.data import TensorDataset
 
 from lightning_unlearn.data import UnlearnData
 from lightning_unlearn.unlearn.request.criterion import prefer
-from lightning_unlearn.unlearn.request.target import TARGETS, ForgettingTarget, infer_target, paired_noise
+from lightning_unlearn.unlearn.request.target import (
+    TARGETS,
+    ForgettingTarget,
+    infer_target,
+    paired_noise,
+    target_summary,
+)
 
 
 def logits_of(probs: list[list[float]]) -> torch.Tensor:
@@ -154,3 +160,19 @@ def test_own_data_says_its_target_or_gets_one_from_its_labels():
     with pytest.raises(ValueError, match="must be one of"):
         ForgettingTarget("forgotten", y, y)
     assert set(TARGETS) == {"corrected", "unseen", "class_removed", "trigger_removed"}
+
+
+def test_the_statement_says_when_the_poison_lowered_the_held_out_level_too():
+    """A label flip that generalises to its class harms held-out samples of the class as much as the forget set:
+    the distance before is small (both equally harmed, 0.23 against 0.23 in the MNIST benchmark), and the statement
+    must not let that read as "nothing to forget"; a level that stays put adds nothing."""
+
+    def reading(forget: float, level: float) -> dict:
+        distance = abs(forget - level)
+        return {"target": "corrected", "statistic": "p", "forget": forget, "level": level, "distance": distance,
+                "noise": 0.005, "utility": 0.2, "met": distance <= 0.01}  # fmt: skip
+
+    moved = target_summary({"before": reading(0.235, 0.233), "after": reading(0.883, 0.872)})["statement"]
+    assert "held-out level itself moved (0.2330 before)" in moved and "equally harmed" in moved
+    still = target_summary({"before": reading(0.010, 0.870), "after": reading(0.860, 0.872)})["statement"]
+    assert "moved" not in still and still.endswith("0.2000 -> 0.2000")

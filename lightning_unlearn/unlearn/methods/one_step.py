@@ -237,6 +237,11 @@ class OneStepMethod(UnlearnMethod):
         """Which gradient of :meth:`gradients` a setting of :meth:`settings` turns into its direction."""
         return ""
 
+    def plan(self, num_candidates: int, settings: list[dict[str, Any]]) -> list[tuple[int, list[dict[str, Any]]]]:
+        """The order of the searches: runs of ``(selection candidate, its settings)``, each run under one validation
+        cache. By default every setting of the first candidate, then of the next (each cache built once)."""
+        return [(index, settings) for index in range(num_candidates)]
+
     def within_budget(self, module: UnlearnContext, label: str | None, setting: dict[str, Any]) -> bool:
         """Whether a candidate after the first is still searched (every one, by default)."""
         return True
@@ -278,13 +283,15 @@ class OneStepMethod(UnlearnMethod):
         original = {name: p.detach().clone() for name, p in params.items()}
         target = module.forgetting_target if self.criterion == "target" else None
         self._candidates, best, cached, notes = [], None, [], []
-        for label, mask in _selection_candidates(module):
+        candidates = _selection_candidates(module)
+        for index, settings in self.plan(len(candidates), self.settings()):
+            label, mask = candidates[index]
             names = [n for n in params if mask is None or (n in mask.masks and bool(mask.masks[n].any()))]
             part = {n: params[n] for n in names}
             with module.validation_cache(list(part.values())) as cache:
                 if target is not None and best is None:  # the original model, before any candidate
                     self.result["target_before"] = module.read_target()[0].to_dict()
-                for setting in self.settings():
+                for setting in settings:
                     if best is not None and not self.within_budget(module, label, setting):
                         continue
                     grad = grads[self.variant(setting)]
