@@ -174,5 +174,7 @@ def test_the_statement_says_when_the_poison_lowered_the_held_out_level_too():
 
     moved = target_summary({"before": reading(0.235, 0.233), "after": reading(0.883, 0.872)})["statement"]
     assert "held-out level itself moved (0.2330 before)" in moved and "equally harmed" in moved
-    still = target_summary({"before": reading(0.010, 0.870), "after": reading(0.860, 0.872)})["statement"]
-    assert "moved" not in still and still.endswith("0.2000 -> 0.2000")
+    still = target_summary({"before": reading(0.010, 0.870), "after": reading(0.866, 0.872)})["statement"]
+    assert "moved" not in still and "Not met" not in still and still.endswith("0.2000 -> 0.2000")
+    unmet = target_summary({"before": reading(0.010, 0.870), "after": reading(0.500, 0.872)})["statement"]
+    assert "(not met;" in unmet and "Not met: a larger update may reach it" in unmet  # and where to look

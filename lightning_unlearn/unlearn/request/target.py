@@ -300,4 +300,9 @@ def target_summary(record: dict[str, Any]) -> dict[str, Any]:
                 f"; the held-out level itself moved ({before['level']:.4f} before): the poison reached held-out data "
                 f"too, so the distance before compares the forget set with equally harmed held-out samples"
             )
+        if not after.get("met"):
+            summary["statement"] += (
+                ". Not met: a larger update may reach it (Auto with a larger budget_epochs, or an iterative method: "
+                "docs/results.md, 'Which request for which deletion')"
+            )
     return summary
