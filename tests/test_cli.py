@@ -137,3 +137,22 @@ def test_the_documented_quick_check_of_random_sample_forgetting_parses(capsys):
         )
     poison = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]["poison"]
     assert poison["kind"] == "random_sample" and poison["count"] is None and poison["fraction"] == 0.1
+
+
+def test_the_demo_figure_shows_every_request_between_the_poisoned_and_retrained_levels(tmp_path):
+    """``make demo`` writes demo.png beside its table: one bar per request (class-9 accuracy after), lines at the
+    poisoned and the retrained model's accuracy, each bar labelled with its ToW; the first request on top."""
+    from lightning_unlearn.demo import demo_figure
+
+    rows = [{"model": "poisoned (before)", "class 9 %": 0.3}, {"model": "retrained (reference)", "class 9 %": 91.2},
+            {"model": "Auto (the default request)", "class 9 %": 96.8, "ToW": "0.9730"},
+            {"model": "SA first-order (smallest layer)", "class 9 %": 1.1, "ToW": "0.0755"}]  # fmt: skip
+    ax = demo_figure(rows).axes[0]
+    assert [p.get_width() for p in ax.patches] == [1.1, 96.8]  # bottom to top: the first request on top
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["SA first-order (smallest layer)", "Auto (the default request)"]
+    assert sorted(line.get_xdata()[0] for line in ax.get_lines()) == [0.3, 91.2]
+    assert [t.get_text() for t in ax.texts] == ["ToW 0.0755", "ToW 0.9730"]
+    path = tmp_path / "demo.png"
+    demo_figure(rows).savefig(path, format="png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
