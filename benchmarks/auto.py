@@ -64,6 +64,8 @@ from lightning_unlearn.utils import atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "auto"
 CACHE = "auto_rows.json"
+#: Where ``docs/results.md`` holds this benchmark's tables.
+DOC_MARKERS = ("<!-- auto tables: start -->", "<!-- auto tables: end -->")
 #: Evaluation of every model: accuracies, MIA (the SalUn scores averaged over 5 subsamples of 2,000, which keeps a
 #: request's evaluation well below its own cost here), no relearning attack.
 EVALUATION = (("mia_samples", 2000), ("mia_subsample_repeats", 5), ("relearn", False))
@@ -216,7 +218,10 @@ def run_requests(
         result["epoch_seconds"] = epoch_seconds(run_dir)
         atomic_write_text(cache, json.dumps(result, indent=1))
     epoch = result["epoch_seconds"]
-    retrain = result.get("retrain_seconds") or base.get("retrain_seconds")
+    retrain = result.get("retrain_seconds") or base.get("retrain_seconds") or _retrain_seconds(folder)
+    for row in result["rows"].values():  # rows measured before the retraining time was known here
+        if retrain and row.get("x_retrain") is None and row.get("seconds") is not None:
+            row["x_retrain"] = row["seconds"] / retrain
     reference = reference_with_outputs(result, retrain_dir, run_dir)
     options = EvaluationOptions(**result["options"])
     datamodule = TrainingRun.from_path(run_dir).datamodule()
@@ -245,6 +250,13 @@ def run_requests(
             result["rows"][key] = _summary(report, epoch, retrain)
         atomic_write_text(cache, json.dumps(result, indent=1, default=float))
     return result
+
+
+def _retrain_seconds(folder: Path) -> float | None:
+    """The retraining time of the setting's models, from the scenario that trained them (a scenario with its own
+    target, e.g. the backdoor without its labels, reuses the models and their cache's timings)."""
+    main = folder / CACHE
+    return json.loads(main.read_text()).get("retrain_seconds") if main.is_file() else None
 
 
 def _tow(before: dict[str, float], after: dict[str, float], reference: dict[str, float]) -> float:
@@ -346,7 +358,11 @@ def klom_seed(name: str, scenario: Scenario, seed: int, runs: Path) -> dict[str,
     folder = runs / "klom" / name / f"seed{seed}"
     cache = folder / "margins.pt"
     if cache.is_file():
-        return torch.load(cache, weights_only=True)
+        out = torch.load(cache, weights_only=True)
+        if "poisoned/forget" not in out:  # a cache from before the poisoned side was recorded
+            out |= _margins_of("poisoned", folder / "poisoned" / "version_0")
+            atomic_save(out, cache)
+        return out
     seeds = ("--seed_everything", str(seed), "--data.poison.seed", "0")
     run_dir, _ = train(list(setting.configs), folder, *setting.overrides, *seeds, name="poisoned", resume=True)
     retrain_dir, _ = train([*setting.configs, "retrain.yaml"], folder, *setting.overrides, *seeds, name="retrained",
@@ -361,24 +377,52 @@ def klom_seed(name: str, scenario: Scenario, seed: int, runs: Path) -> dict[str,
     for label, net in (("unlearned", unlearned), ("retrained", retrained)):
         for split, (logits, labels) in split_outputs(net, datamodule).items():
             out[f"{label}/{split}"] = margins(logits, labels).float()
+    out |= _margins_of("poisoned", run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(out, cache)
+    atomic_save(out, cache)
     return out
 
 
-def klom(per_seed: list[dict[str, torch.Tensor]], floor: float = 1e-3) -> dict[str, dict[str, float]]:
-    """Per split: the mean and quantiles over samples of ``KL(N_unlearned ‖ N_retrained)`` of each sample's margins
-    (normal fits over the ensembles; standard deviations floored at ``floor``)."""
-    out = {}
+def _margins_of(label: str, run_dir: Path) -> dict[str, torch.Tensor]:
+    run = TrainingRun.from_path(run_dir)
+    datamodule = run.datamodule()
+    datamodule.setup("fit")
+    outputs = split_outputs(run.load_classifier().net, datamodule)
+    return {f"{label}/{split}": margins(logits, labels).float() for split, (logits, labels) in outputs.items()}
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def _kl_normal(u: torch.Tensor, r: torch.Tensor, floor: float) -> dict[str, float]:
+    """Mean and quantiles over samples of ``KL(N(u) ‖ N(r))``, each side a normal fit of one sample's margins over
+    an ensemble (rows: models; standard deviations floored at ``floor``)."""
+    mu_u, mu_r = u.mean(0), r.mean(0)
+    sd_u, sd_r = u.std(0).clamp_min(floor), r.std(0).clamp_min(floor)
+    kl = torch.log(sd_r / sd_u) + (sd_u**2 + (mu_u - mu_r) ** 2) / (2 * sd_r**2) - 0.5
+    q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
+    return {"mean": float(kl.mean()), "median": float(q[0]), "q90": float(q[1]), "q99": float(q[2]),
+            "samples": int(kl.numel()), "models_per_side": len(u)}  # fmt: skip
+
+
+def klom(per_seed: list[dict[str, torch.Tensor]], floor: float = 1e-3) -> dict[str, dict[str, Any]]:
+    """Per split: KLoM of the unlearned ensemble (``KL(N_unlearned ‖ N_retrained)`` of each sample's margins), and
+    beside it the same for the poisoned ensemble (before unlearning) and, as the noise floor, for one half of the
+    retrained ensemble against the other (same number of models on both sides)."""
+    out: dict[str, dict[str, Any]] = {}
+    half = len(per_seed) // 2
     for split in ("forget", "val", "test"):
-        u = torch.stack([s[f"unlearned/{split}"] for s in per_seed]).double()
-        r = torch.stack([s[f"retrained/{split}"] for s in per_seed]).double()
-        mu_u, mu_r = u.mean(0), r.mean(0)
-        sd_u, sd_r = u.std(0).clamp_min(floor), r.std(0).clamp_min(floor)
-        kl = torch.log(sd_r / sd_u) + (sd_u**2 + (mu_u - mu_r) ** 2) / (2 * sd_r**2) - 0.5
-        q = torch.quantile(kl, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64))
-        out[split] = {"mean": float(kl.mean()), "median": float(q[0]), "q90": float(q[1]), "q99": float(q[2]),
-                      "samples": int(kl.numel()), "models_per_side": len(per_seed)}  # fmt: skip
+        side = {k: torch.stack([s[f"{k}/{split}"] for s in per_seed]).double() for k in ("unlearned", "retrained")}
+        out[split] = _kl_normal(side["unlearned"], side["retrained"], floor)
+        if all(f"poisoned/{split}" in s for s in per_seed):
+            poisoned = torch.stack([s[f"poisoned/{split}"] for s in per_seed]).double()
+            out[split]["poisoned"] = _kl_normal(poisoned, side["retrained"], floor)
+        if half >= 2:
+            out[split]["retrained_halves"] = _kl_normal(side["retrained"][:half], side["retrained"][half:], floor)
     return out
 
 
@@ -493,6 +537,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"== {name} seed {seed} done", flush=True)
     tables = [table(name, load(name, folder)) for name in SCENARIOS if load(name, folder)]
     atomic_write_text(folder / "summary.md", "\n\n".join(tables) + "\n")
+    if folder == RESULTS:  # the committed results: docs/results.md shows them (between its markers)
+        reproduce.update_docs("\n\n".join(f"#{t}" for t in tables), markers=DOC_MARKERS)  # headings one level down
     print(f"tables: {folder / 'summary.md'}")
 
 

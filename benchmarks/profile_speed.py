@@ -74,6 +74,50 @@ class ViT(nn.Module):
         return self.head(self.norm(self.encoder(tokens)).mean(1))
 
 
+class Mixer(nn.Module):
+    """An MLP-Mixer for 28×28 images: 7×7 patches (16 tokens), ``depth`` blocks of a token-mixing and a
+    channel-mixing MLP (LayerNorm, GELU), mean-pool, head."""
+
+    def __init__(self, dim: int, depth: int, hidden: int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(1, dim, kernel_size=7, stride=7)
+        def mlp(width: int) -> nn.Sequential:
+            return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {"norm1": nn.LayerNorm(dim), "tokens": mlp(16), "norm2": nn.LayerNorm(dim), "channels": mlp(dim)}
+            )
+            for _ in range(depth)
+        )  # fmt: skip
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patches(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            h = h + block["tokens"](block["norm1"](h).transpose(1, 2)).transpose(1, 2)
+            h = h + block["channels"](block["norm2"](h))
+        return self.head(h.mean(1))
+
+
+class TextClassifier(nn.Module):
+    """Token ids → ``nn.Embedding`` + a learnt positional embedding → ``depth`` pre-norm ``TransformerEncoderLayer``
+    → mean-pool → head."""
+
+    def __init__(self, vocab: int, length: int, dim: int, depth: int, heads: int, num_classes: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.positions = nn.Parameter(torch.randn(length, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, 2 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens) + self.positions).mean(1))
+
+
 MODELS: dict[str, dict[str, Any]] = {
     # transformers: the per-layer rules take the convolution, the feed-forward Linear layers and the head; attention,
     # LayerNorm and the positional embedding take the engine's generic torch.func path (``exact`` is the GGN's there)
@@ -88,6 +132,19 @@ MODELS: dict[str, dict[str, Any]] = {
         "input": (1, 28, 28),
         "batch": 32,
         "label": "ViT (6 layers, width 320)",
+    },
+    "mixer": {
+        "build": lambda: Mixer(dim=64, depth=2, hidden=128),
+        "input": (1, 28, 28),
+        "batch": 128,
+        "label": "MLP-Mixer (2 blocks, width 64)",
+    },
+    "text": {
+        "build": lambda: TextClassifier(vocab=1000, length=32, dim=64, depth=2, heads=4),
+        "input": (32,),
+        "vocab": 1000,
+        "batch": 128,
+        "label": "token classifier (embedding 1000×64, 2 layers, 32 tokens)",
     },
     "mnist_cnn": {"build": lambda: MnistCNN(num_classes=10), "input": (1, 28, 28), "batch": 128, "label": "MNIST CNN"},
     "resnet18": {
@@ -123,7 +180,10 @@ def setup(model_name: str, device: torch.device, batch: int | None) -> tuple[nn.
     torch.manual_seed(0)
     model = spec["build"]().to(device).eval()
     n = batch or spec["batch"]
-    x = torch.randn(n, *spec["input"], device=device)
+    if "vocab" in spec:  # token ids
+        x = torch.randint(0, spec["vocab"], (n, *spec["input"]), device=device)
+    else:
+        x = torch.randn(n, *spec["input"], device=device)
     y = torch.randint(0, 10, (n,), device=device)
     return model, x, y
 

@@ -773,15 +773,15 @@ def _best(sweep: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ files, docs
-def update_docs(summary: str, docs: Path = DOCS) -> None:
-    """Replace the generated part of ``docs/results.md`` (between the markers) with ``summary``."""
+def update_docs(summary: str, docs: Path = DOCS, markers: tuple[str, str] = MARKERS) -> None:
+    """Replace the generated part of ``docs/results.md`` (between ``markers``) with ``summary``."""
     if not docs.is_file():
         return
     text = docs.read_text()
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+    start, end = text.find(markers[0]), text.find(markers[1])
     if start < 0 or end < start:
         return
-    text = text[: start + len(MARKERS[0])] + "\n\n" + summary.strip() + "\n\n" + text[end:]
+    text = text[: start + len(markers[0])] + "\n\n" + summary.strip() + "\n\n" + text[end:]
     atomic_write_text(docs, text)
 
 

@@ -49,3 +49,27 @@ def test_every_benchmark_script_prints_its_help(name, capsys):
         load_script(name).main(["--help"])
     assert exit_.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_klom_is_the_hand_computed_kl_of_normal_fits_with_its_baselines():
+    """KLoM (benchmarks/auto.py): per sample, KL(N(μ_u, σ_u²) ‖ N(μ_r, σ_r²)) of the margins over the ensembles, in
+    float64 against the closed form; the poisoned side and the retrained halves (the noise floor) beside it."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        bench = load_script("auto")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    retrained = torch.tensor([[0.0, 0.0], [2.0, 2.0], [0.0, 2.0], [2.0, 0.0]])  # per sample: μ 1, σ² 4/3
+    unlearned = retrained + torch.tensor([1.0, 0.0])  # sample 0 shifted by 1, sample 1 the same
+    per_seed = [{f"{k}/{split}": t[i] for k, t in (("unlearned", unlearned), ("retrained", retrained),
+                                                    ("poisoned", retrained + 3.0))
+                 for split in ("forget", "val", "test")} for i in range(4)]  # fmt: skip
+    out = bench.klom(per_seed)["forget"]
+    var = 4.0 / 3.0
+    assert out["mean"] == pytest.approx((1.0 / (2 * var) + 0.0) / 2, rel=1e-9)  # equal σ: KL = Δμ² / 2σ²
+    assert out["poisoned"]["mean"] == pytest.approx(9.0 / (2 * var), rel=1e-9) and out["models_per_side"] == 4
+    halves = out["retrained_halves"]  # rows 0–1 against rows 2–3: the same fits (μ 1, σ² 2) for both samples
+    assert halves["mean"] == pytest.approx(0.0, abs=1e-12) and halves["models_per_side"] == 2
+    shifted = [s | {"retrained/forget": s["retrained/forget"] + torch.tensor([2.0, 0.0]) * (i >= 2)}
+               for i, s in enumerate(per_seed)]  # fmt: skip
+    assert bench.klom(shifted)["forget"]["retrained_halves"]["mean"] == pytest.approx(4.0 / (2 * 2.0) / 2, rel=1e-9)
