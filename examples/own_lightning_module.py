@@ -74,6 +74,7 @@ def main(root: str) -> None:
     profiler = SharpnessProfiler(
         estimator="hutchinson", num_draws=8, dataloader=DataLoader(TensorDataset(x, poisoned), batch_size=256)
     )
+    torch.manual_seed(0)  # the same initial weights on every run
     model = DigitsNet()
     fit(model, x, poisoned, root, callbacks=[profiler])  # your Trainer, the profiler attached (it saves into root)
     retrained = DigitsNet()

@@ -95,6 +95,7 @@ def main(root: str) -> None:
 
     profile_data = DataLoader(items(x, poisoned), batch_size=256)
     profiler = SharpnessProfiler(estimator="exact", strict=False, dataloader=profile_data, batch_transform=read)
+    torch.manual_seed(0)  # the same initial weights on every run
     model = TinyViT()
     fit(model, x, poisoned, root, callbacks=[profiler])  # your Trainer, the profiler attached
     retrained = TinyViT()
@@ -109,7 +110,8 @@ def main(root: str) -> None:
         attacked_class=3,
         batch_transform=read,
     )
-    unlearning = UnlearnModule(model=model, data=data, reference=retrained)  # the defaults: Auto
+    # the defaults: Auto, choosing between the last layer and the profile's flattest layer
+    unlearning = UnlearnModule(model=model, data=data, profile=profiler.profile, reference=retrained)
     trainer = pl.Trainer(max_epochs=unlearning.max_epochs, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=root)  # fmt: skip
     trainer.fit(unlearning)  # your Trainer
