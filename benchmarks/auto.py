@@ -60,10 +60,12 @@ from lightning_unlearn.run import TrainingRun  # noqa: E402
 from lightning_unlearn.selection import AllLayers, EmptySelectionError, LastLayer  # noqa: E402
 from lightning_unlearn.unlearn import FirstOrderRemoval, UnlearnModule  # noqa: E402
 from lightning_unlearn.unlearn.methods.auto import TARGET_DIRECTIONS, forget_gradients  # noqa: E402
-from lightning_unlearn.utils import atomic_write_text  # noqa: E402
+from lightning_unlearn.utils import atomic_write, atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "auto"
 CACHE = "auto_rows.json"
+#: The figure ``--tables`` draws from the committed results (``docs/results.md`` shows it).
+FIGURE = ROOT / "docs" / "figures" / "auto_cost_tow.png"
 #: Where ``docs/results.md`` holds this benchmark's tables.
 DOC_MARKERS = ("<!-- auto tables: start -->", "<!-- auto tables: end -->")
 #: Evaluation of every model: accuracies, MIA (the SalUn scores averaged over 5 subsamples of 2,000, which keeps a
@@ -435,6 +437,47 @@ def _mean_std(values: list[float | None], digits: int) -> str:
     return f"{statistics.fmean(values):.{digits}f} ± {std:.{digits}f}"
 
 
+def cost_figure(per_scenario: dict[str, dict[str, Any]]) -> Any:
+    """ToW against cost (training-epoch equivalents, log scale) of every row with a measured cost, one panel per
+    scenario, one dot per seed; ``Auto`` in red, the oracle-tuned rows hollow (their cost is the chosen run's only)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    names = list(per_scenario)
+    cols = 3
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for seed in sorted(per_scenario[name], key=int):
+            for key, row in per_scenario[name][seed]["rows"].items():
+                tow, epochs = (row.get("comparison") or {}).get("tow"), row.get("epochs")
+                if tow is None or not epochs:
+                    continue
+                oracle = key in ORACLE_ROWS
+                color = "tab:red" if key == "auto" else "tab:blue"
+                ax.scatter(epochs, tow, s=36 if key == "auto" else 22, facecolors="none" if oracle else color,
+                           edgecolors=color, zorder=3 if key == "auto" else 2)  # fmt: skip
+                ax.annotate(key.replace("oracle_", "oracle "), (epochs, tow), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlim(0.1, 20)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_ylim(-0.05, 1.05)
+        target = SCENARIOS[name].target
+        title = SCENARIOS[name].label.split(":")[0] + (f", target {target}" if target else "")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("cost (training-epoch equivalents)", fontsize=7)
+        ax.set_ylabel("ToW against the retrained model", fontsize=7)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
 def table(name: str, results: dict[str, Any]) -> str:
     scenario = SCENARIOS[name]
     seeds = sorted(results, key=int)
@@ -539,6 +582,9 @@ def main(argv: list[str] | None = None) -> None:
     atomic_write_text(folder / "summary.md", "\n\n".join(tables) + "\n")
     if folder == RESULTS:  # the committed results: docs/results.md shows them (between its markers)
         reproduce.update_docs("\n\n".join(f"#{t}" for t in tables), markers=DOC_MARKERS)  # headings one level down
+        figure = cost_figure({name: load(name, folder) for name in SCENARIOS if load(name, folder)})
+        atomic_write(FIGURE, lambda handle: figure.savefig(handle, format="png", dpi=110, metadata={"Software": None}))
+        print(f"figure: {FIGURE}")
     print(f"tables: {folder / 'summary.md'}")
 
 
