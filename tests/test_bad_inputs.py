@@ -1,4 +1,5 @@
-"""Bad inputs: each row of the README's "Bad inputs" table gives the error it promises (exception type and message).
+"""Bad inputs: each row of the "Bad inputs" table (docs/integrity.md) gives the error it promises (exception type and
+message).
 
 Trained artifacts come from the session fixture ``poisoned_run``; broken ones are made from copies in ``tmp_path``.
 """

@@ -114,8 +114,8 @@ def test_demo_refuses_an_unknown_accelerator_before_training(tmp_path):
 
 
 def test_the_documented_quick_check_of_random_sample_forgetting_parses(capsys):
-    """The quick check ``configs/mnist_cnn_random10.yaml`` and the README print (debug.yaml's ``count`` set back to
-    null so that ``fraction`` applies) is a command the CLI accepts, and it configures 10 % with no count."""
+    """The quick check ``configs/mnist_cnn_random10.yaml`` and the getting-started page print (debug.yaml's ``count``
+    set back to null so that ``fraction`` applies) is a command the CLI accepts, and it sets 10 % with no count."""
     import re
     import shlex
 
@@ -123,7 +123,7 @@ def test_the_documented_quick_check_of_random_sample_forgetting_parses(capsys):
 
     config = ROOT / "configs" / "mnist_cnn_random10.yaml"
     snippet = re.search(r"Quick check: add `([^`]+)`", config.read_text()).group(1)
-    assert f"add `{snippet.split(' ', 2)[-1]}`" in (ROOT / "README.md").read_text()  # the README says the same
+    assert f"add `{snippet.split(' ', 2)[-1]}`" in (ROOT / "docs" / "getting-started.md").read_text()  # the docs say so
     with pytest.raises(SystemExit):
         main(
             [

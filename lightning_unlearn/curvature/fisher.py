@@ -13,9 +13,7 @@ __all__ = ["EmpiricalFisher"]
 class EmpiricalFisher(SquaredGradientEstimator):
     """Empirical Fisher diagonal: squared per-sample gradients of the cross-entropy at the true labels.
 
-    Args:
-        **options: Memory and algorithm options of :class:`~lightning_unlearn.curvature.squared.
-            SquaredGradientEstimator`.
+    Takes the memory and algorithm options of :class:`~lightning_unlearn.curvature.squared.SquaredGradientEstimator`.
     """
 
     name = "fisher"

@@ -38,7 +38,8 @@ class SecondOrder(OneStepMethod):
         max_iter: CG iterations / LiSSA depth.
         hvp_samples: Training samples (the first ones, fixed) used by the HVPs of ``cg`` / ``lissa``.
         lissa_scale: LiSSA scale, relative to the same mean as ``damping`` (must exceed the largest eigenvalue).
-        validation_weights, forget_weight: See :class:`OneStepMethod`.
+        validation_weights: See :class:`OneStepMethod`.
+        forget_weight: See :class:`OneStepMethod`.
     """
 
     name = "second_order"
