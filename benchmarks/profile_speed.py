@@ -36,12 +36,14 @@ import resource
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
@@ -51,7 +53,7 @@ from lightning_unlearn.curvature import ESTIMATORS, get_estimator  # noqa: E402
 from lightning_unlearn.curvature.squared import SquaredGradientEstimator  # noqa: E402
 from lightning_unlearn.models.cnn import MnistCNN  # noqa: E402
 from lightning_unlearn.models.resnet import ResNet18  # noqa: E402
-from lightning_unlearn.utils import atomic_write_text  # noqa: E402
+from lightning_unlearn.utils import atomic_write, atomic_write_text  # noqa: E402
 
 
 class ViT(nn.Module):
@@ -386,6 +388,42 @@ def measure_memory(
     return out
 
 
+#: The figure ``--figure`` draws, and the committed results it reads (``docs/performance.md`` shows it).
+FIGURE = ROOT / "docs" / "figures" / "estimators.png"
+FIGURE_SOURCES = ("benchmarks/results/profile_speed.json", "benchmarks/results/profile_speed_transformers.json")
+
+
+def estimators_figure(results: list[dict[str, Any]]) -> Any:
+    """Each estimator's time as × one training step, per model (log scale), from results files of this script;
+    under each model, ``exact``'s largest relative difference from BackPACK where BackPACK computes the model."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = ("exact", "mc", "fisher", "hutchinson", HUTCHINSON_4, "backpack")
+    models = [m for r in results for m in r["models"].values()]
+    fig, ax = plt.subplots(figsize=(10, 3.8))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        xs = [j + (i - len(names) / 2 + 0.5) * width for j, m in enumerate(models) if name in m["methods"]]
+        ys = [m["methods"][name]["ratio"] for m in models if name in m["methods"]]
+        label = {HUTCHINSON_4: "hutchinson (k=4)", "backpack": "BackPACK DiagGGNExact"}.get(name, name)
+        ax.bar(xs, ys, width, label=label)
+    labels = []
+    for m in models:
+        diff = m.get("backpack_max_rel_diff")
+        labels.append(textwrap.fill(m["label"], 22) + (f"\nvs BackPACK {diff:.0e}" if diff is not None else ""))
+    ax.set_xticks(range(len(models)), labels, fontsize=6.5)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_ylabel("time, × one training step", fontsize=8)
+    ax.legend(fontsize=7, ncol=3)
+    ax.set_title("Hessian-diagonal estimators on one batch (CPU, 2 threads)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -429,8 +467,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--out", default="benchmarks/results/profile_speed.json", help="JSON output file (written atomically)"
     )
+    parser.add_argument(
+        "--figure",
+        action="store_true",
+        help=f"only draw {FIGURE.relative_to(ROOT)} from the committed results files {list(FIGURE_SOURCES)}",
+    )
     parser.add_argument("--_memory-probe", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.figure:
+        figure = estimators_figure([json.loads((ROOT / f).read_text()) for f in FIGURE_SOURCES if (ROOT / f).is_file()])
+        atomic_write(FIGURE, lambda handle: figure.savefig(handle, format="png", dpi=110, metadata={"Software": None}))
+        print(f"figure: {FIGURE}")
+        return {}
     if args._memory_probe:
         memory_probe(*args._memory_probe, args.device, args.batch_size, args.threads, args.max_memory_mb)
         return {}
