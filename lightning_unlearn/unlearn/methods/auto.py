@@ -23,7 +23,7 @@ three training batches' forward and backward passes (after one warm-up) times th
 forget-set gradients and the target's own direction on every selection candidate always run (two candidates by
 default), so that which selection wins never depends on the machine's speed or load; a fallback direction starts only
 while the time spent plus its estimated cost (the first selection's, or the last search's on the same selection)
-stays within the budget, and the report lists what was skipped. On the MNIST CNN the two selections cost 0.4–0.6
+stays within the budget, and the report lists what was skipped. On the MNIST CNN the two selections cost 0.37–0.56
 training epochs in all (``benchmarks/auto.py``, ``docs/results.md``); the backdoor needs the second one.
 """
 

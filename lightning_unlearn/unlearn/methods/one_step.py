@@ -286,14 +286,16 @@ class OneStepMethod(UnlearnMethod):
         candidates = _selection_candidates(module)
         for index, settings in self.plan(len(candidates), self.settings()):
             label, mask = candidates[index]
+            if best is not None:  # decided before the candidate's cache is built (a skipped run costs nothing)
+                settings = [setting for setting in settings if self.within_budget(module, label, setting)]
+                if not settings:
+                    continue
             names = [n for n in params if mask is None or (n in mask.masks and bool(mask.masks[n].any()))]
             part = {n: params[n] for n in names}
             with module.validation_cache(list(part.values())) as cache:
                 if target is not None and best is None:  # the original model, before any candidate
                     self.result["target_before"] = module.read_target()[0].to_dict()
                 for setting in settings:
-                    if best is not None and not self.within_budget(module, label, setting):
-                        continue
                     grad = grads[self.variant(setting)]
                     sub_grad = {n: grad[n] if mask is None else _restrict(grad[n], mask, n) for n in names}
                     start = device_clock(module.device)
