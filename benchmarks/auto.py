@@ -168,8 +168,7 @@ def epoch_seconds(run_dir: Path) -> float:
 
 def reference_with_outputs(result: dict[str, Any], retrain_dir: Path, run_dir: Path) -> ReferenceMetrics:
     """The seed's reference metrics with the retrained model's outputs (per-sample distances of every row)."""
-    datamodule = TrainingRun.from_path(run_dir).datamodule()
-    datamodule.setup("fit")
+    datamodule = _fit_data(TrainingRun.from_path(run_dir))
     reference = ReferenceMetrics(result["reference"])
     reference.outputs = split_outputs(TrainingRun.from_path(retrain_dir).load_classifier().net, datamodule)
     return reference
@@ -354,16 +353,17 @@ def oracle_row(
 
 # ---------------------------------------------------------------------------------------------------------- KLoM
 def klom_seed(name: str, scenario: Scenario, seed: int, runs: Path) -> dict[str, Any]:
-    """One training seed of the KLoM ensembles (poison seed 0): the retrained and the Auto-unlearned model's margins
-    on the forget, validation and test sets (cached)."""
+    """One training seed of the KLoM ensembles (poison seed 0): the retrained, the Auto-unlearned and the poisoned
+    model's margins on the forget, validation and test splits of the poisoned run (cached)."""
     setting = reproduce.SETTINGS[scenario.setting]
     folder = runs / "klom" / name / f"seed{seed}"
     cache = folder / "margins.pt"
     if cache.is_file():
         out = torch.load(cache, weights_only=True)
         if "poisoned/forget" not in out:  # a cache from before the poisoned side was recorded
-            out |= _margins_of("poisoned", folder / "poisoned" / "version_0")
-            atomic_save(out, cache)
+            poisoned = TrainingRun.from_path(folder / "poisoned" / "version_0")
+            out |= _margins("poisoned", poisoned.load_classifier().net, _fit_data(poisoned))
+            atomic_write(cache, lambda handle: torch.save(out, handle))
         return out
     seeds = ("--seed_everything", str(seed), "--data.poison.seed", "0")
     run_dir, _ = train(list(setting.configs), folder, *setting.overrides, *seeds, name="poisoned", resume=True)
@@ -371,33 +371,27 @@ def klom_seed(name: str, scenario: Scenario, seed: int, runs: Path) -> dict[str,
                            resume=True)  # fmt: skip
     target_args = ("--model.forgetting_target", scenario.target) if scenario.target else ()
     report = unlearn("auto", run_dir, *target_args, evaluation=EvaluationOptions(mia=False, relearn=False), force=True)
-    unlearned = TrainingRun.from_path(Path(report["output_dir"]) / "unlearned.ckpt").load_classifier().net
-    datamodule = TrainingRun.from_path(run_dir).datamodule()
-    datamodule.setup("fit")
+    datamodule = _fit_data(TrainingRun.from_path(run_dir))
     out = {}
-    retrained = TrainingRun.from_path(retrain_dir).load_classifier().net
-    for label, net in (("unlearned", unlearned), ("retrained", retrained)):
-        for split, (logits, labels) in split_outputs(net, datamodule).items():
-            out[f"{label}/{split}"] = margins(logits, labels).float()
-    out |= _margins_of("poisoned", run_dir)
+    for label, run in (("unlearned", Path(report["output_dir"]) / "unlearned.ckpt"), ("retrained", retrain_dir),
+                       ("poisoned", run_dir)):  # fmt: skip
+        out |= _margins(label, TrainingRun.from_path(run).load_classifier().net, datamodule)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save(out, cache)
+    atomic_write(cache, lambda handle: torch.save(out, handle))
     return out
 
 
-def _margins_of(label: str, run_dir: Path) -> dict[str, torch.Tensor]:
-    run = TrainingRun.from_path(run_dir)
+def _fit_data(run: TrainingRun) -> Any:
+    """The run's data module, set up for fitting (its forget, validation and test splits)."""
     datamodule = run.datamodule()
     datamodule.setup("fit")
-    outputs = split_outputs(run.load_classifier().net, datamodule)
+    return datamodule
+
+
+def _margins(label: str, net: torch.nn.Module, datamodule: Any) -> dict[str, torch.Tensor]:
+    """``net``'s margins on the forget, validation and test splits, keyed ``<label>/<split>``."""
+    outputs = split_outputs(net, datamodule)
     return {f"{label}/{split}": margins(logits, labels).float() for split, (logits, labels) in outputs.items()}
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 def _kl_normal(u: torch.Tensor, r: torch.Tensor, floor: float) -> dict[str, float]:
@@ -440,11 +434,10 @@ def _mean_std(values: list[float | None], digits: int) -> str:
 def cost_figure(per_scenario: dict[str, dict[str, Any]]) -> Any:
     """ToW against cost (training-epoch equivalents, log scale) of every row with a measured cost, one panel per
     scenario, one dot per seed; ``Auto`` in red, the oracle-tuned rows hollow (their cost is the chosen run's only)."""
-    import matplotlib
+    from lightning_unlearn.evaluation.figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    plt = pyplot()
+    from matplotlib.ticker import NullFormatter
 
     names = list(per_scenario)
     cols = 3
@@ -464,7 +457,7 @@ def cost_figure(per_scenario: dict[str, dict[str, Any]]) -> Any:
                             textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlim(0.1, 20)
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_ylim(-0.05, 1.05)
         target = SCENARIOS[name].target
         title = SCENARIOS[name].label.split(":")[0] + (f", target {target}" if target else "")

@@ -396,10 +396,9 @@ FIGURE_SOURCES = ("benchmarks/results/profile_speed.json", "benchmarks/results/p
 def estimators_figure(results: list[dict[str, Any]]) -> Any:
     """Each estimator's time as × one training step, per model (log scale), from results files of this script;
     under each model, ``exact``'s largest relative difference from BackPACK where BackPACK computes the model."""
-    import matplotlib
+    from lightning_unlearn.evaluation.figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = ("exact", "mc", "fisher", "hutchinson", HUTCHINSON_4, "backpack")
     models = [m for r in results for m in r["models"].values()]

@@ -743,10 +743,9 @@ def sweep_figure(name: str, results: dict[str, dict[str, Any]], path: Path) -> P
     sweeps = [r["sweep"] for r in results.values() if "sweep" in r]
     if not sweeps:
         return None
-    import matplotlib
+    from lightning_unlearn.evaluation.figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for layer in [row["layer"] for row in sweeps[0]["layers"]]:

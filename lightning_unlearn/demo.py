@@ -168,10 +168,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def demo_figure(rows: list[dict[str, Any]]) -> Any:
     """The demo's table as one figure: per request, the attacked class's test accuracy after unlearning (a bar)
     between the poisoned and the retrained model's (lines), labelled with its ToW against the retrained model."""
-    import matplotlib
+    from lightning_unlearn.evaluation.figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     key = "class 9 %"
     levels = {r["model"]: r[key] for r in rows[:2]}

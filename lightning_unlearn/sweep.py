@@ -187,10 +187,9 @@ def _rename_output_dir(staged: Path, final: Path) -> None:
 
 def sweep_figure(rows: list[dict[str, Any]], key: str, rho: float) -> Any:
     """Scatter of improvement vs mean Hessian diagonal (log x), one labelled point per layer."""
-    import matplotlib
+    from lightning_unlearn.evaluation.figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs = [r["mean_diagonal"] for r in rows]

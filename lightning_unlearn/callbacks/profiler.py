@@ -366,10 +366,9 @@ def _preserved_generators(loader: Any) -> Iterator[None]:
 
 def layer_figure(profile: SharpnessProfile) -> Any:
     """A bar chart (matplotlib figure) of the mean Hessian diagonal per layer, log scale."""
-    import matplotlib
+    from lightning_unlearn.evaluation.figures import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stats = profile.layer_stats()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(stats) + 2), 3.5))

@@ -17,17 +17,24 @@ def _tensorboard_loggers(loggers: Iterable[Any]) -> list[Any]:
     return [logger for logger in loggers if isinstance(logger, TensorBoardLogger)]
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the ``Agg`` backend (no screen needed; a backend the user chose stays), imported on
+    first use: every figure of the package and its benchmarks is drawn through it."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def log_figure(loggers: Iterable[Any], tag: str, make: Callable[[], Any], step: int = 0) -> bool:
     """Draw ``make()`` and add it to every TensorBoard logger among ``loggers``; returns whether it was logged.
     Nothing is drawn without a TensorBoard logger. Call on global rank zero only."""
     targets = _tensorboard_loggers(loggers)
     if not targets:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure = make()
     for logger in targets:
         logger.experiment.add_figure(tag, figure, global_step=step, close=False)
