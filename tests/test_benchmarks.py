@@ -73,3 +73,24 @@ def test_klom_is_the_hand_computed_kl_of_normal_fits_with_its_baselines():
     shifted = [s | {"retrained/forget": s["retrained/forget"] + torch.tensor([2.0, 0.0]) * (i >= 2)}
                for i, s in enumerate(per_seed)]  # fmt: skip
     assert bench.klom(shifted)["forget"]["retrained_halves"]["mean"] == pytest.approx(4.0 / (2 * 2.0) / 2, rel=1e-9)
+
+
+def test_the_benchmark_figures_draw_every_measured_row_from_results_files():
+    """``profile_speed.py --figure`` and ``auto.py --tables`` draw their figures from results files: one bar per
+    estimator and model that was measured, one dot per row with a measured cost (oracle rows hollow)."""
+    speed = load_script("profile_speed")
+    results = {"models": {"m": {"label": "tiny net", "methods": {"exact": {"ratio": 3.0}, "hutchinson": {"ratio": 2.0}},
+                                "backpack_max_rel_diff": 1e-6}}}  # fmt: skip
+    ax = speed.estimators_figure([results]).axes[0]
+    assert sorted(p.get_height() for p in ax.patches) == [2.0, 3.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["tiny net\nvs BackPACK 1e-06"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        auto = load_script("auto")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = {"auto": {"comparison": {"tow": 0.97}, "epochs": 0.4}, "oracle_finetune": {"comparison": {"tow": 0.99},
+            "epochs": 1.3}, "oracle_one_step_last": {"tow": 0.995}}  # fmt: skip
+    ax = auto.cost_figure({"mnist_label_flip": {"0": {"rows": rows}}}).axes[0]
+    points = [(tuple(c.get_offsets()[0]), c.get_facecolors().size > 0) for c in ax.collections]
+    assert points == [((0.4, 0.97), True), ((1.3, 0.99), False)]  # no cost, no dot; the oracle hollow
